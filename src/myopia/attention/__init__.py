@@ -1,0 +1,150 @@
+"""Causal self-attention in every mode myopia studies, behind one function.
+
+>>> out = attention(q, k, v, mode="myopic", k_past=k_of_detached_input, v_past=v_of_detached_input)
+
+Shapes are SDPA's, ``(batch, heads, time, head_dim)``; keys and values may have fewer heads than
+queries (grouped-query attention). See :mod:`myopia.attention.fused` for the gradient each mode gives.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from myopia.attention import kernels
+from myopia.attention.fused import fused_attention_with_lse, fused_myopic_attention
+from myopia.attention.modes import (
+    ATTENTION_MODES,
+    BACKENDS,
+    MYOPIC_MODES,
+    AttentionMode,
+    Backend,
+    check_backend,
+    check_mode,
+)
+from myopia.attention.reference import causal_additive_mask, expand_kv, reference_attention
+
+__all__ = [
+    "ATTENTION_MODES",
+    "BACKENDS",
+    "MYOPIC_MODES",
+    "AttentionMode",
+    "Backend",
+    "attention",
+    "additive_mask",
+    "causal_additive_mask",
+    "expand_kv",
+    "fused_attention_with_lse",
+    "reference_attention",
+]
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True = may attend) or an additive one, as an additive mask of ``dtype``."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str = "vanilla",
+    beta: float = 0.0,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    k_past: torch.Tensor | None = None,
+    v_past: torch.Tensor | None = None,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Causal self-attention with the gradient of ``mode``.
+
+    Args:
+        q, k, v: live queries, keys and values (after projection and rotary).
+        mode: ``vanilla`` | ``myopic`` | ``myopic_kv`` | ``bigram``.
+        beta: for the myopic modes, the weight of the gradient that crosses positions
+            (0 = myopic, 1 = vanilla). The forward value does not depend on it.
+        attn_mask: ``None`` for plain causal attention, else a boolean (True = may attend) or
+            additive mask broadcastable to ``(B, H, T, T)`` that already contains causality.
+        k_past, v_past: ``myopic`` only: the same keys/values computed from the *detached*
+            attention input through the live projection weights. They carry the off-diagonal
+            gradient to the weights.
+        backend: ``fused`` (O(n) memory; needs a kernel that returns the log-sum-exp),
+            ``reference`` (the eager n×n recipe) or ``auto`` (fused where available).
+        dropout_p: attention-probability dropout; the fused myopic path has none, so ``auto``
+            falls back to the reference for myopic modes when it is non-zero.
+    """
+    check_mode(mode, beta)
+    check_backend(backend)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if mode == "myopic" and (k_past is None or v_past is None):
+        raise ValueError(
+            "attention mode 'myopic' needs k_past and v_past (the keys/values of the detached "
+            "attention input through the live projection weights); for constant past keys and "
+            "values use mode='myopic_kv'"
+        )
+    if mode == "bigram":
+        return expand_kv(v, q.shape[1] // k.shape[1])
+    if k.shape[-2] != q.shape[-2]:
+        raise ValueError(
+            f"attention expects self-attention over one window: {q.shape[-2]} queries but "
+            f"{k.shape[-2]} keys (decode with a KV cache through the model's own path)"
+        )
+    mask = additive_mask(attn_mask, q.dtype)
+    fused_ok = kernels.fused_available(q)
+    if backend == "fused" and not fused_ok:
+        raise ValueError(f"attention backend 'fused' has no kernel for device {q.device.type!r}")
+    if backend == "fused" and dropout_p > 0.0 and mode in MYOPIC_MODES:
+        raise ValueError("attention backend 'fused' does not support attention dropout; use 'reference'")
+    use_reference = backend == "reference"
+    if mode in MYOPIC_MODES and not use_reference:
+        if not _needs_grad(q, k, v, k_past, v_past):
+            mode = "vanilla"  # identical forward value; no gradient to shape
+        elif dropout_p > 0.0:
+            _warn_once("dropout", "myopic attention with attention dropout runs the eager n×n reference")
+            use_reference = True
+        elif not fused_ok:
+            _warn_once(
+                f"nofused-{q.device.type}",
+                f"no fused attention kernel returning the log-sum-exp on {q.device.type!r}: myopic "
+                "attention falls back to the eager n×n reference (memory grows as T²)",
+            )
+            use_reference = True
+    if use_reference:
+        return reference_attention(
+            q, k, v, mode=mode, beta=beta, scale=scale, mask=mask, k_past=k_past, v_past=v_past,
+            dropout_p=dropout_p,
+        )
+    if mode == "vanilla":
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+    return fused_myopic_attention(
+        q, k, v, scale=scale, beta=beta, mask=mask,
+        k_past=k_past if mode == "myopic" else None,
+        v_past=v_past if mode == "myopic" else None,
+    )

@@ -1,0 +1,71 @@
+"""Eager reference attention: the n×n recipe of the paper's code, kept for tests and fallbacks.
+
+Myopic scores are ``q_i·k̄_j`` off the diagonal and ``q_i·k_i`` on it; the output is
+``Σ_{j≠i} a_ij v̄_j + a_ii v_i``, where ``k̄, v̄`` are the past keys/values: the projection of the
+detached attention input through live weights (``myopic``), or the detached keys/values themselves
+(``myopic_kv``). ``beta`` blends ``k̄ ← (1-β)·k̄ + β·k`` as in the paper's code. It materialises the
+full score matrix, so memory grows as n².
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Repeat each key/value head for the ``groups`` query heads that share it (GQA)."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def causal_additive_mask(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    upper = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(T, T, dtype=dtype, device=device).masked_fill(upper, float("-inf"))
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys, in float32 at least (bf16/fp16 scores are upcast)."""
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    return torch.softmax(scores, dim=-1)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str,
+    beta: float = 0.0,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    k_past: torch.Tensor | None = None,
+    v_past: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention with a materialised score matrix. ``mask``: additive, containing causality."""
+    groups = q.shape[1] // k.shape[1]
+    if mode == "bigram":
+        return expand_kv(v, groups)
+    T = q.shape[-2]
+    if mask is None:
+        mask = causal_additive_mask(T, q.dtype, q.device)
+    k_e, v_e = expand_kv(k, groups), expand_kv(v, groups)
+    if mode == "vanilla":
+        scores = q @ k_e.transpose(-1, -2) * scale + mask
+        weights = F.dropout(_softmax(scores), dropout_p)
+        return weights @ v_e
+    if mode == "myopic" and k_past is not None:
+        k_bar, v_bar = expand_kv(k_past, groups), expand_kv(v_past, groups)
+    else:
+        k_bar, v_bar = k_e.detach(), v_e.detach()
+    if beta > 0.0:
+        k_bar = (1.0 - beta) * k_bar + beta * k_e
+        v_bar = (1.0 - beta) * v_bar + beta * v_e
+    eye = torch.eye(T, dtype=torch.bool, device=q.device)
+    own_scores = (q * k_e).sum(-1)
+    scores = torch.where(eye, own_scores.unsqueeze(-1), q @ k_bar.transpose(-1, -2))
+    weights = _softmax(scores * scale + mask)
+    weights = F.dropout(weights, dropout_p)
+    own_weight = weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    return weights.masked_fill(eye, 0.0) @ v_bar + own_weight * v_e

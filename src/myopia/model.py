@@ -1,0 +1,300 @@
+"""``myopia.GPT``: a GPT-2-style pre-LayerNorm decoder whose attention mode is a config field.
+
+The model holds no training, logging or parallelism code. Token input gives logits over the
+vocabulary; with ``input_dim``/``output_dim`` set it reads and predicts continuous vectors (the
+synthetic regression task). Each block's ``attn`` is called with the block's normalised hidden states
+as its first argument, and exposes hook points ``hook_q``, ``hook_k``, ``hook_v`` (identity modules
+holding the post-rotary queries, keys and values) for analyses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from myopia.attention import ATTENTION_MODES, BACKENDS, attention
+from myopia.attention.modes import check_backend, check_mode
+
+
+@dataclass
+class GPTConfig:
+    """Shape and behaviour of a :class:`GPT`."""
+
+    vocab_size: int = 8192
+    """Vocabulary size (ignored when ``input_dim`` is set)."""
+    n_layer: int = 2
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Number of attention (query) heads."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    block_size: int = 64
+    """Longest sequence the model accepts (size of the learned position table)."""
+    attention: str = "vanilla"
+    """Attention mode: vanilla | myopic | myopic_kv | bigram."""
+    beta: float = 0.0
+    """Myopic modes: weight of the gradient that crosses positions (0 = myopic, 1 = vanilla)."""
+    dropout: float = 0.0
+    """Dropout on embeddings and residual branches (attention probabilities are never dropped)."""
+    n_kv_head: int | None = None
+    """Key/value heads for grouped-query attention (None = n_head)."""
+    position: str = "learned"
+    """Position encoding: learned (GPT-2 table) | rotary."""
+    rotary_base: float = 10000.0
+    """Rotary base frequency (position = rotary)."""
+    activation: str = "gelu"
+    """MLP non-linearity: gelu | relu."""
+    mlp_ratio: int = 4
+    """MLP hidden width as a multiple of n_embd."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorms."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head (token models only)."""
+    input_dim: int | None = None
+    """Continuous input: size of each input vector (None = token ids)."""
+    output_dim: int | None = None
+    """Continuous output: size of each predicted vector (None = vocabulary logits)."""
+    backend: str = "auto"
+    """Attention backend: auto | fused (O(n) memory) | reference (eager n×n)."""
+    init_std: float = 0.02
+    """Standard deviation of the weight initialisation."""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+
+    def __post_init__(self) -> None:
+        check_mode(self.attention, self.beta)
+        check_backend(self.backend)
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        kv = self.n_kv_head or self.n_head
+        if self.n_head % kv:
+            raise ValueError(f"GPTConfig.n_head={self.n_head} is not divisible by n_kv_head={kv}")
+        if self.position not in ("learned", "rotary"):
+            raise ValueError(f"GPTConfig.position={self.position!r} is not one of learned, rotary")
+        if self.position == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("GPTConfig.position='rotary' needs an even head dimension")
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"GPTConfig.activation={self.activation!r} is not one of gelu, relu")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout={self.dropout} is outside [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig has no field {unknown[0]!r}")
+        return cls(**data)
+
+
+class _ProjectWithWeightOnlyCopy(torch.autograd.Function):
+    """``y = x Wᵀ + b`` returned twice: the first output's gradient reaches x, W and b; the second's
+    (a view of the same values) reaches only W and b.
+
+    The ``myopic`` mode feeds the second output's keys/values to attention as the past: the
+    projection weights then learn from every position's loss while the input learns only from its
+    own, without projecting a detached copy of the input a second time.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y, y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_live, grad_weight_only):
+        x, weight = ctx.saved_tensors
+        grad_x = None if grad_live is None else grad_live @ weight
+        if grad_live is None:
+            grad_all = grad_weight_only
+        elif grad_weight_only is None:
+            grad_all = grad_live
+        else:
+            grad_all = grad_live + grad_weight_only
+        flat = grad_all.reshape(-1, grad_all.shape[-1])
+        grad_w = flat.t() @ x.reshape(-1, x.shape[-1])
+        grad_b = flat.sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half convention) over the whole head dimension."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        T = t.shape[-2]
+        cos, sin = self.cos[:T].to(t.dtype), self.sin[:T].to(t.dtype)
+        half = t.shape[-1] // 2
+        rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+        return t * cos + rotated * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.head_dim = config.head_dim
+        qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.rotary = (
+            Rotary(self.head_dim, config.block_size, config.rotary_base)
+            if config.position == "rotary"
+            else None
+        )
+        self.hook_q, self.hook_k, self.hook_v = nn.Identity(), nn.Identity(), nn.Identity()
+        self.mode, self.beta, self.backend = config.attention, config.beta, config.backend
+
+    def _split(self, qkv: torch.Tensor):
+        B, T, _ = qkv.shape
+        sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        q, k, v = qkv.split(sizes, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        k_past = v_past = None
+        if self.mode == "myopic" and torch.is_grad_enabled():
+            qkv, qkv_weight_only = _ProjectWithWeightOnlyCopy.apply(x, self.c_attn.weight, self.c_attn.bias)
+            _, k_past, v_past = self._split(qkv_weight_only)
+        else:
+            qkv = self.c_attn(x)
+        q, k, v = self._split(qkv)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        mode = self.mode if k_past is not None or self.mode != "myopic" else "vanilla"
+        y = attention(
+            q, k, v, mode=mode, beta=self.beta, k_past=k_past, v_past=v_past, backend=self.backend
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh") if config.activation == "gelu" else nn.ReLU()
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer; ``model(x)`` returns ``(B, T, vocab_size | output_dim)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        if config.input_dim is None:
+            self.wte: nn.Module = nn.Embedding(config.vocab_size, config.n_embd)
+        else:
+            self.wte = nn.Linear(config.input_dim, config.n_embd, bias=config.bias)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        if config.output_dim is None:
+            self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        else:
+            self.head = nn.Linear(config.n_embd, config.output_dim, bias=True)
+        self.apply(self._init_weights)
+        residual_std = config.init_std / math.sqrt(2 * config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.c_proj.weight, std=residual_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=residual_std)
+        if config.tie_embeddings and config.input_dim is None and config.output_dim is None:
+            self.head.weight = self.wte.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_attention(self, mode: str | None = None, beta: float | None = None, backend: str | None = None) -> "GPT":
+        """Switch every layer's attention mode/beta/backend in place (the config follows)."""
+        mode = self.config.attention if mode is None else mode
+        beta = self.config.beta if beta is None else beta
+        backend = self.config.backend if backend is None else backend
+        check_mode(mode, beta)
+        check_backend(backend)
+        self.config.attention, self.config.beta, self.config.backend = mode, beta, backend
+        for block in self.blocks:
+            block.attn.mode, block.attn.beta, block.attn.backend = mode, beta, backend
+        return self
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def forward(self, x: torch.Tensor, *, return_hidden_states: bool = False):
+        """``x``: token ids ``(B, T)`` or, with ``input_dim``, vectors ``(B, T, input_dim)``.
+
+        With ``return_hidden_states`` also returns the residual stream before block 0 (the
+        embeddings) and after every block: ``n_layer + 1`` tensors of shape ``(B, T, n_embd)``.
+        """
+        T = x.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        h = self.wte(x)
+        if self.wpe is not None:
+            h = h + self.wpe(torch.arange(T, device=h.device))
+        h = self.drop(h)
+        hidden = [h]
+        for block in self.blocks:
+            h = block(h)
+            hidden.append(h)
+        out = self.head(self.ln_f(h))
+        return (out, hidden) if return_hidden_states else out
+
+
+__all__ = ["GPT", "GPTConfig", "ATTENTION_MODES", "BACKENDS"]

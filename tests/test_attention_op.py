@@ -1,0 +1,102 @@
+"""The attention op: fused backend against the eager reference, and the lse it relies on."""
+
+import math
+
+import pytest
+import torch
+
+from myopia.attention import attention, causal_additive_mask, fused_attention_with_lse
+
+B, H, HKV, T, D = 2, 4, 2, 33, 16
+
+
+def inputs(dtype, seed=0, kv_heads=HKV):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    k = torch.randn(B, kv_heads, T, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    v = torch.randn(B, kv_heads, T, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    kp = k.detach().clone().requires_grad_()
+    vp = v.detach().clone().requires_grad_()
+    do = torch.randn(B, H, T, D, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v, kp, vp, do
+
+
+def run(mode, backend, dtype, beta=0.0, mask=None, kv_heads=HKV):
+    q, k, v, kp, vp, do = inputs(dtype, kv_heads=kv_heads)
+    past = dict(k_past=kp, v_past=vp) if mode == "myopic" else {}
+    out = attention(q, k, v, mode=mode, beta=beta, backend=backend, attn_mask=mask, **past)
+    tensors = [q, k, v] + ([kp, vp] if past else [])
+    grads = torch.autograd.grad(out, tensors, do)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(
+    "mode,beta",
+    [("vanilla", 0.0), ("myopic", 0.0), ("myopic", 0.4), ("myopic_kv", 0.0), ("myopic_kv", 0.4)],
+)
+def test_fused_matches_reference(dtype, tol, mode, beta):
+    out_f, g_f = run(mode, "fused", dtype, beta)
+    out_r, g_r = run(mode, "reference", dtype, beta)
+    torch.testing.assert_close(out_f.double(), out_r.double(), rtol=tol, atol=tol)
+    for a, b in zip(g_f, g_r):
+        scale = b.double().abs().max().clamp_min(1.0)
+        assert (a.double() - b.double()).abs().max() / scale < tol
+
+
+def test_padding_mask_fused_matches_reference():
+    keep = torch.ones(B, 1, T, T, dtype=torch.bool).tril()
+    keep[0, :, :, :5] = False  # left padding of 5 keys in the first sequence
+    keep[0, :, torch.arange(5), torch.arange(5)] = True  # padded queries still see themselves
+    for mode in ("myopic", "myopic_kv"):
+        out_f, g_f = run(mode, "fused", torch.float64, mask=keep)
+        out_r, g_r = run(mode, "reference", torch.float64, mask=keep)
+        torch.testing.assert_close(out_f, out_r, rtol=1e-12, atol=1e-12)
+        for a, b in zip(g_f, g_r):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_lse_matches_logsumexp_of_masked_scores(dtype, tol):
+    q, k, v, *_ = inputs(dtype, kv_heads=H)
+    scale = 1 / math.sqrt(D)
+    _, lse = fused_attention_with_lse(q.detach(), k.detach(), v.detach(), scale=scale)
+    scores = q.double() @ k.double().transpose(-1, -2) * scale + causal_additive_mask(T, torch.float64, q.device)
+    want = torch.logsumexp(scores, dim=-1)
+    assert lse.shape == (B, H, T)
+    torch.testing.assert_close(lse.double(), want, rtol=tol, atol=tol)
+
+
+def test_forward_is_identical_across_modes():
+    outs = {m: run(m, "fused", torch.float32)[0] for m in ("vanilla", "myopic", "myopic_kv")}
+    assert torch.equal(outs["myopic"], outs["myopic_kv"])
+    torch.testing.assert_close(outs["myopic"], outs["vanilla"], rtol=1e-6, atol=1e-6)
+
+
+def test_myopic_key_value_gradient_is_own_position_only():
+    """Perturbing k_j for j < i must not move dL_i/dk_j in myopic_kv: only own terms remain."""
+    q, k, v, _, _, do = inputs(torch.float64, kv_heads=H)
+    out = attention(q, k, v, mode="myopic_kv", backend="fused")
+    _, dk, dv = torch.autograd.grad(out, [q, k, v], do)
+    scale = 1 / math.sqrt(D)
+    p_own = torch.exp((q * k).sum(-1) * scale - torch.logsumexp(
+        q @ k.transpose(-1, -2) * scale + causal_additive_mask(T, torch.float64, q.device), -1))
+    torch.testing.assert_close(dv, p_own.unsqueeze(-1) * do)
+
+
+def test_bad_mode_and_missing_past_are_clear_errors():
+    q, k, v, *_ = inputs(torch.float32)
+    with pytest.raises(ValueError, match="attention mode 'sideways'"):
+        attention(q, k, v, mode="sideways")
+    with pytest.raises(ValueError, match="needs k_past"):
+        attention(q, k, v, mode="myopic")
+    with pytest.raises(ValueError, match="beta=1.5"):
+        attention(q, k, v, mode="myopic_kv", beta=1.5)
+
+
+def test_no_grad_myopic_uses_the_plain_kernel():
+    q, k, v, kp, vp, _ = inputs(torch.float32)
+    with torch.no_grad():
+        a = attention(q, k, v, mode="myopic", k_past=kp, v_past=vp)
+        b = attention(q, k, v, mode="vanilla")
+    assert torch.equal(a, b)
