@@ -24,10 +24,15 @@ def causal_additive_mask(T: int, dtype: torch.dtype, device: torch.device) -> to
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over keys, in float32 at least (bf16/fp16 scores are upcast)."""
+    """Softmax over keys, in float32 at least (bf16/fp16 scores are upcast). A row that may attend
+    to nothing (fully masked, e.g. a padded query) gets all-zero weights, as in the fused kernels."""
+    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(dead, 0.0)
     if scores.dtype in (torch.float16, torch.bfloat16):
-        return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-    return torch.softmax(scores, dim=-1)
+        weights = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    return weights.masked_fill(dead, 0.0)
 
 
 def reference_attention(

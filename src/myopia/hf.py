@@ -1,0 +1,212 @@
+"""Myopic training for Hugging Face causal LMs: ``make_myopic(model, mode)``.
+
+Works for every family whose attention goes through transformers' ``AttentionInterface`` (GPT-2,
+GPT-NeoX/Pythia, Llama, Mistral, Qwen2, ...). No HF forward code is copied: myopia registers an
+attention function named ``"myopia"`` and selects it through the model's attention implementation.
+
+- ``myopic_kv`` and ``bigram`` need nothing more: the attention function sees the live, projected
+  and rotated keys/values and gives them the mode's gradient (or, for bigram, its forward).
+- ``myopic`` (the paper's cut) needs the keys/values of the *detached* attention input through the
+  live weights. Each attention module's forward is wrapped to run twice while gradients are on: first
+  on the detached input (no KV cache), where the attention function only records the keys/values it
+  is given and returns zeros; then on the live input, where those recorded keys/values carry the
+  cross-position gradient to the weights. This costs one extra Q/K/V (and output) projection per
+  layer; :class:`myopia.GPT` needs none.
+
+Without gradients (evaluation, ``generate`` with a KV cache) the forward is the ordinary one, since
+the forward values of vanilla, myopic and myopic_kv attention are identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from myopia.attention import MYOPIC_MODES, attention, expand_kv
+from myopia.attention.modes import check_backend, check_mode
+
+try:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "myopia.hf needs the Hugging Face extra: pip install 'myopia[hf]' (transformers)"
+    ) from exc
+
+ATTENTION_NAME = "myopia"
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
+@dataclass
+class _LayerState:
+    mode: str
+    beta: float
+    backend: str
+    phase: str | None = None  # "record" during the detached pass of the myopic mode
+    k_past: torch.Tensor | None = None
+    v_past: torch.Tensor | None = None
+
+
+def myopia_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function (registered as ``"myopia"``)."""
+    state: _LayerState | None = getattr(module, "_myopia_state", None)
+    if state is None or state.mode == "vanilla":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if state.phase == "record":
+        state.k_past, state.v_past = key, value
+        B, H, T, D = query.shape
+        return query.new_zeros(B, T, H, value.shape[-1]), None
+    q_len, k_len = query.shape[2], key.shape[2]
+    if state.mode == "bigram":
+        out = expand_kv(value[:, :, k_len - q_len :], query.shape[1] // key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+    k_past, v_past = state.k_past, state.v_past
+    state.k_past = state.v_past = None
+    if q_len != k_len or not torch.is_grad_enabled():
+        # Decoding with a cache, or no gradient: the forward value is the ordinary one.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    mode = state.mode
+    if mode == "myopic" and k_past is None:
+        mode = "vanilla" if not torch.is_grad_enabled() else "myopic_kv"
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[..., :k_len]
+    out = attention(
+        query, key, value, mode=mode, beta=state.beta, scale=scaling, attn_mask=mask,
+        k_past=k_past if mode == "myopic" else None, v_past=v_past if mode == "myopic" else None,
+        backend=state.backend, dropout_p=dropout,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    AttentionInterface.register(ATTENTION_NAME, myopia_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _detached_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    kwargs = dict(kwargs)
+    if args:
+        args = (args[0].detach(),) + tuple(args[1:])
+    else:
+        kwargs["hidden_states"] = kwargs["hidden_states"].detach()
+    for name in _CACHE_ARGUMENTS:
+        if name in kwargs:
+            kwargs[name] = None
+    kwargs.pop("use_cache", None)
+    return args, kwargs
+
+
+def _wrap_forward(module: nn.Module) -> None:
+    if getattr(module, "_myopia_original_forward", None) is not None:
+        return
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        state: _LayerState = module._myopia_state
+        if state.mode != "myopic" or not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        d_args, d_kwargs = _detached_call(args, kwargs)
+        state.phase = "record"
+        try:
+            original(*d_args, **d_kwargs)
+        finally:
+            state.phase = None
+        return original(*args, **kwargs)
+
+    module._myopia_original_forward = original
+    module.forward = forward
+
+
+def _unwrap_forward(module: nn.Module) -> None:
+    original = getattr(module, "_myopia_original_forward", None)
+    if original is not None:
+        del module.forward  # the instance attribute; the class's forward shows through again
+        module._myopia_original_forward = None
+    if hasattr(module, "_myopia_state"):
+        del module._myopia_state
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a transformers causal LM (those with a ``layer_idx``)."""
+    found = [
+        m for m in model.modules()
+        if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")
+        and not getattr(m, "is_cross_attention", False)
+    ]
+    if not found:
+        raise ValueError(
+            f"make_myopic found no attention modules in {type(model).__name__}: expected modules named "
+            "*Attention with a layer_idx (transformers' AttentionInterface-based families)"
+        )
+    return found
+
+
+def make_myopic(model: nn.Module, mode: str = "myopic", beta: float = 0.0, backend: str = "auto") -> nn.Module:
+    """Switch a transformers causal LM to ``mode`` in place and return it.
+
+    ``mode``: ``myopic`` (the paper's cut; default) | ``myopic_kv`` | ``bigram`` | ``vanilla``
+    (restores the model's original attention implementation).
+    """
+    check_mode(mode, beta)
+    check_backend(backend)
+    config = model.config
+    modules = attention_modules(model)
+    if mode == "vanilla":
+        original = getattr(model, "_myopia_original_attn", None)
+        for m in modules:
+            _unwrap_forward(m)
+        if original is not None:
+            _set_implementation(model, original)
+            model._myopia_original_attn = None
+        return model
+    if getattr(model, "_myopia_original_attn", None) is None:
+        model._myopia_original_attn = config._attn_implementation or "sdpa"
+    _register()
+    _set_implementation(model, ATTENTION_NAME)
+    for m in modules:
+        m._myopia_state = _LayerState(mode=mode, beta=float(beta), backend=backend)
+        if mode == "myopic":
+            _wrap_forward(m)
+        else:
+            _unwrap_forward(m)
+            m._myopia_state = _LayerState(mode=mode, beta=float(beta), backend=backend)
+    return model
+
+
+def _set_implementation(model: nn.Module, name: str) -> None:
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "so make_myopic cannot switch it; use a supported family (GPT-2, GPT-NeoX, Llama, ...)"
+        )
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = name
+
+
+def current_mode(model: nn.Module) -> str:
+    """The mode ``make_myopic`` last set (``vanilla`` if never)."""
+    for m in model.modules():
+        state = getattr(m, "_myopia_state", None)
+        if state is not None:
+            return state.mode
+    return "vanilla"
+
+
+__all__ = ["make_myopic", "myopia_attention_forward", "attention_modules", "current_mode", "MYOPIC_MODES"]

@@ -1,0 +1,162 @@
+"""make_myopic on tiny random Hugging Face models (built from configs; nothing downloaded)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from definition import gradients, mix_position, per_position_gradient, relative_error
+
+transformers = pytest.importorskip("transformers")
+from transformers import AttentionInterface  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+from myopia.hf import attention_modules, make_myopic  # noqa: E402
+
+V, T = 23, 7
+COMMON = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def build(family):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_positions=16, n_embd=16, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, **COMMON)
+        model = transformers.GPT2LMHeadModel(cfg)
+    elif family == "neox":
+        cfg = transformers.GPTNeoXConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=32, rotary_pct=0.5, use_parallel_residual=True,
+                                         max_position_embeddings=16, attention_dropout=0.0,
+                                         hidden_dropout=0.0, **COMMON)
+        model = transformers.GPTNeoXForCausalLM(cfg)
+    elif family == "llama-gqa":
+        cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=16, **COMMON)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=16, **COMMON)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        raise KeyError(family)
+    return model.double().train()
+
+
+def data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, V, (2, T), generator=g), torch.randint(0, V, (2, T), generator=g)
+
+
+def losses(model, x, y):
+    logits = model(input_ids=x, use_cache=False).logits
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
+
+
+def _kv_cut_function(i):
+    def fn(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        return sdpa_attention_forward(module, query, mix_position(key, i, 2), mix_position(value, i, 2),
+                                      attention_mask, dropout, scaling, **kwargs)
+    return fn
+
+
+def definition(model, x, y, cut):
+    make_myopic(model, "vanilla")
+    params = list(model.parameters())
+    modules = attention_modules(model)
+
+    def install(i):
+        if cut == "hidden":
+            def pre(m, args, kwargs):
+                if args:
+                    return (mix_position(args[0], i, 1),) + args[1:], kwargs
+                return args, {**kwargs, "hidden_states": mix_position(kwargs["hidden_states"], i, 1)}
+            return [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
+        AttentionInterface.register("kvcut", _kv_cut_function(i))
+        AttentionMaskInterface.register("kvcut", sdpa_mask)
+        model.set_attn_implementation("kvcut")
+
+        class Restore:
+            def remove(self):
+                model.set_attn_implementation("sdpa")
+        return [Restore()]
+
+    return per_position_gradient(params, T, lambda i: losses(model, x, y)[:, i].sum(), install)
+
+
+FAMILIES = ["gpt2", "neox", "llama-gqa", "qwen2"]
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode,cut", [("myopic", "hidden"), ("myopic_kv", "kv")])
+def test_hf_myopic_gradient_equals_definition(family, mode, cut, backend):
+    model = build(family)
+    x, y = data()
+    want = definition(model, x, y, cut)
+    make_myopic(model, mode, backend=backend)
+    got = gradients(losses(model, x, y).sum(), list(model.parameters()))
+    assert relative_error(got, want) < 1e-10
+    make_myopic(model, "vanilla")
+    vanilla = gradients(losses(model, x, y).sum(), list(model.parameters()))
+    assert relative_error(vanilla, want) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_forward_unchanged_and_switch_back(family):
+    model = build(family)
+    x, _ = data()
+    base = model(input_ids=x).logits
+    for mode in ("myopic", "myopic_kv"):
+        make_myopic(model, mode)
+        torch.testing.assert_close(model(input_ids=x).logits, base, rtol=0, atol=1e-12)
+    make_myopic(model, "vanilla")
+    assert model.config._attn_implementation == "sdpa"
+    assert all(not hasattr(m, "_myopia_state") for m in attention_modules(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_beta_one_is_vanilla(family):
+    model = build(family)
+    x, y = data()
+    vanilla = gradients(losses(model, x, y).sum(), list(model.parameters()))
+    make_myopic(model, "myopic", beta=1.0)
+    got = gradients(losses(model, x, y).sum(), list(model.parameters()))
+    assert relative_error(got, vanilla) < 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_bigram_ignores_the_past(family):
+    model = make_myopic(build(family), "bigram")
+    x, _ = data()
+    base = model(input_ids=x).logits
+    changed = x.clone()
+    changed[:, :3] = (changed[:, :3] + 4) % V
+    out = model(input_ids=changed).logits
+    torch.testing.assert_close(out[:, 3:], base[:, 3:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_generate_with_kv_cache_unchanged(family):
+    model = build(family).float().eval()
+    prompt = torch.tensor([[3, 7, 9, 2, 5]])
+    kwargs = dict(max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=1)
+    want = model.generate(prompt, **kwargs)
+    for mode in ("myopic", "myopic_kv"):
+        make_myopic(model, mode)
+        assert torch.equal(model.generate(prompt, **kwargs), want)
+    make_myopic(model, "vanilla")
+
+
+def test_hf_padding_mask_fused_matches_reference():
+    model = build("llama-gqa")
+    x, y = data()
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    grads = {}
+    for backend in ("fused", "reference"):
+        make_myopic(model, "myopic", backend=backend)
+        logits = model(input_ids=x, attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, 2:].transpose(1, 2), y[:, 2:])
+        grads[backend] = gradients(loss, list(model.parameters()))
+    assert relative_error(grads["fused"], grads["reference"]) < 1e-10
