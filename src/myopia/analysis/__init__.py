@@ -1,0 +1,1 @@
+"""Measurements: linear probes, confidence intervals, plots."""

@@ -1,0 +1,88 @@
+"""PNG plots (matplotlib is an optional extra: without it, plotting is skipped with a message)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping plots (pip install 'myopia[plot]')")
+        return None
+    return plt
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def loss_curves(series: dict[str, list[tuple[list[int], list[float]]]], path: str, title: str,
+                ylabel: str, reference: float | None = None, log: bool = True) -> str | None:
+    """One axis, one colour per series label; several runs (seeds) of a label share its colour."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, runs) in enumerate(series.items()):
+        for j, (steps, values) in enumerate(runs):
+            ax.plot(steps, values, color=colours[i % len(colours)], alpha=0.9 if j == 0 else 0.5,
+                    lw=1.4, label=label if j == 0 else None)
+    if reference is not None:
+        ax.axhline(reference, color="grey", ls="--", lw=1, label="trivial (predict 0)")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def probe_heatmaps(panels: list[tuple[str, list[list[float]]]], lookbacks: list[int], path: str,
+                   title: str, ncols: int = 3) -> str | None:
+    """Heat maps of R² (layer × lookback), one panel each, on a shared colour scale."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    import numpy as np
+
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.2 * nrows + 0.6), squeeze=False)
+    im = None
+    for ax, (name, grid) in zip(axes.flat, panels):
+        data = np.asarray(grid)
+        vmin = -0.5 if "gain" in name else 0.0
+        im = ax.imshow(data, aspect="auto", cmap="RdBu_r" if "gain" in name else "viridis",
+                       vmin=vmin, vmax=1.0 if "gain" not in name else 0.5, origin="lower")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("lookback k (target f(x_{n-k}))", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
+        ax.set_yticks(range(data.shape[0]))
+        step = max(1, len(lookbacks) // 6)
+        ax.set_xticks(range(0, len(lookbacks), step))
+        ax.set_xticklabels(lookbacks[::step])
+        for (r, c), v in np.ndenumerate(data):
+            if c < 4:
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -1,0 +1,124 @@
+"""The ``myopia`` command line. Every option comes from a typed dataclass config.
+
+    myopia train --help
+    myopia train --config experiment.yaml --train.steps 500 --arms vanilla,myopic
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from myopia.config import (
+    ConfigError,
+    add_dataclass_arguments,
+    from_dict,
+    load_file,
+    merge,
+    overrides_from_namespace,
+    to_dict,
+)
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    config_cls: type
+    run: Callable
+    presets: dict | None = None
+    default_preset: str | None = None
+
+
+def _commands() -> list[Command]:
+    from myopia.experiments import reproduce, synthetic, train
+
+    return [
+        Command("train", "train a GPT in several attention modes (arms) on synthetic data or local text",
+                train.TrainExperiment, train.run),
+        Command("synthetic", "the paper's synthetic pre-caching experiment (§4): arms, probes, plots, report",
+                synthetic.SyntheticExperiment, synthetic.run, synthetic.PRESETS, "cpu"),
+        Command("reproduce", "laptop-scale reproduction of the paper's headline results, with a report",
+                reproduce.ReproduceConfig, reproduce.run),
+    ]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that point to --help."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--optim.lr -1e-3`` reads as an option to argparse; glue such values to their option."""
+    out: list[str] = []
+    for tok in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and tok.startswith("-"):
+            try:
+                float(tok)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={tok}"
+                continue
+        out.append(tok)
+    return out
+
+
+def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
+    parser = _Parser(prog="myopia", description="Do transformer language models plan ahead? "
+                     "Myopic training and the measurements around it.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for cmd in commands:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p.add_argument("--config", metavar="FILE", help="YAML or TOML experiment file (options override it)")
+        if cmd.presets:
+            p.add_argument("--preset", choices=sorted(cmd.presets), default=cmd.default_preset,
+                           help="named settings to start from")
+        defaults = from_dict(cmd.config_cls, cmd.presets[cmd.default_preset]) if cmd.presets else None
+        add_dataclass_arguments(p, cmd.config_cls, defaults=defaults)
+    return parser
+
+
+def resolve_config(cmd: Command, ns: argparse.Namespace):
+    data: dict = {}
+    if cmd.presets:
+        data = merge(data, cmd.presets[ns.preset])
+    if ns.config:
+        data = merge(data, load_file(ns.config))
+    data = merge(data, overrides_from_namespace(ns, cmd.config_cls))
+    return from_dict(cmd.config_cls, data, source=ns.config or "options")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from myopia.tasks.text import DataError
+    from myopia.train.checkpoint import CheckpointError
+    from myopia.train.loop import NonFiniteLoss, RunDirectoryError
+
+    commands = _commands()
+    parser = build_parser(commands)
+    ns = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    cmd = next(c for c in commands if c.name == ns.command)
+    try:
+        cfg = resolve_config(cmd, ns)
+        cmd.run(cfg)
+    except (ConfigError, DataError, CheckpointError, RunDirectoryError, NonFiniteLoss) as exc:
+        print(f"myopia {cmd.name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"myopia {cmd.name}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "to_dict"]

@@ -1,0 +1,1 @@
+"""Experiments: each a typed config, a ``run`` function and a CLI subcommand."""

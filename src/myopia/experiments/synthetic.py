@@ -1,0 +1,311 @@
+"""``myopia synthetic``: the paper's synthetic pre-caching experiment (§4), end to end.
+
+For every seed and condition (the task at each p, plus the shift-0 *breadcrumbs* control) the arms
+are trained under identical data, optimiser, schedule and seed; then each model is evaluated on fresh
+held-out sequences and probed: every layer's residual stream at position n against f(x_{n-k}),
+k = 0..K, and against control targets sin(c·x_n) at other frequencies, each beside the same probe on
+the untrained model (same architecture and seed), since random features already make f(x_n) partly
+decodable. Writes ``results.json``, ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from myopia.analysis.probes import ProbeStats
+from myopia.analysis.stats import mean_ci
+from myopia.config import ConfigError
+from myopia.experiments.arms import Arm, build_model, parse_arms
+from myopia.experiments.runner import environment, run_arms, write_results
+from myopia.model import GPTConfig
+from myopia.tasks.base import PROBE_STREAM, batch_generator
+from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask, generate
+from myopia.train.config import OptimConfig, TrainConfig
+from myopia.train.loop import resolve_device
+
+PAPER = {  # Wu et al. (paper.md §3): normalised Huber loss and layer-1 probe R² for sin(10 x_n)
+    "trivial": 1.2569,
+    "vanilla_loss": "0.003-0.096 (over p)",
+    "myopic_loss": {1.0: 1.257, 0.3: 1.034, 0.1: 0.966, 0.01: 1.103},
+    "vanilla_r2": "~0.9 (0.985 for d=256)",
+    "myopic_r2": "< 0.02",
+    "breadcrumbs_myopic_train_loss": 0.10,
+}
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probes of the residual stream."""
+
+    lookbacks: int = 20
+    """Probe f(x_{n-k}) for k = 0..lookbacks (capped at seq_len - 8); positions n >= that cap are used."""
+    train_sequences: int = 2048
+    """Fresh sequences to fit the probes on."""
+    test_sequences: int = 1024
+    """Fresh sequences to score them on (held-out R²)."""
+    control_frequencies: list[float] = field(default_factory=lambda: [7.0, 13.0])
+    """Control targets sin(c·x_n) at frequencies other than the task's."""
+    ridge: float = 1e-4
+    """Ridge penalty relative to the mean feature variance."""
+
+    def __post_init__(self) -> None:
+        if self.lookbacks < 0 or self.train_sequences < 16 or self.test_sequences < 16:
+            raise ValueError("lookbacks must be >= 0 and train/test_sequences >= 16")
+
+
+@dataclass
+class SyntheticExperiment:
+    """The synthetic pre-caching experiment (paper §4) with probes, controls and a report."""
+
+    out: str = "runs/synthetic"
+    """Run directory (results.json, report.md, plots, per-arm metrics and checkpoints)."""
+    arms: list[str] = field(default_factory=lambda: ["vanilla", "myopic"])
+    """Arms trained on the task: vanilla, myopic, myopic_kv, bigram, MODE@BETA."""
+    control_arms: list[str] = field(default_factory=lambda: ["myopic"])
+    """Arms also trained on the shift-0 breadcrumbs control (empty = no control)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds (initialisation and data); results carry a 95% CI over them."""
+    p_values: list[float] = field(default_factory=list)
+    """Values of p to sweep (empty = task.p only)."""
+    resume: bool = False
+    """Continue an interrupted run in --out."""
+    task: SyntheticConfig = field(default_factory=SyntheticConfig)
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=2, n_embd=128, activation="relu"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+_CPU_MODEL = dict(n_layer=2, n_head=2, n_embd=128, activation="relu", dropout=0.0)
+PRESETS: dict[str, dict] = {
+    # Calibrated on 2 CPU cores (see docs/synthetic.md): ~4 minutes per arm.
+    "cpu": {
+        "out": "runs/synthetic-cpu",
+        "task": {"seq_len": 32, "p": 1.0, "shift": 1, "window": 10, "f": "sin", "frequency": 10.0},
+        "model": _CPU_MODEL,
+        "optim": {"lr": 2e-3, "weight_decay": 0.01, "warmup": 0.01},
+        "train": {"steps": 4000, "batch_size": 128, "eval_every": 1000, "eval_batches": 16,
+                  "checkpoint_every": 1000, "log_every": 25},
+        "probe": {"train_sequences": 2048, "test_sequences": 1024},
+    },
+    # The shift-0 control alone at the cpu budget.
+    "breadcrumbs": {
+        "out": "runs/synthetic-breadcrumbs",
+        "arms": ["vanilla", "myopic"],
+        "control_arms": [],
+        "task": {"seq_len": 32, "p": 1.0, "shift": 0, "window": 10, "f": "sin", "frequency": 10.0},
+        "model": _CPU_MODEL,
+        "optim": {"lr": 2e-3, "weight_decay": 0.01, "warmup": 0.01},
+        "train": {"steps": 4000, "batch_size": 128, "eval_every": 1000, "eval_batches": 16,
+                  "checkpoint_every": 1000, "log_every": 25},
+    },
+    # The paper's setting (a GPU run): 2 layers, d=128, 2 heads, ReLU, AdamW lr 1e-3 wd 0.01,
+    # 1% warmup + cosine, batch 512, 58,593 steps (~30M sequences), p in {0.01, 0.1, 0.3, 1}.
+    "paper": {
+        "out": "runs/synthetic-paper",
+        "p_values": [1.0, 0.3, 0.1, 0.01],
+        "task": {"seq_len": 64, "shift": 1, "window": 10, "f": "sin", "frequency": 10.0},
+        "model": {**_CPU_MODEL, "block_size": 64},
+        "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup": 0.01},
+        "train": {"steps": 58593, "batch_size": 512, "eval_every": 5000, "eval_batches": 98,
+                  "checkpoint_every": 5000, "log_every": 100},
+        "probe": {"train_sequences": 4608, "test_sequences": 2048},
+    },
+    # A smoke-sized run for tests and quick looks.
+    "tiny": {
+        "out": "runs/synthetic-tiny",
+        "task": {"seq_len": 16, "window": 4},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "activation": "relu"},
+        "optim": {"lr": 3e-3},
+        "train": {"steps": 60, "batch_size": 32, "eval_batches": 4, "log_every": 10, "progress": False},
+        "probe": {"lookbacks": 4, "train_sequences": 256, "test_sequences": 128},
+    },
+}
+
+
+@dataclass(frozen=True)
+class Condition:
+    label: str
+    task: SyntheticConfig
+    arms: tuple[Arm, ...]
+    control: bool
+
+
+def conditions(cfg: SyntheticExperiment) -> list[Condition]:
+    arms = tuple(parse_arms(cfg.arms))
+    ps = cfg.p_values or [cfg.task.p]
+    out = []
+    for p in ps:
+        try:
+            task = replace(cfg.task, p=float(p))
+        except ValueError as exc:
+            raise ConfigError(f"p_values: {exc}") from None
+        out.append(Condition(f"shift{task.shift}_p{p:g}", task, arms, control=False))
+    if cfg.control_arms:
+        if cfg.task.shift == 0:
+            raise ConfigError("control_arms: the task already has shift 0; the control is redundant (set control_arms=)")
+        task = replace(cfg.task, shift=0, p=float(ps[0]))
+        out.append(Condition(f"shift0_p{ps[0]:g}", task, tuple(parse_arms(cfg.control_arms)), control=True))
+    return out
+
+
+def task_trivial_loss(task: SyntheticConfig, seed: int) -> float:
+    """Zero-predictor Huber loss on the task's own positions (z = 1): the paper's 1.2569 at window 10."""
+    return SyntheticTask(replace(task, p=1.0), seed).trivial_loss(n_batches=16, batch_size=512)
+
+
+@torch.no_grad()
+def probe_model(model: torch.nn.Module, task: SyntheticConfig, cfg: ProbeConfig, seed: int,
+                device: torch.device) -> dict:
+    """Held-out centred R² per layer for f(x_{n-k}) (k = 0..K) and control frequencies at k = 0."""
+    model.eval()
+    K = max(0, min(cfg.lookbacks, task.seq_len - 8))
+    n_layers = len(model.blocks) + 1
+    n_targets = K + 1 + len(cfg.control_frequencies)
+    stats = {split: [ProbeStats(model.config.n_embd, n_targets) for _ in range(n_layers)] for split in ("train", "test")}
+    batch = 256
+    for split, n_seq, offset in (("train", cfg.train_sequences, 0), ("test", cfg.test_sequences, 10**6)):
+        for i in range((n_seq + batch - 1) // batch):
+            inp, _, x = generate(task, batch, batch_generator(seed, PROBE_STREAM, offset + i))
+            _, hidden = model(inp.to(device), return_hidden_states=True)
+            T = x.shape[1]
+            fx = task.feature(x)
+            targets = [fx[:, K - k: T - k] for k in range(K + 1)]
+            targets += [torch.sin(c * x[:, K:]) for c in cfg.control_frequencies]
+            z = torch.stack(targets, dim=-1)
+            for layer, h in enumerate(hidden):
+                stats[split][layer].add(h[:, K:].float().cpu(), z)
+    r2 = [stats["test"][l].r2(stats["train"][l].fit(cfg.ridge)).tolist() for l in range(n_layers)]
+    model.train()
+    return {
+        "lookbacks": list(range(K + 1)),
+        "r2": [row[: K + 1] for row in r2],
+        "control_frequencies": list(cfg.control_frequencies),
+        "control_r2": [row[K + 1:] for row in r2],
+    }
+
+
+def estimate_seconds_per_step(cfg: SyntheticExperiment, task: SyntheticConfig, device: torch.device) -> float:
+    """Time a few myopic training steps of the configured model (for the up-front duration estimate)."""
+    from myopia.train.loop import autocast_for
+
+    model = build_model(cfg.model, Arm("myopic", "myopic"), SyntheticTask(task, 0).model_overrides(), 0).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tsk = SyntheticTask(task, 0)
+    times = []
+    for step in range(4):
+        x, y = tsk.train_batch(step, 0, cfg.train.batch_size)
+        t = time.perf_counter()
+        with autocast_for(device, cfg.train.precision):
+            loss = tsk.loss_per_position(model(x.to(device)), y.to(device)).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[len(times[1:]) // 2] * cfg.train.grad_accum
+
+
+def run(cfg: SyntheticExperiment) -> dict:
+    conds = conditions(cfg)
+    device = resolve_device(cfg.train.device)
+    n_arms = len(cfg.seeds) * sum(len(c.arms) for c in conds)
+    per_step = estimate_seconds_per_step(cfg, conds[0].task, device)
+    total_min = n_arms * cfg.train.steps * per_step / 60
+    print(f"myopia synthetic: {n_arms} arm runs x {cfg.train.steps} steps, ~{per_step * 1e3:.0f} ms/step on "
+          f"{device.type}: about {total_min:.0f} min in all (plus probes). Results print as each arm finishes.",
+          flush=True)
+    os.makedirs(cfg.out, exist_ok=True)
+    results: dict = {"experiment": "synthetic", "config": _asdict(cfg), "environment": environment(),
+                     "paper": {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()})
+                               for k, v in PAPER.items()},
+                     "conditions": {}, "status": "running"}
+    for cond in conds:
+        trivial = task_trivial_loss(cond.task, 10**6 + 7)
+        results["conditions"][cond.label] = {"task": _asdict(cond.task), "control": cond.control,
+                                             "trivial_loss": trivial, "runs": {}}
+    for seed in cfg.seeds:
+        for cond in conds:
+            entry = results["conditions"][cond.label]
+            task = SyntheticTask(cond.task, seed)
+            overrides = task.model_overrides()
+            train_cfg = replace(cfg.train, seed=seed)
+            seed_runs: dict = {}
+
+            def after_arm(arm, model, result, cond=cond, seed=seed, seed_runs=seed_runs, overrides=overrides):
+                loss = result.eval["loss"]
+                normalised = loss / cond.task.p
+                probes = probe_model(model, cond.task, cfg.probe, seed, device)
+                untrained = build_model(cfg.model, arm, overrides, seed).to(device)
+                probes_untrained = probe_model(untrained, cond.task, cfg.probe, seed, device)
+                seed_runs[arm.name] = {
+                    "eval_loss": loss, "normalised_loss": normalised,
+                    "ratio_to_trivial": normalised / results["conditions"][cond.label]["trivial_loss"],
+                    "per_position_loss": result.eval["per_position"],
+                    "train_seconds": result.seconds, "steps": result.steps,
+                    "probe": probes, "probe_untrained": probes_untrained,
+                    "metrics": os.path.relpath(os.path.join(arm_root, arm.name, "metrics.jsonl"), cfg.out),
+                }
+                r2 = probes["r2"][1][0] if len(probes["r2"]) > 1 else float("nan")
+                r2u = probes_untrained["r2"][1][0] if len(probes_untrained["r2"]) > 1 else float("nan")
+                print(f"  -> {cond.label} seed {seed} {arm.name}: normalised loss {normalised:.4f} "
+                      f"({seed_runs[arm.name]['ratio_to_trivial']:.3f} x trivial); layer-1 R² for f(x_n) "
+                      f"{r2:.3f} (untrained {r2u:.3f})", flush=True)
+
+            arm_root = os.path.join(cfg.out, f"seed{seed}", cond.label)
+            run_result = run_arms(arm_root, cfg, list(cond.arms), task,
+                                  lambda arm, seed=seed, overrides=overrides: build_model(cfg.model, arm, overrides, seed),
+                                  cfg.optim, train_cfg, resume=cfg.resume, on_arm_done=after_arm)
+            entry["runs"][str(seed)] = seed_runs
+            if run_result.get("status") != "completed":
+                results["status"] = "interrupted"
+                write_results(cfg.out, results)
+                print(f"interrupted; rerun with --resume --out {cfg.out} to continue", flush=True)
+                return results
+    results["summary"] = summarise(results)
+    results["status"] = "completed"
+    write_results(cfg.out, results)
+    from myopia.experiments import synthetic_report
+
+    synthetic_report.write(cfg.out, results)
+    print(synthetic_report.summary_text(results), flush=True)
+    print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
+    return results
+
+
+def summarise(results: dict) -> dict:
+    """Mean and 95% CI over seeds for each condition and arm."""
+    summary: dict = {}
+    for label, entry in results["conditions"].items():
+        arms = sorted({a for runs in entry["runs"].values() for a in runs})
+        for arm in arms:
+            runs = [r[arm] for r in entry["runs"].values() if arm in r]
+
+            def layer1(probe_key, k=0, runs=runs):
+                return [r[probe_key]["r2"][1][k] for r in runs]
+
+            r2 = layer1("probe")
+            r2u = layer1("probe_untrained")
+            summary.setdefault(label, {})[arm] = {
+                "normalised_loss": mean_ci([r["normalised_loss"] for r in runs]),
+                "ratio_to_trivial": mean_ci([r["ratio_to_trivial"] for r in runs]),
+                "r2_layer1_fx": mean_ci(r2),
+                "r2_layer1_fx_untrained": mean_ci(r2u),
+                "r2_layer1_fx_gain": mean_ci([a - b for a, b in zip(r2, r2u)]),
+                "seeds": len(runs),
+            }
+    return summary
+
+
+def _asdict(obj) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+__all__ = ["SyntheticExperiment", "ProbeConfig", "PRESETS", "run", "probe_model", "summarise"]

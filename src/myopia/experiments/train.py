@@ -1,0 +1,59 @@
+"""``myopia train``: train arms of a GPT on the synthetic task or on local text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from myopia.config import ConfigError
+from myopia.experiments.arms import build_model, parse_arms
+from myopia.experiments.runner import run_arms
+from myopia.model import GPTConfig
+from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
+from myopia.tasks.text import ByteTextTask, TextConfig
+from myopia.train.config import OptimConfig, TrainConfig
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from."""
+
+    source: str = "synthetic"
+    """synthetic (the paper's regression task, generated on the fly) | text (local files, byte tokens)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic", "text"):
+            raise ValueError(f"source={self.source!r} is not one of synthetic, text")
+
+
+@dataclass
+class TrainExperiment:
+    """Train one model in several attention modes (arms) under identical data, optimiser and seed."""
+
+    out: str = "runs/train"
+    """Run directory (config, per-arm metrics and checkpoints, results.json)."""
+    arms: list[str] = field(default_factory=lambda: ["vanilla", "myopic"])
+    """Arms to train: vanilla, myopic, myopic_kv, bigram, or MODE@BETA (e.g. myopic@0.5)."""
+    resume: bool = False
+    """Continue the run in --out from its latest checkpoints."""
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=32))
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def make_task(data: DataConfig, seed: int):
+    if data.source == "synthetic":
+        return SyntheticTask(data.synthetic, seed)
+    return ByteTextTask(data.text, seed)
+
+
+def run(cfg: TrainExperiment) -> dict:
+    arms = parse_arms(cfg.arms)
+    task = make_task(cfg.data, cfg.train.seed)
+    overrides = task.model_overrides()
+    if overrides.get("input_dim") is None and cfg.model.vocab_size < overrides.get("vocab_size", 0):
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary")
+    return run_arms(cfg.out, cfg, arms, task, lambda arm: build_model(cfg.model, arm, overrides, cfg.train.seed),
+                    cfg.optim, cfg.train, resume=cfg.resume)

@@ -1,0 +1,196 @@
+"""Checkpoints: safetensors and JSON only (loading never unpickles), written atomically.
+
+A checkpoint is a folder ``step_NNNNNNN`` holding ``model.safetensors``, ``optimizer.safetensors``
+(every tensor of the optimiser state), ``state.json`` (step, optimiser hyper-parameters, anything
+else the loop needs) and ``manifest.json`` (sha256 of each file, checked on load). It is written to a
+temporary folder and renamed into place; the ``latest`` file naming the newest one is replaced
+atomically after that. A process killed at any moment leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and why."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser state dict into named tensors and a JSON-able remainder."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        pid, key = name.split("/", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng/cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng/cuda{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng/cpu" in tensors:
+        torch.set_rng_state(tensors["rng/cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def save_checkpoint(
+    ckpt_dir: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict,
+    keep: int = 2,
+) -> str:
+    """Write checkpoint ``step`` under ``ckpt_dir`` atomically and return its folder."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = os.path.join(ckpt_dir, name)
+    tmp = os.path.join(ckpt_dir, f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+        opt_meta = None
+        extra = rng_tensors()
+        if optimizer is not None:
+            opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+            extra.update({f"optim/{k}": v for k, v in opt_tensors.items()})
+        save_file(extra, os.path.join(tmp, "optimizer.safetensors"))
+        _write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "optimizer": opt_meta})
+        for fname in ("model.safetensors", "optimizer.safetensors"):
+            with open(os.path.join(tmp, fname), "rb") as f:
+                os.fsync(f.fileno())
+        manifest = {f: _sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        _write_json(os.path.join(tmp, MANIFEST), manifest)
+        _fsync_dir(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(ckpt_dir, keep)
+    return final
+
+
+def _prune(ckpt_dir: str, keep: int) -> None:
+    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_"))
+    for old in names[:-keep]:
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    """The newest complete checkpoint folder under ``ckpt_dir``, or None."""
+    pointer = os.path.join(ckpt_dir, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            path = os.path.join(ckpt_dir, f.read().strip())
+        if os.path.isfile(os.path.join(path, MANIFEST)):
+            return path
+    if not os.path.isdir(ckpt_dir):
+        return None
+    names = sorted(n for n in os.listdir(ckpt_dir)
+                   if n.startswith("step_") and os.path.isfile(os.path.join(ckpt_dir, n, MANIFEST)))
+    return os.path.join(ckpt_dir, names[-1]) if names else None
+
+
+def verify(path: str) -> None:
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}); delete it or resume from an older one")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    for fname, digest in manifest.items():
+        fpath = os.path.join(path, fname)
+        if not os.path.isfile(fpath) or _sha256(fpath) != digest:
+            raise CheckpointError(f"checkpoint file {fpath} is missing or corrupt (checksum mismatch)")
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng_state: bool = True) -> dict:
+    """Load weights (and optimiser/RNG state) from a checkpoint folder; return its ``state.json``."""
+    verify(path)
+    load_model(model, os.path.join(path, "model.safetensors"), device=str(next(model.parameters()).device))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    extra = load_file(os.path.join(path, "optimizer.safetensors"))
+    if optimizer is not None and state.get("optimizer") is not None:
+        opt_tensors = {k[len("optim/"):]: v for k, v in extra.items() if k.startswith("optim/")}
+        optimizer.load_state_dict(optimizer_from_flat(opt_tensors, state["optimizer"]))
+    if restore_rng_state:
+        restore_rng({k: v for k, v in extra.items() if k.startswith("rng/")})
+    return state

@@ -1,0 +1,255 @@
+"""The one training loop every experiment shares.
+
+Data is a pure function of (seed, step) (see :func:`myopia.tasks.base.batch_generator`), the learning
+rate a pure function of the step, and checkpoints hold weights, optimiser and RNG state: so arms of an
+experiment see identical batches, and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from myopia.tasks.base import Task
+from myopia.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from myopia.train.config import OptimConfig, TrainConfig
+from myopia.train.optim import build_optimizer, lr_at
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss."""
+
+
+class RunDirectoryError(RuntimeError):
+    """The run directory holds an earlier run and neither resume nor a new folder was asked for."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available; use --train.device cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class StopSignal:
+    """Set by Ctrl-C (or a callback): the loop saves a checkpoint at the next step boundary and returns."""
+
+    requested: bool = False
+
+    def request(self) -> None:
+        self.requested = True
+
+
+@contextlib.contextmanager
+def graceful_interrupt(stop: StopSignal) -> Iterator[StopSignal]:
+    """First Ctrl-C asks the loop to save and stop; a second one interrupts at once."""
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except ValueError:  # not the main thread
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.request()
+        tqdm.write("Interrupted: saving a checkpoint at the end of this step (Ctrl-C again to abort now)")
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, task: Task, n_batches: int, batch_size: int, device: torch.device,
+             precision: str = "auto") -> dict:
+    """Mean held-out loss and loss per position over the task's fixed held-out batches."""
+    was_training = model.training
+    model.eval()
+    total = None
+    count = 0
+    with autocast_for(device, precision):
+        for i in range(n_batches):
+            x, y = task.heldout_batch(i, batch_size)
+            per = task.loss_per_position(model(x.to(device)), y.to(device)).double().sum(0)
+            total = per if total is None else total + per
+            count += x.shape[0]
+    model.train(was_training)
+    per_position = (total / count).cpu()
+    return {"loss": per_position.mean().item(), "per_position": per_position.tolist()}
+
+
+class MetricsLog:
+    """Metrics as JSON lines (one object per line), flushed at every write."""
+
+    def __init__(self, path: str, keep_through_step: int | None = None):
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if keep_through_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= keep_through_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        elif keep_through_step is None and os.path.exists(path):
+            os.remove(path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(ln) for ln in f if ln.strip()]
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    status: str
+    steps: int
+    final_train_loss: float | None
+    eval: dict | None
+    seconds: float
+    tokens: int
+    checkpoint: str | None
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def train_arm(
+    model: torch.nn.Module,
+    task: Task,
+    optim_cfg: OptimConfig,
+    cfg: TrainConfig,
+    arm_dir: str,
+    arm: str,
+    resume: bool = False,
+    stop: StopSignal | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> ArmResult:
+    """Train ``model`` on ``task`` for ``cfg.steps`` optimiser steps; write metrics and checkpoints
+    under ``arm_dir``. Returns when done or when ``stop`` is requested (after saving)."""
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    optimizer = build_optimizer(model, optim_cfg)
+    ckpt_dir = os.path.join(arm_dir, "checkpoints")
+    latest = latest_checkpoint(ckpt_dir)
+    start_step, seconds_before, tokens_before, last_eval_loaded = 0, 0.0, 0, None
+    if latest is not None and not resume:
+        raise RunDirectoryError(
+            f"{arm_dir} already holds a run of arm {arm!r}; pass --resume to continue it or choose a new --out")
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer)
+        start_step = state["step"]
+        last_eval_loaded = state.get("eval")
+        seconds_before, tokens_before = state.get("seconds", 0.0), state.get("tokens", 0)
+        tqdm.write(f"[{arm}] resuming from {latest} (step {start_step}/{cfg.steps})")
+    log = MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), keep_through_step=start_step if latest else None)
+    stop = stop or StopSignal()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * task.seq_len
+    last_loss, last_eval, last_ckpt = None, last_eval_loaded, latest
+    t0 = time.perf_counter()
+    window_t, window_tokens = time.perf_counter(), 0
+
+    def checkpoint(step: int, status: str) -> str:
+        return save_checkpoint(ckpt_dir, step, model, optimizer, {
+            "arm": arm, "status": status, "seconds": seconds_before + time.perf_counter() - t0,
+            "tokens": tokens_before + (step - start_step) * tokens_per_step, "eval": last_eval,
+        }, keep=cfg.keep_checkpoints)
+
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=arm, disable=not cfg.progress, dynamic_ncols=True,
+               unit="step", leave=True)
+    step = start_step
+    try:
+        while step < cfg.steps:
+            if stop.requested:
+                last_ckpt = checkpoint(step, "interrupted")
+                tqdm.write(f"[{arm}] stopped at step {step}; checkpoint {last_ckpt}. Resume with --resume.")
+                break
+            lr = lr_at(step, cfg.steps, optim_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = task.train_batch(step, micro, cfg.batch_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast_for(device, cfg.precision):
+                    loss = task.loss_per_position(model(x), y).mean() / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            loss_value = float(loss_sum)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(
+                    f"arm {arm!r}: loss became {loss_value} at step {step}; last good checkpoint: "
+                    f"{last_ckpt or 'none'}. Lower --optim.lr or raise --optim.warmup")
+            grad_norm = None
+            if optim_cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss_value
+            window_tokens += tokens_per_step
+            record = {"step": step, "loss": loss_value, "lr": lr}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                tok_s = window_tokens / max(now - window_t, 1e-9)
+                window_t, window_tokens = now, 0
+                record.update(grad_norm=grad_norm, tokens_per_s=round(tok_s, 1),
+                              elapsed_s=round(seconds_before + now - t0, 3))
+                log.write(record)
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                last_eval = evaluate(model, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision)
+                log.write({"step": step, "eval_loss": last_eval["loss"]})
+                bar.set_postfix(loss=f"{loss_value:.4f}", eval=f"{last_eval['loss']:.4f}", refresh=False)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                last_ckpt = checkpoint(step, "running")
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, record)
+    finally:
+        bar.close()
+    status = "completed" if step >= cfg.steps else "interrupted"
+    if status == "completed":
+        if start_step < cfg.steps or last_eval is None:
+            last_eval = evaluate(model, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision)
+            log.write({"step": step, "eval_loss": last_eval["loss"]})
+        if start_step < cfg.steps:
+            last_ckpt = checkpoint(step, "completed")
+    history = log.read()
+    if last_loss is None:
+        train_losses = [r["loss"] for r in history if "loss" in r]
+        last_loss = train_losses[-1] if train_losses else None
+    return ArmResult(arm=arm, status=status, steps=step, final_train_loss=last_loss, eval=last_eval,
+                     seconds=round(seconds_before + time.perf_counter() - t0, 3),
+                     tokens=tokens_before + (step - start_step) * tokens_per_step,
+                     checkpoint=last_ckpt, history=history)
