@@ -14,7 +14,7 @@ import torch
 from myopia.experiments.arms import Arm, build_model
 from myopia.model import GPTConfig
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
-from myopia.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from myopia.train.checkpoint import CheckpointError, capture, latest_checkpoint, load_checkpoint, save_checkpoint
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.loop import NonFiniteLoss, RunDirectoryError, StopSignal, train_arm
 
@@ -101,7 +101,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     x, y = task.train_batch(0, 0, 4)
     task.loss_per_position(model(x), y).mean().backward()
     opt.step()
-    path = save_checkpoint(str(tmp_path / "c"), 1, model, opt, {"note": "x"})
+    path = save_checkpoint(str(tmp_path / "c"), 1, *capture(model, opt), {"note": "x"})
     _, other = setup(seed=9)
     opt2 = torch.optim.AdamW(other.parameters(), lr=1e-3)
     state = load_checkpoint(path, other, opt2)
@@ -123,7 +123,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
 
 def test_checkpoint_files_are_not_pickles(tmp_path):
     task, model = setup()
-    path = save_checkpoint(str(tmp_path / "c"), 3, model, torch.optim.AdamW(model.parameters()), {})
+    path = save_checkpoint(str(tmp_path / "c"), 3, *capture(model, torch.optim.AdamW(model.parameters())), {})
     for name in os.listdir(path):
         with open(os.path.join(path, name), "rb") as f:
             head = f.read(2)

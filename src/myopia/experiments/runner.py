@@ -17,6 +17,7 @@ from myopia.experiments.arms import Arm
 from myopia.tasks.base import Task
 from myopia.train.checkpoint import atomic_write_text
 from myopia.train.config import OptimConfig, TrainConfig
+from myopia.train.distributed import setup
 from myopia.train.loop import ArmResult, StopSignal, graceful_interrupt, resolve_device, train_arm
 
 
@@ -44,30 +45,38 @@ def run_arms(
     resume: bool = False,
     on_arm_done: Callable[[Arm, torch.nn.Module, ArmResult], None] | None = None,
 ) -> dict:
-    """Train every arm in ``out_dir/<arm>/`` and return (and write) the results dict."""
-    os.makedirs(out_dir, exist_ok=True)
-    dump_yaml(config, os.path.join(out_dir, "config.yaml"))
+    """Train every arm in ``out_dir/<arm>/`` and return (and write) the results dict.
+
+    Under torchrun every process runs this; only rank 0 writes files and prints.
+    """
+    dist = setup(train_cfg.device)
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        dump_yaml(config, os.path.join(out_dir, "config.yaml"))
     results = {"config": _plain(config), "environment": environment(), "arms": {}}
     stop = StopSignal()
     with graceful_interrupt(stop):
         for arm in arms:
             model = make_model(arm)
             result = train_arm(model, task, optim_cfg, train_cfg, os.path.join(out_dir, arm.name), arm.name,
-                               resume=resume, stop=stop)
+                               resume=resume, stop=stop, dist=dist)
             summary = result.to_dict()
             summary.pop("history")
             results["arms"][arm.name] = summary
-            write_results(out_dir, results)
+            if dist.is_main:
+                write_results(out_dir, results)
             if result.status != "completed":
                 results["status"] = "interrupted"
                 break
             if on_arm_done is not None:
                 on_arm_done(arm, model, result)
             ev = result.eval["loss"] if result.eval else float("nan")
-            tqdm.write(f"[{arm.name}] held-out loss {ev:.4f}  (train {result.final_train_loss:.4f}, "
-                       f"{result.seconds:.0f} s)")
+            if dist.is_main:
+                tqdm.write(f"[{arm.name}] held-out loss {ev:.4f}  (train {result.final_train_loss:.4f}, "
+                           f"{result.seconds:.0f} s)")
     results.setdefault("status", "completed")
-    write_results(out_dir, results)
+    if dist.is_main:
+        write_results(out_dir, results)
     return results
 
 

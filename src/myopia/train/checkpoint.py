@@ -16,7 +16,7 @@ import shutil
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -64,28 +64,46 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer_state(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimiser state dict into named tensors and a JSON-able remainder."""
-    sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
-    for pid, state in sd["state"].items():
+    for pid, state in osd["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"{pid}/{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars,
+                     "int_keys": all(isinstance(k, int) for k in osd["state"])}
 
 
-def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    def key(pid: str):
+        return int(pid) if meta.get("int_keys") else pid
+
+    state: dict = {}
     for name, value in tensors.items():
-        pid, key = name.split("/", 1)
-        state.setdefault(int(pid), {})[key] = value
+        pid, k = name.rsplit("/", 1)
+        state.setdefault(key(pid), {})[k] = value
     for pid, values in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(values)
+        state.setdefault(key(pid), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _dedupe(model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop names that alias another tensor (tied weights); return them as {alias: kept name}."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model_state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if ident in seen:
+            aliases[name] = seen[ident]
+        else:
+            seen[ident] = name
+            kept[name] = t.detach().cpu().contiguous()
+    return kept, aliases
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -108,12 +126,15 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(
     ckpt_dir: str,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict | None,
     state: dict,
     keep: int = 2,
 ) -> str:
-    """Write checkpoint ``step`` under ``ckpt_dir`` atomically and return its folder."""
+    """Write checkpoint ``step`` under ``ckpt_dir`` atomically and return its folder.
+
+    ``model_state``/``optim_state`` are full (unsharded) state dicts, e.g. from :func:`capture`.
+    """
     os.makedirs(ckpt_dir, exist_ok=True)
     name = f"step_{step:07d}"
     final = os.path.join(ckpt_dir, name)
@@ -121,14 +142,16 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        save_model(model, os.path.join(tmp, "model.safetensors"))
+        weights, aliases = _dedupe(model_state)
+        save_file(weights, os.path.join(tmp, "model.safetensors"))
         opt_meta = None
         extra = rng_tensors()
-        if optimizer is not None:
-            opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        if optim_state is not None:
+            opt_tensors, opt_meta = flatten_optimizer_state(optim_state)
             extra.update({f"optim/{k}": v for k, v in opt_tensors.items()})
         save_file(extra, os.path.join(tmp, "optimizer.safetensors"))
-        _write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "optimizer": opt_meta})
+        _write_json(os.path.join(tmp, "state.json"),
+                    {**state, "step": step, "optimizer": opt_meta, "tied": aliases})
         for fname in ("model.safetensors", "optimizer.safetensors"):
             with open(os.path.join(tmp, fname), "rb") as f:
                 os.fsync(f.fileno())
@@ -180,17 +203,56 @@ def verify(path: str) -> None:
             raise CheckpointError(f"checkpoint file {fpath} is missing or corrupt (checksum mismatch)")
 
 
+def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None, dict, dict[str, torch.Tensor]]:
+    """Verify and read a checkpoint: ``(model_state, optim_state, state, rng)`` (no pickles involved)."""
+    verify(path)
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        extra = load_file(os.path.join(path, "optimizer.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from None
+    for alias, name in state.get("tied", {}).items():
+        weights[alias] = weights[name]
+    optim_state = None
+    if state.get("optimizer") is not None:
+        opt_tensors = {k[len("optim/"):]: v for k, v in extra.items() if k.startswith("optim/")}
+        optim_state = unflatten_optimizer_state(opt_tensors, state["optimizer"])
+    rng = {k: v for k, v in extra.items() if k.startswith("rng/")}
+    return weights, optim_state, state, rng
+
+
+def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+    """Full model and optimiser state dicts (parameter names as keys), gathered to the CPU.
+
+    Works for a plain module, DDP and FSDP2 alike (a collective under FSDP2: call it on every rank),
+    so a checkpoint saved with any number of processes loads with any other.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=opts), None
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
+            optim_state: dict | None) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    if optimizer is None or optim_state is None:
+        set_model_state_dict(model, model_state, options=opts)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=opts)
+
+
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     restore_rng_state: bool = True) -> dict:
     """Load weights (and optimiser/RNG state) from a checkpoint folder; return its ``state.json``."""
-    verify(path)
-    load_model(model, os.path.join(path, "model.safetensors"), device=str(next(model.parameters()).device))
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    extra = load_file(os.path.join(path, "optimizer.safetensors"))
-    if optimizer is not None and state.get("optimizer") is not None:
-        opt_tensors = {k[len("optim/"):]: v for k, v in extra.items() if k.startswith("optim/")}
-        optimizer.load_state_dict(optimizer_from_flat(opt_tensors, state["optimizer"]))
+    weights, optim_state, state, rng = read_checkpoint(path)
+    restore(model, optimizer, weights, optim_state)
     if restore_rng_state:
-        restore_rng({k: v for k, v in extra.items() if k.startswith("rng/")})
+        restore_rng(rng)
     return state

@@ -70,6 +70,8 @@ class TrainConfig:
     """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
     progress: bool = True
     """Show a progress bar with loss, throughput and ETA."""
+    parallel: str = "ddp"
+    """Under torchrun with several processes: ddp (replicated) | fsdp (FSDP2 fully_shard per block)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
@@ -78,6 +80,8 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel={self.parallel!r} is not one of ddp, fsdp")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r} is not one of auto, fp32, bf16")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -20,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from myopia.tasks.base import Task
-from myopia.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from myopia.train.checkpoint import capture, latest_checkpoint, read_checkpoint, restore, restore_rng, save_checkpoint
 from myopia.train.config import OptimConfig, TrainConfig
+from myopia.train.distributed import Dist, no_grad_sync, parallelize
 from myopia.train.optim import build_optimizer, lr_at
 
 
@@ -86,28 +87,33 @@ def graceful_interrupt(stop: StopSignal) -> Iterator[StopSignal]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, task: Task, n_batches: int, batch_size: int, device: torch.device,
-             precision: str = "auto") -> dict:
-    """Mean held-out loss and loss per position over the task's fixed held-out batches."""
+             precision: str = "auto", dist: Dist | None = None) -> dict:
+    """Mean held-out loss and loss per position over the task's fixed held-out batches
+    (each process scores its slice of every batch; the sums are combined)."""
+    dist = dist or Dist()
     was_training = model.training
     model.eval()
-    total = None
+    total = torch.zeros(task.seq_len, dtype=torch.float64, device=device)
     count = 0
     with autocast_for(device, precision):
         for i in range(n_batches):
             x, y = task.heldout_batch(i, batch_size)
-            per = task.loss_per_position(model(x.to(device)), y.to(device)).double().sum(0)
-            total = per if total is None else total + per
+            x, y = dist.shard(x), dist.shard(y)
+            total += task.loss_per_position(model(x.to(device)), y.to(device)).double().sum(0)
             count += x.shape[0]
     model.train(was_training)
-    per_position = (total / count).cpu()
+    total = dist.sum(total)
+    per_position = (total / (count * dist.world)).cpu()
     return {"loss": per_position.mean().item(), "per_position": per_position.tolist()}
 
 
 class MetricsLog:
     """Metrics as JSON lines (one object per line), flushed at every write."""
 
-    def __init__(self, path: str, keep_through_step: int | None = None):
-        self.path = path
+    def __init__(self, path: str, keep_through_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if keep_through_step is not None and os.path.exists(path):
             with open(path) as f:
@@ -118,6 +124,8 @@ class MetricsLog:
             os.remove(path)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -154,65 +162,86 @@ def train_arm(
     resume: bool = False,
     stop: StopSignal | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    dist: Dist | None = None,
 ) -> ArmResult:
     """Train ``model`` on ``task`` for ``cfg.steps`` optimiser steps; write metrics and checkpoints
-    under ``arm_dir``. Returns when done or when ``stop`` is requested (after saving)."""
+    under ``arm_dir`` (rank 0 only). Returns when done or when ``stop`` is requested (after saving).
+
+    ``model`` is the bare model: data parallelism (``dist``) is applied here, from outside it.
+    """
+    dist = dist or Dist()
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
     model.to(device).train()
-    optimizer = build_optimizer(model, optim_cfg)
     ckpt_dir = os.path.join(arm_dir, "checkpoints")
-    latest = latest_checkpoint(ckpt_dir)
-    start_step, seconds_before, tokens_before, last_eval_loaded = 0, 0.0, 0, None
+    latest = dist.broadcast_object(latest_checkpoint(ckpt_dir) if dist.is_main else None)
     if latest is not None and not resume:
         raise RunDirectoryError(
             f"{arm_dir} already holds a run of arm {arm!r}; pass --resume to continue it or choose a new --out")
-    if latest is not None:
-        state = load_checkpoint(latest, model, optimizer)
-        start_step = state["step"]
-        last_eval_loaded = state.get("eval")
+    loaded = read_checkpoint(latest) if latest is not None else None
+    wrapped = parallelize(model, dist, cfg.parallel, device)
+    optimizer = build_optimizer(wrapped, optim_cfg)
+    start_step, seconds_before, tokens_before, last_eval = 0, 0.0, 0, None
+    if loaded is not None:
+        weights, optim_state, state, rng = loaded
+        restore(wrapped, optimizer, weights, optim_state)
+        restore_rng(rng)
+        start_step, last_eval = state["step"], state.get("eval")
         seconds_before, tokens_before = state.get("seconds", 0.0), state.get("tokens", 0)
-        tqdm.write(f"[{arm}] resuming from {latest} (step {start_step}/{cfg.steps})")
-    log = MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), keep_through_step=start_step if latest else None)
+        if dist.is_main:
+            tqdm.write(f"[{arm}] resuming from {latest} (step {start_step}/{cfg.steps})")
+    log = MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), keep_through_step=start_step if latest else None,
+                     enabled=dist.is_main)
     stop = stop or StopSignal()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * task.seq_len
-    last_loss, last_eval, last_ckpt = None, last_eval_loaded, latest
+    last_loss, last_ckpt = None, latest
     t0 = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
 
-    def checkpoint(step: int, status: str) -> str:
-        return save_checkpoint(ckpt_dir, step, model, optimizer, {
-            "arm": arm, "status": status, "seconds": seconds_before + time.perf_counter() - t0,
-            "tokens": tokens_before + (step - start_step) * tokens_per_step, "eval": last_eval,
-        }, keep=cfg.keep_checkpoints)
+    def checkpoint(step: int, status: str) -> str | None:
+        model_state, optim_state = capture(wrapped, optimizer)  # a collective under FSDP
+        path = None
+        if dist.is_main:
+            path = save_checkpoint(ckpt_dir, step, model_state, optim_state, {
+                "arm": arm, "status": status, "seconds": seconds_before + time.perf_counter() - t0,
+                "tokens": tokens_before + (step - start_step) * tokens_per_step, "eval": last_eval,
+                "world_size": dist.world,
+            }, keep=cfg.keep_checkpoints)
+        dist.barrier()
+        return dist.broadcast_object(path)
 
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=arm, disable=not cfg.progress, dynamic_ncols=True,
-               unit="step", leave=True)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=arm, disable=not (cfg.progress and dist.is_main),
+               dynamic_ncols=True, unit="step", leave=True)
     step = start_step
     try:
         while step < cfg.steps:
-            if stop.requested:
+            if dist.broadcast_object(stop.requested):
                 last_ckpt = checkpoint(step, "interrupted")
-                tqdm.write(f"[{arm}] stopped at step {step}; checkpoint {last_ckpt}. Resume with --resume.")
+                if dist.is_main:
+                    tqdm.write(f"[{arm}] stopped at step {step}; checkpoint {last_ckpt}. Resume with --resume.")
                 break
             lr = lr_at(step, cfg.steps, optim_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 x, y = task.train_batch(step, micro, cfg.batch_size)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast_for(device, cfg.precision):
-                    loss = task.loss_per_position(model(x), y).mean() / cfg.grad_accum
-                loss.backward()
+                x, y = dist.shard(x).to(device, non_blocking=True), dist.shard(y).to(device, non_blocking=True)
+                with no_grad_sync(wrapped, sync=micro == cfg.grad_accum - 1):
+                    with autocast_for(device, cfg.precision):
+                        loss = task.loss_per_position(wrapped(x), y).mean() / cfg.grad_accum
+                    loss.backward()
                 loss_sum += loss.detach()
-            loss_value = float(loss_sum)
+            loss_value = float(dist.mean(loss_sum))
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(
                     f"arm {arm!r}: loss became {loss_value} at step {step}; last good checkpoint: "
                     f"{last_ckpt or 'none'}. Lower --optim.lr or raise --optim.warmup")
             grad_norm = None
             if optim_cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), optim_cfg.grad_clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -228,7 +257,7 @@ def train_arm(
                 log.write(record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                last_eval = evaluate(model, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision)
+                last_eval = evaluate(wrapped, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision, dist)
                 log.write({"step": step, "eval_loss": last_eval["loss"]})
                 bar.set_postfix(loss=f"{loss_value:.4f}", eval=f"{last_eval['loss']:.4f}", refresh=False)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
@@ -241,11 +270,11 @@ def train_arm(
     status = "completed" if step >= cfg.steps else "interrupted"
     if status == "completed":
         if start_step < cfg.steps or last_eval is None:
-            last_eval = evaluate(model, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision)
+            last_eval = evaluate(wrapped, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision, dist)
             log.write({"step": step, "eval_loss": last_eval["loss"]})
         if start_step < cfg.steps:
             last_ckpt = checkpoint(step, "completed")
-    history = log.read()
+    history = log.read() if dist.is_main else []
     if last_loss is None:
         train_losses = [r["loss"] for r in history if "loss" in r]
         last_loss = train_losses[-1] if train_losses else None

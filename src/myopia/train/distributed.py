@@ -1,0 +1,145 @@
+"""Data parallelism applied from outside the model: torchrun (or ``accelerate launch``) sets the
+environment, :func:`setup` joins the process group, :func:`parallelize` wraps the model (DDP, or FSDP2
+``fully_shard`` per block), and :class:`Dist` gives the loop the few collectives it needs.
+
+Every rank generates the same *global* batch from (seed, step, micro) and keeps its contiguous slice,
+so the global sequence of examples equals the single-process order for the same global batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch."""
+        if not self.enabled:
+            return t
+        n = t.shape[0]
+        if n % self.world:
+            raise ValueError(f"train.batch_size={n} is not divisible by the {self.world} processes; "
+                             f"use a multiple of {self.world}")
+        per = n // self.world
+        return t[self.rank * per:(self.rank + 1) * per]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.clone()
+            torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+            value /= self.world
+        return value
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.clone()
+            torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+        return value
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup(device: str = "auto") -> Dist:
+    """Join the process group that torchrun/accelerate described in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if not torch_dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank)
+
+
+def parallelize(model: nn.Module, dist: Dist, strategy: str, device: torch.device) -> nn.Module:
+    """Wrap ``model`` for data parallelism; returns it unchanged in a single process."""
+    if not dist.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index if device.index is not None else dist.local_rank] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "blocks", []):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"train.parallel={strategy!r} is not one of ddp, fsdp")
+
+
+def bare(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
+    return getattr(model, "module", model)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return type(model).__name__.startswith("FSDP")
+
+
+def no_grad_sync(model: nn.Module, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+
+        @contextlib.contextmanager
+        def restore():
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return restore()
+    return contextlib.nullcontext()
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Full (unsharded) model and optimiser state dicts, on the CPU, for rank 0 to save."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
