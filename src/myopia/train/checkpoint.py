@@ -163,6 +163,12 @@ def save_checkpoint(
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
         atomic_write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(ckpt_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({exc.strerror or exc}); the last good checkpoint "
+            f"{previous or '(none)'} is kept. Free disk space and continue with --resume") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
