@@ -15,3 +15,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Token caches and trained tokenizers go to a per-session temporary folder, never ~/.cache."""
+    monkeypatch.setenv("MYOPIA_CACHE", str(tmp_path_factory.getbasetemp() / "myopia-cache"))

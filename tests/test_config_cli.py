@@ -45,7 +45,7 @@ def test_negative_learning_rate(tmp_path):
 
 
 def test_missing_data_path(tmp_path):
-    proc = run_cli("train", "--data.source", "text", "--data.text.path", str(tmp_path / "nope.txt"),
+    proc = run_cli("train", "--data.source", "text", "--data.text.corpus", str(tmp_path / "nope.txt"),
                    "--out", str(tmp_path / "run"))
     assert_one_line_error(proc, "nope.txt", "does not exist")
 
@@ -91,7 +91,7 @@ def test_train_end_to_end_on_text(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(60)))
     out = tmp_path / "run"
-    code = cli.main(["train", "--data.source", "text", "--data.text.path", str(text), "--data.text.seq_len", "16",
+    code = cli.main(["train", "--data.source", "text", "--data.text.corpus", str(text), "--data.text.seq_len", "16", "--data.text.tokenizer", "byte",
                      "--train.steps", "5", "--train.batch_size", "4", "--train.progress", "false",
                      "--model.n_embd", "16", "--model.n_head", "2", "--out", str(out)])
     assert code == 0
@@ -101,6 +101,6 @@ def test_train_end_to_end_on_text(tmp_path):
     assert all(r["status"] == "completed" for r in results["arms"].values())
     assert os.path.isfile(out / "config.yaml")
     # The same --out without --resume refuses to overwrite.
-    code = cli.main(["train", "--data.source", "text", "--data.text.path", str(text), "--out", str(out),
+    code = cli.main(["train", "--data.source", "text", "--data.text.corpus", str(text), "--out", str(out),
                      "--train.progress", "false"])
     assert code == 2

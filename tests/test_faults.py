@@ -118,6 +118,27 @@ def test_sigkill_mid_training_resumes_exactly(tmp_path):
 def test_bad_corpus_is_a_one_line_error(tmp_path, capsys, content, fragment):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(content)
-    code = cli.main(["train", "--data.source", "text", "--data.text.path", str(corpus), "--out", str(tmp_path / "r")])
+    code = cli.main(["train", "--data.source", "text", "--data.text.corpus", str(corpus), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and fragment in err and "corpus.txt" in err
+
+
+def test_vocabulary_mismatch_and_long_window_are_one_line_errors(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: some text to learn from, again and again." for i in range(50)))
+    base = ["train", "--arms", "vanilla", "--train.steps", "2", "--train.batch_size", "4", "--train.progress", "false",
+            "--model.n_embd", "16", "--model.n_head", "2", "--data.source", "text", "--data.text.corpus", str(corpus)]
+    assert cli.main(base + ["--data.text.tokenizer", "byte", "--data.text.seq_len", "16", "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    arm = str(tmp_path / "a" / "vanilla")
+    code = cli.main(base + ["--data.text.tokenizer", "gpt2", "--data.text.seq_len", "8", "--init_from", arm,
+                            "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "50257 token ids" in err and "vocab_size 256" in err
+    code = cli.main(base + ["--data.text.tokenizer", "byte", "--data.text.seq_len", "32", "--init_from", arm,
+                            "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "window of 32 tokens" in err and "block_size 16" in err
+    # A model that fits starts from the checkpoint's weights.
+    assert cli.main(base + ["--data.text.tokenizer", "byte", "--data.text.seq_len", "8", "--init_from", arm,
+                            "--out", str(tmp_path / "d")]) == 0

@@ -94,7 +94,7 @@ def resolve_config(cmd: Command, ns: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from myopia.tasks.text import DataError
+    from myopia.data.corpus import DataError
     from myopia.train.checkpoint import CheckpointError
     from myopia.train.loop import NonFiniteLoss, RunDirectoryError
 

@@ -38,6 +38,41 @@ def parse_arms(specs: list[str]) -> list[Arm]:
     return arms
 
 
+def check_fits(model_cfg: GPTConfig, overrides: dict, source: str) -> None:
+    """One-line errors when the data do not fit a model whose shape is fixed (e.g. loaded)."""
+    if (model_cfg.input_dim is None) != (overrides.get("input_dim") is None):
+        kind = "continuous vectors" if model_cfg.input_dim is not None else "token ids"
+        raise ConfigError(f"init_from: the model in {source} reads {kind}, which data.source does not provide")
+    vocab = overrides.get("vocab_size")
+    if overrides.get("input_dim") is None and vocab is not None and vocab > model_cfg.vocab_size:
+        raise ConfigError(f"data.text.tokenizer gives {vocab} token ids but the model in {source} has "
+                          f"vocab_size {model_cfg.vocab_size}; use the tokenizer that model was trained with")
+    T = overrides.get("block_size")
+    if T is not None and T > model_cfg.block_size:
+        raise ConfigError(f"the data's window of {T} tokens is longer than the context of the model in {source} "
+                          f"(block_size {model_cfg.block_size}); use a window of at most {model_cfg.block_size}")
+
+
+def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
+    """A GPT from a myopia checkpoint (a step_* folder, or an arm folder: its latest checkpoint),
+    switched to the arm's attention mode."""
+    import os
+
+    from myopia.train.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+
+    folder = path if os.path.isfile(os.path.join(path, "state.json")) else latest_checkpoint(os.path.join(path, "checkpoints"))
+    if folder is None or not os.path.isdir(folder):
+        raise ConfigError(f"init_from: {path!r} is neither a checkpoint folder nor an arm folder holding checkpoints")
+    weights, _, state, _ = read_checkpoint(folder)
+    if "model_config" not in state:
+        raise CheckpointError(f"init_from: checkpoint {folder} does not record its model configuration")
+    cfg = GPTConfig.from_dict(state["model_config"])
+    check_fits(cfg, overrides, folder)
+    model = GPT(replace(cfg, attention=arm.mode, beta=arm.beta))
+    model.load_state_dict(weights)
+    return model
+
+
 def build_model(base: GPTConfig, arm: Arm, overrides: dict, seed: int) -> GPT:
     """The arm's model: identical initial weights in every arm (same seed, same shapes)."""
     try:

@@ -80,36 +80,27 @@ class SyntheticExperiment:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-_CPU_MODEL = dict(n_layer=2, n_head=2, n_embd=128, activation="relu", dropout=0.0)
+_CPU = {  # shared by the cpu and breadcrumbs presets: calibrated on 2 CPU cores (docs/synthetic.md)
+    "model": dict(n_layer=2, n_head=2, n_embd=128, activation="relu", dropout=0.0),
+    "optim": {"lr": 2e-3, "weight_decay": 0.01, "warmup": 0.01},
+    "train": {"steps": 4000, "batch_size": 128, "eval_every": 1000, "eval_batches": 16,
+              "checkpoint_every": 1000, "log_every": 25},
+}
+_CPU_TASK = {"seq_len": 32, "p": 1.0, "shift": 1, "window": 10, "f": "sin", "frequency": 4.0}
 PRESETS: dict[str, dict] = {
-    # Calibrated on 2 CPU cores (see docs/synthetic.md): ~4 minutes per arm.
-    "cpu": {
-        "out": "runs/synthetic-cpu",
-        "task": {"seq_len": 32, "p": 1.0, "shift": 1, "window": 10, "f": "sin", "frequency": 10.0},
-        "model": _CPU_MODEL,
-        "optim": {"lr": 2e-3, "weight_decay": 0.01, "warmup": 0.01},
-        "train": {"steps": 4000, "batch_size": 128, "eval_every": 1000, "eval_batches": 16,
-                  "checkpoint_every": 1000, "log_every": 25},
-        "probe": {"train_sequences": 2048, "test_sequences": 1024},
-    },
+    # The task with its shift-0 breadcrumbs control, ~4-5 minutes per arm on 2 cores.
+    "cpu": {**_CPU, "out": "runs/synthetic-cpu", "task": _CPU_TASK,
+            "probe": {"train_sequences": 2048, "test_sequences": 1024}},
     # The shift-0 control alone at the cpu budget.
-    "breadcrumbs": {
-        "out": "runs/synthetic-breadcrumbs",
-        "arms": ["vanilla", "myopic"],
-        "control_arms": [],
-        "task": {"seq_len": 32, "p": 1.0, "shift": 0, "window": 10, "f": "sin", "frequency": 10.0},
-        "model": _CPU_MODEL,
-        "optim": {"lr": 2e-3, "weight_decay": 0.01, "warmup": 0.01},
-        "train": {"steps": 4000, "batch_size": 128, "eval_every": 1000, "eval_batches": 16,
-                  "checkpoint_every": 1000, "log_every": 25},
-    },
+    "breadcrumbs": {**_CPU, "out": "runs/synthetic-breadcrumbs", "arms": ["vanilla", "myopic"],
+                    "control_arms": [], "task": {**_CPU_TASK, "shift": 0}},
     # The paper's setting (a GPU run): 2 layers, d=128, 2 heads, ReLU, AdamW lr 1e-3 wd 0.01,
     # 1% warmup + cosine, batch 512, 58,593 steps (~30M sequences), p in {0.01, 0.1, 0.3, 1}.
     "paper": {
         "out": "runs/synthetic-paper",
         "p_values": [1.0, 0.3, 0.1, 0.01],
         "task": {"seq_len": 64, "shift": 1, "window": 10, "f": "sin", "frequency": 10.0},
-        "model": {**_CPU_MODEL, "block_size": 64},
+        "model": {**_CPU["model"], "block_size": 64},
         "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup": 0.01},
         "train": {"steps": 58593, "batch_size": 512, "eval_every": 5000, "eval_batches": 98,
                   "checkpoint_every": 5000, "log_every": 100},

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from myopia.config import ConfigError
-from myopia.experiments.arms import build_model, parse_arms
+from myopia.experiments.arms import build_model, load_model, parse_arms
 from myopia.experiments.runner import run_arms
 from myopia.model import GPTConfig
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
-from myopia.tasks.text import ByteTextTask, TextConfig
+from myopia.tasks.text import TextConfig, TextTask
 from myopia.train.config import OptimConfig, TrainConfig
 
 
@@ -18,7 +17,7 @@ class DataConfig:
     """Where training data comes from."""
 
     source: str = "synthetic"
-    """synthetic (the paper's regression task, generated on the fly) | text (local files, byte tokens)."""
+    """synthetic (the paper's regression task, generated on the fly) | text (language modelling)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -37,6 +36,8 @@ class TrainExperiment:
     """Arms to train: vanilla, myopic, myopic_kv, bigram, or MODE@BETA (e.g. myopic@0.5)."""
     resume: bool = False
     """Continue the run in --out from its latest checkpoints."""
+    init_from: str = ""
+    """Start every arm from this trained model (a checkpoint folder or an arm folder) instead of --model."""
     model: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=32))
@@ -46,14 +47,19 @@ class TrainExperiment:
 def make_task(data: DataConfig, seed: int):
     if data.source == "synthetic":
         return SyntheticTask(data.synthetic, seed)
-    return ByteTextTask(data.text, seed)
+    return TextTask(data.text, seed)
 
 
 def run(cfg: TrainExperiment) -> dict:
     arms = parse_arms(cfg.arms)
     task = make_task(cfg.data, cfg.train.seed)
     overrides = task.model_overrides()
-    if overrides.get("input_dim") is None and cfg.model.vocab_size < overrides.get("vocab_size", 0):
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary")
-    return run_arms(cfg.out, cfg, arms, task, lambda arm: build_model(cfg.model, arm, overrides, cfg.train.seed),
-                    cfg.optim, cfg.train, resume=cfg.resume)
+    if cfg.init_from:
+        load_model(cfg.init_from, arms[0], overrides)  # fail before any training if the data do not fit
+
+        def make(arm):
+            return load_model(cfg.init_from, arm, overrides)
+    else:
+        def make(arm):
+            return build_model(cfg.model, arm, overrides, cfg.train.seed)
+    return run_arms(cfg.out, cfg, arms, task, make, cfg.optim, cfg.train, resume=cfg.resume)

@@ -1,12 +1,14 @@
-"""Language modelling on local text with byte-level tokens (vocabulary 256).
+"""Language modelling on a corpus of documents: tokenized once into a memory-mapped cache, split by
+document into training and held-out text, read as fixed-length windows.
 
-Documents (files, or blank-line-separated paragraphs of a single file) are split into train and
-held-out sets as whole documents; training windows are drawn at random offsets as a pure function of
-(seed, step).
+Training windows start at random offsets of the concatenated training tokens, a pure function of
+(seed, step); held-out windows are the consecutive non-overlapping windows of every held-out
+document, each labelled with its document (for bootstrap intervals over documents).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -14,95 +16,106 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from myopia.data.cache import load_or_build
+from myopia.data.corpus import DataError, fingerprint, load_documents, split_documents
+from myopia.data.tokenizer import build_tokenizer
 from myopia.tasks.base import HELDOUT_STREAM, TRAIN_STREAM, batch_generator
 
+__all__ = ["TextConfig", "TextTask", "DataError", "default_cache_dir"]
 
-class DataError(ValueError):
-    """Unusable input data; the message is one line naming the input and the fix."""
+
+def default_cache_dir() -> str:
+    return os.environ.get("MYOPIA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "myopia"))
 
 
 @dataclass
 class TextConfig:
-    """Local text for byte-level language modelling."""
+    """Text for language modelling."""
 
-    path: str | None = None
-    """A UTF-8 text file, or a folder searched for *.txt files."""
+    corpus: str = "builtin"
+    """builtin (the shipped English corpus) | a UTF-8 file or folder of .txt files | hf:<dataset name>."""
+    tokenizer: str = "bpe"
+    """byte | bpe (byte-level BPE trained on the training documents) | gpt2 | hf:<name or folder>."""
+    vocab_size: int = 8192
+    """Vocabulary size of a trained bpe tokenizer."""
     seq_len: int = 64
-    """Window length in tokens."""
+    """Window length in tokens (the paper: 64)."""
     heldout_fraction: float = 0.05
-    """Fraction of documents held out for evaluation."""
+    """Fraction of documents held out for evaluation (split by document)."""
+    cache_dir: str = ""
+    """Where tokenizers and token caches live (empty = $MYOPIA_CACHE or ~/.cache/myopia)."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} must be >= 2")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction={self.heldout_fraction} must lie in (0, 1)")
+        if self.vocab_size < 257:
+            raise ValueError(f"vocab_size={self.vocab_size} must be > 256 (byte-level BPE)")
 
 
-def read_documents(path: str | None, key: str = "data.path") -> list[str]:
-    if not path:
-        raise DataError(f"{key} is not set; pass a UTF-8 text file or a folder of .txt files")
-    if not os.path.exists(path):
-        raise DataError(f"{key}: {path!r} does not exist; pass a UTF-8 text file or a folder of .txt files")
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith(".txt"))
-    if not files:
-        raise DataError(f"{key}: {path!r} holds no .txt files")
-    docs = []
-    for fpath in files:
-        try:
-            with open(fpath, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{key}: {fpath!r} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8") from None
-        parts = [p for p in text.split("\n\n") if p.strip()] if len(files) == 1 else [text]
-        docs.extend(p for p in parts if p.strip())
-    if not docs:
-        raise DataError(f"{key}: {path!r} holds no text")
-    return docs
-
-
-class ByteTextTask:
+class TextTask:
     name = "text"
 
-    def __init__(self, cfg: TextConfig, seed: int):
+    def __init__(self, cfg: TextConfig, seed: int, log=print):
         self.cfg, self.seed, self.seq_len = cfg, seed, cfg.seq_len
-        docs = read_documents(cfg.path)
-        order = np.random.default_rng(seed).permutation(len(docs))
-        n_held = max(1, int(round(cfg.heldout_fraction * len(docs)))) if len(docs) > 1 else 0
-        held = [docs[i] for i in order[:n_held]]
-        train = [docs[i] for i in order[n_held:]]
-        self.train_tokens = self._encode(train)
-        # A single document is split by position: its last part is held out.
-        if not held:
-            cut = int(len(self.train_tokens) * (1 - cfg.heldout_fraction))
-            self.train_tokens, self.heldout_tokens = self.train_tokens[:cut], self.train_tokens[cut:]
-        else:
-            self.heldout_tokens = self._encode(held)
-        for name, toks in (("training", self.train_tokens), ("held-out", self.heldout_tokens)):
-            if len(toks) <= cfg.seq_len + 1:
-                raise DataError(f"data.path: {cfg.path!r} gives only {len(toks)} {name} tokens, fewer than "
-                                f"seq_len+2={cfg.seq_len + 2}; use more text or a shorter data.seq_len")
+        cache_dir = cfg.cache_dir or default_cache_dir()
+        docs = load_documents(cfg.corpus, "data.text.corpus")
+        train_docs, held_docs = split_documents(docs, cfg.heldout_fraction)
+        self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.vocab_size, train_docs, os.path.join(cache_dir, "tokenizers"))
+        arrays = {}
+        for split, split_docs in (("train", train_docs), ("heldout", held_docs)):
+            key = hashlib.sha256(f"{fingerprint(split_docs)}|{self.tokenizer.fingerprint}|{split}".encode()).hexdigest()
+            path = os.path.join(cache_dir, "tokens", f"{key[:24]}-{split}.bin")
+            arrays[split] = load_or_build(path, key, [d.text for d in split_docs], self.tokenizer.encode_batch,
+                                          self.tokenizer.vocab_size, desc=f"tokenizing {split} documents", log=log)
+        self.train, self.heldout = arrays["train"], arrays["heldout"]
+        self.heldout_titles = [d.title for d in held_docs]
+        if len(self.train.tokens) <= cfg.seq_len + 1:
+            raise DataError(f"data.text.corpus: {cfg.corpus!r} gives only {len(self.train.tokens)} training tokens; "
+                            f"use more text or a shorter data.text.seq_len")
+        self.heldout_windows = self._heldout_windows()
+        if len(self.heldout_windows) == 0:
+            raise DataError(f"data.text.corpus: no held-out document of {cfg.corpus!r} is longer than "
+                            f"seq_len+1={cfg.seq_len + 1} tokens; use more text or a shorter data.text.seq_len")
 
-    @staticmethod
-    def _encode(docs: list[str]) -> torch.Tensor:
-        data = "\n\n".join(docs).encode("utf-8")
-        return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
+    def _heldout_windows(self) -> np.ndarray:
+        """(start, document) of every non-overlapping window inside a held-out document."""
+        rows = []
+        off = self.heldout.doc_offsets
+        span = self.seq_len + 1
+        for d in range(self.heldout.n_docs):
+            for start in range(int(off[d]), int(off[d + 1]) - span + 1, span):
+                rows.append((start, d))
+        return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
 
     def model_overrides(self) -> dict:
-        return {"vocab_size": 256, "block_size": self.cfg.seq_len, "input_dim": None, "output_dim": None}
+        return {"vocab_size": self.tokenizer.vocab_size, "block_size": self.seq_len,
+                "input_dim": None, "output_dim": None}
 
-    def _windows(self, tokens: torch.Tensor, batch_size: int, gen: torch.Generator):
-        starts = torch.randint(0, len(tokens) - self.seq_len - 1, (batch_size,), generator=gen)
-        idx = starts[:, None] + torch.arange(self.seq_len + 1)
-        w = tokens[idx]
+    def _gather(self, tokens: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = starts[:, None] + np.arange(self.seq_len + 1)
+        w = torch.from_numpy(tokens[idx].astype(np.int64))
         return w[:, :-1], w[:, 1:]
 
     def train_batch(self, step: int, micro: int, batch_size: int):
-        return self._windows(self.train_tokens, batch_size, batch_generator(self.seed, TRAIN_STREAM, step, micro))
+        gen = batch_generator(self.seed, TRAIN_STREAM, step, micro)
+        starts = torch.randint(0, len(self.train.tokens) - self.seq_len - 1, (batch_size,), generator=gen).numpy()
+        return self._gather(self.train.tokens, starts)
 
     def heldout_batch(self, index: int, batch_size: int):
-        return self._windows(self.heldout_tokens, batch_size, batch_generator(self.seed, HELDOUT_STREAM, index))
+        """A fixed random sample of held-out windows (the same for every call with this index)."""
+        gen = batch_generator(self.seed, HELDOUT_STREAM, index)
+        rows = torch.randint(0, len(self.heldout_windows), (batch_size,), generator=gen).numpy()
+        return self._gather(self.heldout.tokens, self.heldout_windows[rows, 0])
+
+    def heldout_all(self, batch_size: int, limit: int | None = None):
+        """Every held-out window (up to ``limit``) in order: yields ``(x, y, document_ids)``."""
+        rows = self.heldout_windows if limit is None else self.heldout_windows[:limit]
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            x, y = self._gather(self.heldout.tokens, chunk[:, 0])
+            yield x, y, torch.from_numpy(chunk[:, 1])
 
     def loss_per_position(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(pred.float().transpose(1, 2), y, reduction="none")

@@ -136,6 +136,11 @@ class MetricsLog:
             return [json.loads(ln) for ln in f if ln.strip()]
 
 
+def _model_config(model: torch.nn.Module) -> dict | None:
+    config = getattr(model, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") and hasattr(config, "n_layer") else None
+
+
 @dataclass
 class ArmResult:
     arm: str
@@ -206,7 +211,7 @@ def train_arm(
             path = save_checkpoint(ckpt_dir, step, model_state, optim_state, {
                 "arm": arm, "status": status, "seconds": seconds_before + time.perf_counter() - t0,
                 "tokens": tokens_before + (step - start_step) * tokens_per_step, "eval": last_eval,
-                "world_size": dist.world,
+                "world_size": dist.world, "model_config": _model_config(model),
             }, keep=cfg.keep_checkpoints)
         dist.barrier()
         return dist.broadcast_object(path)

@@ -1,0 +1,1 @@
+"""Text data for language modelling: corpora, tokenizers and memory-mapped token caches."""
