@@ -33,13 +33,15 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from myopia.experiments import reproduce, synthetic, train
+    from myopia.experiments import lm, reproduce, synthetic, train
 
     return [
         Command("train", "train a GPT in several attention modes (arms) on synthetic data or local text",
                 train.TrainExperiment, train.run),
         Command("synthetic", "the paper's synthetic pre-caching experiment (§4): arms, probes, plots, report",
                 synthetic.SyntheticExperiment, synthetic.run, synthetic.PRESETS, "cpu"),
+        Command("lm", "the natural-language myopia gap (§4.1): arms, bootstrap CIs, per-position gaps, KL, probes",
+                lm.LMExperiment, lm.run, lm.PRESETS, "cpu"),
         Command("reproduce", "laptop-scale reproduction of the paper's headline results, with a report",
                 reproduce.ReproduceConfig, reproduce.run),
     ]

@@ -80,7 +80,9 @@ def myopia_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     mode = state.mode
     if mode == "myopic" and k_past is None:
-        mode = "vanilla" if not torch.is_grad_enabled() else "myopic_kv"
+        raise RuntimeError(
+            f"{type(module).__name__} was called in myopic mode without its detached pass; call the model "
+            "(not the attention function) or re-run make_myopic(model, 'myopic')")
     mask = attention_mask
     if mask is not None:
         mask = mask[..., :k_len]

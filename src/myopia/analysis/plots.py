@@ -75,9 +75,9 @@ def probe_heatmaps(panels: list[tuple[str, list[list[float]]]], lookbacks: list[
         step = max(1, len(lookbacks) // 6)
         ax.set_xticks(range(0, len(lookbacks), step))
         ax.set_xticklabels(lookbacks[::step])
-        for (r, c), v in np.ndenumerate(data):
-            if c < 4:
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+        for r, v in enumerate(data[:, 0]):  # the k = 0 column: f(x_n) at position n
+            ax.text(0, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="k",
+                    bbox=dict(boxstyle="round,pad=0.1", fc="w", ec="none", alpha=0.7))
         fig.colorbar(im, ax=ax, fraction=0.046)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

@@ -46,3 +46,21 @@ def format_ci(ci: dict, digits: int = 3) -> str:
     if ci.get("low") is None:
         return f"{ci['mean']:.{digits}f}"
     return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+
+
+def cluster_bootstrap_ci(values: Sequence[float], clusters: Sequence[int], n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> dict:
+    """Mean over units and a percentile-bootstrap interval that resamples whole *clusters*
+    (e.g. held-out documents, whose windows are not independent). For a paired comparison pass the
+    per-unit differences."""
+    x = np.asarray(values, dtype=np.float64)
+    c = np.asarray(clusters)
+    ids, inverse = np.unique(c, return_inverse=True)
+    sums = np.bincount(inverse, weights=x, minlength=len(ids))
+    counts = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    alpha = (1 - level) / 2
+    return {"mean": float(x.mean()), "low": float(np.quantile(means, alpha)),
+            "high": float(np.quantile(means, 1 - alpha)), "n": len(x), "clusters": len(ids)}

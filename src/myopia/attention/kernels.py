@@ -87,7 +87,34 @@ def fused_backward(
     mask: torch.Tensor | None,
     need_kv: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The fused backward: ``(dq, dk, dv)`` of ordinary (vanilla) causal attention."""
+    """The fused backward: ``(dq, dk, dv)`` of ordinary (vanilla) causal attention.
+
+    If the private backward op refuses (its signature moves between torch releases), the gradients
+    are recomputed through an eager attention instead, with a one-time warning: slower, O(n²)
+    memory, same values.
+    """
+    try:
+        return _fused_backward(dout, q, k, v, out, lse, extras, scale=scale, mask=mask, need_kv=need_kv)
+    except (RuntimeError, TypeError) as exc:
+        if q.device.type == "cpu":
+            raise
+        import warnings
+
+        warnings.warn(f"fused attention backward unavailable ({str(exc).splitlines()[0][:120]}); "
+                      "recomputing it eagerly", RuntimeWarning, stacklevel=2)
+        return _eager_backward(dout, q, k, v, scale=scale, mask=mask)
+
+
+def _eager_backward(dout, q, k, v, *, scale, mask):
+    from myopia.attention.reference import reference_attention
+
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = reference_attention(qq, kk, vv, mode="vanilla", scale=scale, mask=mask)
+        return torch.autograd.grad(out, (qq, kk, vv), dout)
+
+
+def _fused_backward(dout, q, k, v, out, lse, extras, *, scale, mask, need_kv):
     causal = mask is None
     kind = extras[0]
     dout = dout.contiguous()
@@ -105,7 +132,6 @@ def fused_backward(
         return dq, dk, dv
     _, seed, offset, lse_padded = extras
     dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, mask if mask is not None else torch.empty(0, device=q.device, dtype=q.dtype),
-        out, lse_padded, seed, offset, 0.0, [True, need_kv, need_kv, False], causal, scale=scale,
+        dout, q, k, v, mask, out, lse_padded, seed, offset, 0.0, [True, True, True, False], causal, scale=scale,
     )
     return dq, dk, dv

@@ -109,9 +109,16 @@ class TextTask:
         rows = torch.randint(0, len(self.heldout_windows), (batch_size,), generator=gen).numpy()
         return self._gather(self.heldout.tokens, self.heldout_windows[rows, 0])
 
+    def scored_windows(self, limit: int | None = None) -> np.ndarray:
+        """The held-out windows an analysis scores: all of them, or ``limit`` spread evenly over all."""
+        rows = self.heldout_windows
+        if limit is not None and limit < len(rows):
+            rows = rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
+        return rows
+
     def heldout_all(self, batch_size: int, limit: int | None = None):
-        """Every held-out window (up to ``limit``) in order: yields ``(x, y, document_ids)``."""
-        rows = self.heldout_windows if limit is None else self.heldout_windows[:limit]
+        """The scored held-out windows in order: yields ``(x, y, document_ids)``."""
+        rows = self.scored_windows(limit)
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             x, y = self._gather(self.heldout.tokens, chunk[:, 0])

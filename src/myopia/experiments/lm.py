@@ -1,0 +1,288 @@
+"""``myopia lm``: the natural-language myopia gap (paper §4.1) with honest statistics.
+
+Trains the arms (vanilla, myopic, bigram, ...) on identical data, optimiser, schedule and seed, then
+scores every arm on the same held-out windows and reports: cross-entropy per arm with a 95% CI by
+bootstrap over held-out *documents*; the myopia gap with a paired bootstrap CI; loss and gap by
+position; the tokens where vanilla and myopic disagree most (KL); and future-token linear probes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from myopia.analysis import plots
+from myopia.analysis.probes import ProbeStats
+from myopia.analysis.stats import cluster_bootstrap_ci, format_ci
+from myopia.experiments.arms import build_model, parse_arms
+from myopia.experiments.runner import environment, run_arms, write_results
+from myopia.model import GPTConfig
+from myopia.tasks.text import TextConfig, TextTask
+from myopia.train.config import OptimConfig, TrainConfig
+from myopia.train.loop import resolve_device
+
+PAPER = {"model": "GPT-2 124M, MS MARCO, 64-token windows", "vanilla": 3.28, "myopic": 3.40, "gap": 0.12,
+         "local_myopic": 3.26, "bigram": 5.33, "position0_gap": -0.10}
+
+
+@dataclass
+class AnalysisConfig:
+    """What is measured after training."""
+
+    heldout_windows: int = 2000
+    """Held-out windows scored (0 = all of them)."""
+    bootstrap: int = 2000
+    """Bootstrap resamples (of held-out documents) for the confidence intervals."""
+    top_kl: int = 20
+    """How many largest-KL(vanilla || myopic) tokens to report."""
+    probe_offsets: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Future-token probes: predict the token at t+k from a layer's state at t, for these k."""
+    probe_classes: int = 256
+    """Probe targets: the most frequent tokens (the rest form one class)."""
+    probe_train_windows: int = 1000
+    """Training windows the probes are fitted on (scored on the held-out windows)."""
+
+
+@dataclass
+class LMExperiment:
+    """Myopia gap on natural text (paper §4.1): arms, bootstrap CIs, per-position gaps, KL, probes."""
+
+    out: str = "runs/lm"
+    """Run directory."""
+    arms: list[str] = field(default_factory=lambda: ["vanilla", "myopic", "bigram"])
+    """Arms: vanilla, myopic, myopic_kv, bigram, MODE@BETA."""
+    resume: bool = False
+    """Continue an interrupted run in --out."""
+    data: TextConfig = field(default_factory=TextConfig)
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, n_embd=128))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32))
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+
+PRESETS: dict[str, dict] = {
+    # 2 CPU cores: 3 arms of a 2-layer d=128 model, 1,500 steps of 32 × 64 tokens, 8k byte-level BPE.
+    "cpu": {"out": "runs/lm-cpu",
+            "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 8192, "seq_len": 64},
+            "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
+            "optim": {"lr": 3e-3},
+            "train": {"steps": 1500, "batch_size": 32, "eval_every": 500, "eval_batches": 8,
+                      "checkpoint_every": 500, "log_every": 25}},
+    # The paper's GPT-2 124M setting on the built-in corpus (a GPU run).
+    "gpt2-paper": {"out": "runs/lm-gpt2",
+                   "arms": ["vanilla", "myopic", "bigram"],
+                   "data": {"corpus": "builtin", "tokenizer": "gpt2", "seq_len": 64},
+                   "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 64, "dropout": 0.1},
+                   "optim": {"lr": 6e-4, "weight_decay": 0.01, "warmup": 0.01},
+                   "train": {"steps": 9100, "batch_size": 512, "eval_every": 1000, "eval_batches": 16,
+                             "checkpoint_every": 1000, "log_every": 50}},
+    # Seconds, for tests.
+    "tiny": {"out": "runs/lm-tiny",
+             "data": {"tokenizer": "bpe", "vocab_size": 512, "seq_len": 16},
+             "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
+             "train": {"steps": 30, "batch_size": 8, "eval_batches": 2, "log_every": 10, "progress": False},
+             "analysis": {"heldout_windows": 64, "bootstrap": 200, "top_kl": 5, "probe_classes": 32,
+                          "probe_train_windows": 64}},
+}
+
+
+def run(cfg: LMExperiment) -> dict:
+    arms = parse_arms(cfg.arms)
+    device = resolve_device(cfg.train.device)
+    task = TextTask(cfg.data, cfg.train.seed)
+    overrides = task.model_overrides()
+    print(f"myopia lm: {len(arms)} arms x {cfg.train.steps} steps of {cfg.train.batch_size} x {cfg.data.seq_len} "
+          f"tokens; corpus {cfg.data.corpus}: {len(task.train.tokens):,} training and {len(task.heldout.tokens):,} "
+          f"held-out tokens ({task.heldout.n_docs} held-out documents), tokenizer {task.tokenizer.name}", flush=True)
+    models: dict[str, torch.nn.Module] = {}
+
+    def keep(arm, model, result):
+        models[arm.name] = model
+
+    status = run_arms(cfg.out, cfg, arms, task, lambda arm: build_model(cfg.model, arm, overrides, cfg.train.seed),
+                      cfg.optim, cfg.train, resume=cfg.resume, on_arm_done=keep)
+    results = {"experiment": "lm", "config": asdict(cfg), "environment": environment(), "paper": PAPER,
+               "status": status.get("status", "completed"), "training": status["arms"]}
+    if results["status"] != "completed":
+        write_results(cfg.out, results)
+        return results
+    results.update(analyse(cfg, task, models, device))
+    write_results(cfg.out, results)
+    write_report(cfg.out, results)
+    print(summary_text(results), flush=True)
+    print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
+    return results
+
+
+@torch.no_grad()
+def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device) -> dict:
+    a = cfg.analysis
+    limit = a.heldout_windows or None
+    for m in models.values():
+        m.eval().to(device)
+    losses = {name: [] for name in models}
+    docs = []
+    top: list = []
+    pair = ("vanilla", "myopic") if {"vanilla", "myopic"} <= set(models) else None
+    window = 0
+    for x, y, doc in task.heldout_all(64, limit):
+        x, y = x.to(device), y.to(device)
+        logps = {}
+        for name, m in models.items():
+            logp = F.log_softmax(m(x).float(), dim=-1)
+            losses[name].append(-logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).cpu())
+            logps[name] = logp
+        docs.append(doc)
+        if pair:
+            lv, lm = logps[pair[0]], logps[pair[1]]
+            kl = (lv.exp() * (lv - lm)).sum(-1).cpu()
+            for (w, t), value in zip(np.ndindex(*kl.shape), kl.flatten().tolist()):
+                item = (value, window + w, t, int(lv[w, t].argmax()), int(lm[w, t].argmax()))
+                if len(top) < a.top_kl:
+                    heapq.heappush(top, item)
+                elif value > top[0][0]:
+                    heapq.heapreplace(top, item)
+        window += x.shape[0]
+    per_window = {name: torch.cat(v).double().numpy() for name, v in losses.items()}  # (N, T)
+    doc_ids = torch.cat(docs).numpy()
+    out: dict = {"heldout": {"windows": int(len(doc_ids)), "documents": int(len(np.unique(doc_ids))),
+                             "tokens": int(per_window[next(iter(per_window))].size)}}
+    arms = {}
+    for name, arr in per_window.items():
+        arms[name] = {"loss": cluster_bootstrap_ci(arr.mean(1), doc_ids, a.bootstrap),
+                      "per_position": arr.mean(0).tolist()}
+    out["arms"] = arms
+    if pair:
+        diff = per_window["myopic"] - per_window["vanilla"]
+        out["myopia_gap"] = cluster_bootstrap_ci(diff.mean(1), doc_ids, a.bootstrap)
+        out["gap_per_position"] = [cluster_bootstrap_ci(diff[:, t], doc_ids, a.bootstrap) for t in range(diff.shape[1])]
+        out["top_kl"] = [_kl_example(task, limit, item) for item in sorted(top, reverse=True)]
+        out["probes"] = probes(cfg, task, {k: models[k] for k in pair}, device)
+    return out
+
+
+def _kl_example(task: TextTask, limit, item) -> dict:
+    value, w, t, top_v, top_m = item
+    start = int(task.scored_windows(limit)[w, 0])
+    tokens = task.heldout.tokens[start:start + t + 2].tolist()
+    dec = task.tokenizer.decode
+    return {"kl": value, "window": int(w), "position": int(t), "context": dec(tokens[max(0, t - 15):t + 1]),
+            "next": dec(tokens[t + 1:t + 2]), "vanilla_top1": dec([top_v]), "myopic_top1": dec([top_m])}
+
+
+def probes(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device) -> dict:
+    """Linear probes: from layer l's state at t, the token at t+k (top classes + 'other'); held-out accuracy."""
+    a = cfg.analysis
+    counts = np.bincount(np.asarray(task.train.tokens[: 2_000_000], dtype=np.int64), minlength=task.tokenizer.vocab_size)
+    top_tokens = np.argsort(-counts)[: a.probe_classes - 1]
+    lookup = np.full(task.tokenizer.vocab_size, a.probe_classes - 1, dtype=np.int64)
+    lookup[top_tokens] = np.arange(len(top_tokens))
+    lookup_t = torch.from_numpy(lookup)
+    T, C = task.seq_len, a.probe_classes
+    offsets = [k for k in a.probe_offsets if 0 < k < T]
+
+    def batches(split):
+        if split == "train":
+            for i in range(0, a.probe_train_windows, 64):
+                x, y = task.train_batch(10**7 + i, 0, min(64, a.probe_train_windows - i))
+                yield x, y
+        else:
+            for x, y, _ in task.heldout_all(64, a.heldout_windows or None):
+                yield x, y
+
+    def targets(x, y, k):
+        seq = torch.cat([x, y[:, -1:]], dim=1)  # tokens 0..T
+        return lookup_t[seq[:, k:T + 1]]  # class of the token at t+k for t = 0..T-k
+
+    result: dict = {"offsets": offsets, "classes": C}
+    for name, model in models.items():
+        model.eval().to(device)
+        n_layers = len(model.blocks) + 1
+        stats = {(l, k): ProbeStats(model.config.n_embd, C) for l in range(n_layers) for k in offsets}
+        for x, y in batches("train"):
+            _, hidden = model(x.to(device), return_hidden_states=True)
+            for k in offsets:
+                onehot = F.one_hot(targets(x, y, k), C).double()
+                for l, h in enumerate(hidden):
+                    stats[(l, k)].add(h[:, : T + 1 - k].cpu(), onehot)
+        fits = {key: s.fit(1e-3) for key, s in stats.items()}
+        correct = {key: 0 for key in stats}
+        total = {k: 0 for k in offsets}
+        class_counts = {k: torch.zeros(C, dtype=torch.long) for k in offsets}
+        for x, y in batches("heldout"):
+            _, hidden = model(x.to(device), return_hidden_states=True)
+            for k in offsets:
+                tgt = targets(x, y, k)
+                total[k] += tgt.numel()
+                class_counts[k] += torch.bincount(tgt.flatten(), minlength=C)
+                for l, h in enumerate(hidden):
+                    pred = fits[(l, k)].predict(h[:, : T + 1 - k].cpu()).argmax(-1)
+                    correct[(l, k)] += int((pred == tgt).sum())
+        result[name] = [[correct[(l, k)] / total[k] for k in offsets] for l in range(n_layers)]
+        result["majority_class_accuracy"] = [int(class_counts[k].max()) / total[k] for k in offsets]
+    return result
+
+
+def summary_text(results: dict) -> str:
+    lines = ["", "Held-out cross-entropy (nats/token, 95% CI by bootstrap over documents):"]
+    for name, a in results["arms"].items():
+        lines.append(f"  {name:>10}: {format_ci(a['loss'])}")
+    if "myopia_gap" in results:
+        g = results["myopia_gap"]
+        pos0 = results["gap_per_position"][0]
+        lines.append(f"  myopia gap (myopic - vanilla): {format_ci(g)}; at position 0: {format_ci(pos0)} "
+                     f"(paper, GPT-2 124M: +{PAPER['gap']}, position 0: {PAPER['position0_gap']})")
+    return "\n".join(lines)
+
+
+def write_report(out: str, results: dict) -> None:
+    made = []
+    arms = results["arms"]
+    series = {name: ([list(range(len(a["per_position"])))], [a["per_position"]]) for name, a in arms.items()}
+    if plots.loss_curves({n: [(s[0][0], s[1][0])] for n, s in series.items()}, os.path.join(out, "loss_by_position.png"),
+                         "Held-out loss by position", "cross-entropy (nats)", log=False):
+        made.append("loss_by_position.png")
+    if "gap_per_position" in results:
+        gap = [g["mean"] for g in results["gap_per_position"]]
+        if plots.loss_curves({"myopic - vanilla": [(list(range(len(gap))), gap)]}, os.path.join(out, "gap_by_position.png"),
+                             "Myopia gap by position", "nats", reference=0.0, log=False):
+            made.append("gap_by_position.png")
+    cfg = results["config"]
+    env = results["environment"]
+    rows = [f"| {name} | {format_ci(a['loss'])} | {PAPER.get(name.replace('_', '-'), PAPER.get(name, '-'))} |"
+            for name, a in arms.items()]
+    text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
+            f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token "
+            f"windows; model {cfg['model']['n_layer']} layers, d={cfg['model']['n_embd']}; {cfg['train']['steps']} "
+            f"steps of {cfg['train']['batch_size']} windows, AdamW lr {cfg['optim']['lr']} in every arm. "
+            f"Held-out: {results['heldout']['windows']} windows from {results['heldout']['documents']} documents "
+            f"never trained on. {env['device']}, torch {env['torch']}, {env['date']}.", "",
+            f"| arm | held-out CE [95% CI] | paper ({PAPER['model']}) |", "|---|---|---|", *rows, ""]
+    if "myopia_gap" in results:
+        g, p0 = results["myopia_gap"], results["gap_per_position"][0]
+        text += [f"Myopia gap (myopic − vanilla, paired bootstrap over documents): **{format_ci(g)}** nats "
+                 f"(paper: +{PAPER['gap']}). At position 0: {format_ci(p0)} (paper: {PAPER['position0_gap']}); "
+                 f"at the last position: {format_ci(results['gap_per_position'][-1])}.", "",
+                 "## Largest KL(vanilla ‖ myopic) tokens", "", "| KL | context | next | vanilla top-1 | myopic top-1 |",
+                 "|---|---|---|---|---|"]
+        for e in results["top_kl"]:
+            ctx = e["context"].replace("|", "\\|").replace("\n", " ")
+            text.append(f"| {e['kl']:.2f} | …{ctx} | {e['next']!r} | {e['vanilla_top1']!r} | {e['myopic_top1']!r} |")
+        pr = results["probes"]
+        text += ["", f"## Future-token probes (held-out accuracy over {pr['classes']} classes; "
+                 f"always predicting the commonest class: {', '.join(f'{v:.3f}' for v in pr['majority_class_accuracy'])})",
+                 "", "| layer | " + " | ".join(f"vanilla t+{k} | myopic t+{k}" for k in pr["offsets"]) + " |",
+                 "|---|" + "---|---|" * len(pr["offsets"])]
+        for l, (rv, rm) in enumerate(zip(pr["vanilla"], pr["myopic"])):
+            text.append(f"| {l} | " + " | ".join(f"{a:.3f} | {b:.3f}" for a, b in zip(rv, rm)) + " |")
+    text += [""] + [f"![{m}]({m})" for m in made]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(text) + "\n")
+
+
+__all__ = ["LMExperiment", "AnalysisConfig", "PRESETS", "run"]
