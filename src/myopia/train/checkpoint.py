@@ -158,10 +158,14 @@ def save_checkpoint(
         manifest = {f: _sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
         _write_json(os.path.join(tmp, MANIFEST), manifest)
         _fsync_dir(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        trash = None
+        if os.path.exists(final):  # never delete a complete checkpoint in place: move it aside first
+            trash = os.path.join(ckpt_dir, f".{name}.old-{os.getpid()}")
+            os.replace(final, trash)
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
         atomic_write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,19 +186,34 @@ def _prune(ckpt_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
 
 
-def latest_checkpoint(ckpt_dir: str) -> str | None:
-    """The newest complete checkpoint folder under ``ckpt_dir``, or None."""
+def latest_checkpoint(ckpt_dir: str, verified: bool = True, log=None) -> str | None:
+    """The newest complete checkpoint folder under ``ckpt_dir``, or None.
+
+    With ``verified`` the checksums are checked, and a damaged checkpoint is skipped (with a
+    message) in favour of the newest older one that is intact.
+    """
+    if not os.path.isdir(ckpt_dir):
+        return None
+    candidates = []
     pointer = os.path.join(ckpt_dir, LATEST)
     if os.path.isfile(pointer):
         with open(pointer) as f:
-            path = os.path.join(ckpt_dir, f.read().strip())
-        if os.path.isfile(os.path.join(path, MANIFEST)):
+            candidates.append(f.read().strip())
+    candidates += sorted((n for n in os.listdir(ckpt_dir) if n.startswith("step_")), reverse=True)
+    seen = set()
+    for name in candidates:
+        path = os.path.join(ckpt_dir, name)
+        if name in seen or not os.path.isfile(os.path.join(path, MANIFEST)):
+            continue
+        seen.add(name)
+        if not verified:
             return path
-    if not os.path.isdir(ckpt_dir):
-        return None
-    names = sorted(n for n in os.listdir(ckpt_dir)
-                   if n.startswith("step_") and os.path.isfile(os.path.join(ckpt_dir, n, MANIFEST)))
-    return os.path.join(ckpt_dir, names[-1]) if names else None
+        try:
+            verify(path)
+            return path
+        except CheckpointError as exc:
+            (log or print)(f"skipping damaged checkpoint: {exc}")
+    return None
 
 
 def verify(path: str) -> None:
