@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import pytest
-import torch
 
 from myopia import cli
 from myopia.train import checkpoint as ckpt_mod

@@ -3,8 +3,6 @@
 import json
 import os
 
-import numpy as np
-import pytest
 
 from myopia.data.cache import HEADER_BYTES, load_or_build
 from myopia.data.corpus import Document, builtin_documents, split_documents

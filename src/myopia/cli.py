@@ -18,7 +18,6 @@ from myopia.config import (
     load_file,
     merge,
     overrides_from_namespace,
-    to_dict,
 )
 
 
@@ -123,4 +122,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "to_dict"]
+__all__ = ["main"]

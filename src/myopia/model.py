@@ -10,8 +10,7 @@ holding the post-rotary queries, keys and values) for analyses.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Literal
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn

@@ -83,8 +83,8 @@ class SyntheticExperiment:
 _CPU = {  # shared by the cpu and breadcrumbs presets: calibrated on 2 CPU cores (docs/synthetic.md)
     "model": dict(n_layer=2, n_head=2, n_embd=128, activation="relu", dropout=0.0),
     "optim": {"lr": 2e-3, "weight_decay": 0.01, "warmup": 0.01},
-    "train": {"steps": 3500, "batch_size": 128, "eval_every": 700, "eval_batches": 16,
-              "checkpoint_every": 700, "log_every": 25},
+    "train": {"steps": 4000, "batch_size": 96, "eval_every": 1000, "eval_batches": 16,
+              "checkpoint_every": 1000, "log_every": 25},
 }
 _CPU_TASK = {"seq_len": 32, "p": 1.0, "shift": 1, "window": 10, "f": "sin", "frequency": 4.0}
 PRESETS: dict[str, dict] = {
