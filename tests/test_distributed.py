@@ -19,13 +19,21 @@ COMMON = ["train", "--arms", "myopic", "--train.steps", "8", "--train.batch_size
           "--data.synthetic.seq_len", "8", "--data.synthetic.window", "3", "--optim.lr", "3e-3"]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(out, nproc, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "myopia.cli"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(29500 + os.getpid() % 1000), "-m", "myopia.cli"]
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "myopia.cli"]
     proc = subprocess.run(cmd + COMMON + ["--out", str(out), *extra], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -118,7 +118,9 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
         load_checkpoint(path, other, opt2)
     # A half-written checkpoint folder (no manifest) is never chosen as the latest.
     os.makedirs(tmp_path / "c" / ".step_0000002.tmp-1")
-    assert latest_checkpoint(str(tmp_path / "c")).endswith("step_0000001")
+    assert latest_checkpoint(str(tmp_path / "c"), verified=False).endswith("step_0000001")
+    # ... and a damaged one is skipped when checksums are verified (here: nothing intact is left).
+    assert latest_checkpoint(str(tmp_path / "c"), log=lambda m: None) is None
 
 
 def test_checkpoint_files_are_not_pickles(tmp_path):
