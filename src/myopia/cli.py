@@ -115,7 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"myopia {cmd.name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _teardown_distributed()
     return 0
+
+
+def _teardown_distributed() -> None:
+    """Leave the process group cleanly (gloo aborts the process at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
