@@ -79,7 +79,7 @@ class FusedMyopicAttention(torch.autograd.Function):
         beta, groups, scale = ctx.beta, ctx.groups, ctx.scale
         need_cross = beta > 0.0 or any(ctx.has_past)
         dq, dk_full, dv_full = kernels.fused_backward(
-            dout, q, k_e, v_e, out, lse, ctx.extras, scale=scale, mask=mask, need_kv=need_cross
+            dout, q, k_e, v_e, out, lse, ctx.extras, scale=scale, mask=mask
         )
         mask_diag = None
         if mask is not None:

@@ -85,7 +85,6 @@ def fused_backward(
     *,
     scale: float,
     mask: torch.Tensor | None,
-    need_kv: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The fused backward: ``(dq, dk, dv)`` of ordinary (vanilla) causal attention.
 
@@ -94,7 +93,7 @@ def fused_backward(
     memory, same values.
     """
     try:
-        return _fused_backward(dout, q, k, v, out, lse, extras, scale=scale, mask=mask, need_kv=need_kv)
+        return _fused_backward(dout, q, k, v, out, lse, extras, scale=scale, mask=mask)
     except (RuntimeError, TypeError) as exc:
         if q.device.type == "cpu":
             raise
@@ -114,7 +113,7 @@ def _eager_backward(dout, q, k, v, *, scale, mask):
         return torch.autograd.grad(out, (qq, kk, vv), dout)
 
 
-def _fused_backward(dout, q, k, v, out, lse, extras, *, scale, mask, need_kv):
+def _fused_backward(dout, q, k, v, out, lse, extras, *, scale, mask):
     causal = mask is None
     kind = extras[0]
     dout = dout.contiguous()

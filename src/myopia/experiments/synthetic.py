@@ -184,9 +184,9 @@ def estimate_seconds_per_step(cfg: SyntheticExperiment, task: SyntheticConfig, d
     """Time a few myopic training steps of the configured model (for the up-front duration estimate)."""
     from myopia.train.loop import autocast_for
 
-    model = build_model(cfg.model, Arm("myopic", "myopic"), SyntheticTask(task, 0).model_overrides(), 0).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tsk = SyntheticTask(task, 0)
+    model = build_model(cfg.model, Arm("myopic", "myopic"), tsk.model_overrides(), 0).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for step in range(4):
         x, y = tsk.train_batch(step, 0, cfg.train.batch_size)
