@@ -52,3 +52,64 @@ def test_cuda_forward_identical_across_modes():
             for m in ("vanilla", "myopic", "myopic_kv")]
     assert torch.equal(outs[1], outs[2])
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_diagonal_matches_torch(dtype):
+    from myopia.attention import fused, kernels, triton_diag
+    from myopia.attention.reference import expand_kv
+
+    assert triton_diag.available(torch.empty(1, 1, 1, 64, device="cuda")), "triton kernel unavailable on CUDA"
+    q, k, v, do = (t.detach() for t in _inputs(dtype))
+    groups = q.shape[1] // k.shape[1]
+    k_e, v_e = expand_kv(k, groups), expand_kv(v, groups)
+    out, lse, extras = kernels.fused_forward(q, k_e, v_e, scale=0.125, mask=None)
+    _, dkf, dvf = kernels.fused_backward(do, q, k_e, v_e, out, lse, extras, scale=0.125, mask=None)
+    got = triton_diag.split_kv_grads(q, k, v, out, do, lse, dkf, dvf, scale=0.125, beta=0.3,
+                                     want_past_k=True, want_past_v=True)
+    want = fused._split_kv_grads_torch(q, k_e, v_e, out, do, lse, dkf, dvf, scale=0.125, beta=0.3, mask_diag=None,
+                                       groups=groups, need_cross=True, want_past_k=True, want_past_v=True)
+    for a, b in zip(got, want):
+        assert (a.float() - b.float()).abs().max() / b.float().abs().max() < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["myopic", "myopic_kv"])
+def test_cuda_compiled_gpt_matches_eager(mode):
+    from myopia import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128,
+                          attention=mode, position="rotary")).cuda()
+    x = torch.randint(0, 97, (4, 128), device="cuda")
+
+    def grads(m):
+        model.zero_grad(set_to_none=True)
+        m(x).float().logsumexp(-1).mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    eager = grads(model)
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(model, fullgraph=True))
+    for a, b in zip(compiled, eager):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-6
+
+
+def test_cuda_deterministic_backward_repeats():
+    from myopia import GPT, GPTConfig
+    from myopia.train.loop import use_deterministic_kernels
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=128, block_size=512, attention="myopic")).cuda()
+    x = torch.randint(0, 97, (8, 512), device="cuda")
+    use_deterministic_kernels()
+    try:
+        runs = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x).float().logsumexp(-1).mean()
+            loss.backward()
+            runs.append([p.grad.clone() for p in model.parameters()])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -8,10 +8,13 @@ attention function named ``"myopia"`` and selects it through the model's attenti
   and rotated keys/values and gives them the mode's gradient (or, for bigram, its forward).
 - ``myopic`` (the paper's cut) needs the keys/values of the *detached* attention input through the
   live weights. Each attention module's forward is wrapped to run twice while gradients are on: first
-  on the detached input (no KV cache), where the attention function only records the keys/values it
-  is given and returns zeros; then on the live input, where those recorded keys/values carry the
-  cross-position gradient to the weights. This costs one extra Q/K/V (and output) projection per
-  layer; :class:`myopia.GPT` needs none.
+  a *record* pass on the detached input (no KV cache), where the attention function only records the
+  keys/values it is given and returns zeros; then the live pass, where those recorded keys/values
+  carry the cross-position gradient to the weights. No projection runs twice: during the record pass
+  each input projection (a Linear/Conv1D child of the attention module applied to its input) computes
+  its output once, as a live copy (kept for the live pass) and a copy whose gradient reaches only the
+  weights (handed to the record pass); the output projection returns zeros without a matmul. Rotary
+  and reshapes run twice (element-wise, cheap).
 
 Without gradients (evaluation, ``generate`` with a KV cache) the forward is the ordinary one, since
 the forward values of vanilla, myopic and myopic_kv attention are identical.
@@ -27,6 +30,7 @@ import torch.nn as nn
 
 from myopia.attention import MYOPIC_MODES, attention, expand_kv
 from myopia.attention.modes import check_backend, check_mode
+from myopia.attention.projection import project_with_weight_only_copy
 
 try:
     from transformers import AttentionInterface
@@ -46,9 +50,12 @@ class _LayerState:
     mode: str
     beta: float
     backend: str
-    phase: str | None = None  # "record" during the detached pass of the myopic mode
+    phase: str | None = None  # "record" | "live" while the myopic mode's wrapped forward runs
     k_past: torch.Tensor | None = None
     v_past: torch.Tensor | None = None
+    x_live: torch.Tensor | None = None  # the attention input of the current call
+    x_detached: torch.Tensor | None = None  # its detached copy, given to the record pass
+    projected: dict[int, torch.Tensor] | None = None  # live projection outputs from the record pass
 
 
 def myopia_attention_forward(
@@ -112,32 +119,75 @@ def _detached_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+def _is_projection(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"  # transformers' GPT-2 Conv1D
+
+
+def _weight_and_bias(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(m, nn.Linear):
+        return m.weight, m.bias
+    return m.weight.t(), m.bias  # Conv1D keeps its weight as (in, out)
+
+
+def _wrap_projection(proj: nn.Module, owner: nn.Module) -> None:
+    if getattr(proj, "_myopia_original_forward", None) is not None:
+        return
+    original = proj.forward
+
+    def forward(x, *args, **kwargs):
+        state: _LayerState | None = getattr(owner, "_myopia_state", None)
+        if state is None or state.phase is None:
+            return original(x, *args, **kwargs)
+        if state.phase == "record":
+            if x is state.x_detached:
+                weight, bias = _weight_and_bias(proj)
+                y_live, y_weight_only = project_with_weight_only_copy(state.x_live, weight, bias)
+                state.projected[id(proj)] = y_live
+                return y_weight_only
+            out_features = proj.weight.shape[0] if isinstance(proj, nn.Linear) else proj.weight.shape[1]
+            return x.new_zeros(*x.shape[:-1], out_features)  # the output projection of zeros
+        if state.phase == "live" and x is state.x_live and id(proj) in state.projected:
+            return state.projected.pop(id(proj))
+        return original(x, *args, **kwargs)
+
+    proj._myopia_original_forward = original
+    proj.forward = forward
+
+
 def _wrap_forward(module: nn.Module) -> None:
     if getattr(module, "_myopia_original_forward", None) is not None:
         return
     original = module.forward
+    for child in module.children():
+        if _is_projection(child):
+            _wrap_projection(child, module)
 
     def forward(*args, **kwargs):
         state: _LayerState = module._myopia_state
         if state.mode != "myopic" or not torch.is_grad_enabled():
             return original(*args, **kwargs)
         d_args, d_kwargs = _detached_call(args, kwargs)
-        state.phase = "record"
+        state.x_live = args[0] if args else kwargs["hidden_states"]
+        state.x_detached = d_args[0] if d_args else d_kwargs["hidden_states"]
+        state.projected = {}
         try:
+            state.phase = "record"
             original(*d_args, **d_kwargs)
+            state.phase = "live"
+            return original(*args, **kwargs)
         finally:
-            state.phase = None
-        return original(*args, **kwargs)
+            state.phase = state.x_live = state.x_detached = state.projected = None
 
     module._myopia_original_forward = original
     module.forward = forward
 
 
 def _unwrap_forward(module: nn.Module) -> None:
-    original = getattr(module, "_myopia_original_forward", None)
-    if original is not None:
-        del module.forward  # the instance attribute; the class's forward shows through again
-        module._myopia_original_forward = None
+    for m in [module, *module.children()]:
+        original = getattr(m, "_myopia_original_forward", None)
+        if original is not None:
+            del m.forward  # the instance attribute; the class's forward shows through again
+            m._myopia_original_forward = None
     if hasattr(module, "_myopia_state"):
         del module._myopia_state
 

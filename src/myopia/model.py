@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from myopia.attention import ATTENTION_MODES, BACKENDS, attention
 from myopia.attention.modes import check_backend, check_mode
+from myopia.attention.projection import project_with_weight_only_copy
 
 
 @dataclass
@@ -101,38 +102,6 @@ class GPTConfig:
         return cls(**data)
 
 
-class _ProjectWithWeightOnlyCopy(torch.autograd.Function):
-    """``y = x Wᵀ + b`` returned twice: the first output's gradient reaches x, W and b; the second's
-    (a view of the same values) reaches only W and b.
-
-    The ``myopic`` mode feeds the second output's keys/values to attention as the past: the
-    projection weights then learn from every position's loss while the input learns only from its
-    own, without projecting a detached copy of the input a second time.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        y = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return y, y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad_live, grad_weight_only):
-        x, weight = ctx.saved_tensors
-        grad_x = None if grad_live is None else grad_live @ weight
-        if grad_live is None:
-            grad_all = grad_weight_only
-        elif grad_weight_only is None:
-            grad_all = grad_live
-        else:
-            grad_all = grad_live + grad_weight_only
-        flat = grad_all.reshape(-1, grad_all.shape[-1])
-        grad_w = flat.t() @ x.reshape(-1, x.shape[-1])
-        grad_b = flat.sum(0) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
-
-
 class Rotary(nn.Module):
     """Rotary position embedding (rotate-half convention) over the whole head dimension."""
 
@@ -185,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         k_past = v_past = None
         if self.mode == "myopic" and torch.is_grad_enabled():
-            qkv, qkv_weight_only = _ProjectWithWeightOnlyCopy.apply(x, self.c_attn.weight, self.c_attn.bias)
+            qkv, qkv_weight_only = project_with_weight_only_copy(x, self.c_attn.weight, self.c_attn.bias)
             _, k_past, v_past = self._split(qkv_weight_only)
         else:
             qkv = self.c_attn(x)

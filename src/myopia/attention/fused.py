@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from myopia.attention import kernels
+from myopia.attention import kernels, triton_diag
 from myopia.attention.reference import expand_kv
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -59,46 +59,137 @@ def own_position_kv_grads(
     return dk.to(k.dtype), dv.to(v.dtype)
 
 
-class FusedMyopicAttention(torch.autograd.Function):
-    """``out = causal_attention(q, k, v)`` with the myopic backward described in the module doc."""
+_EMPTY = 0  # length of the placeholder tensors a custom op returns for "no tensor"
 
-    @staticmethod
-    def forward(ctx, q, k, v, k_past, v_past, mask, scale, beta):  # noqa: D401 - autograd API
-        groups = q.shape[1] // k.shape[1]
-        k_e, v_e = expand_kv(k, groups), expand_kv(v, groups)
-        out, lse, extras = kernels.fused_forward(q, k_e, v_e, scale=scale, mask=mask)
-        ctx.save_for_backward(q, k_e, v_e, out, lse, mask)
-        ctx.extras = extras
-        ctx.scale, ctx.beta, ctx.groups = scale, float(beta), groups
-        ctx.has_past = (k_past is not None, v_past is not None)
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k_e, v_e, out, lse, mask = ctx.saved_tensors
-        beta, groups, scale = ctx.beta, ctx.groups, ctx.scale
-        need_cross = beta > 0.0 or any(ctx.has_past)
-        dq, dk_full, dv_full = kernels.fused_backward(
-            dout, q, k_e, v_e, out, lse, ctx.extras, scale=scale, mask=mask
+def _kv_mask_diag(mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    return mask.expand(*mask.shape[:-2], T, T).diagonal(dim1=-2, dim2=-1)
+
+
+def _forward_impl(q, k, v, mask, scale):
+    groups = q.shape[1] // k.shape[1]
+    out, lse, extras = kernels.fused_forward(q, expand_kv(k, groups), expand_kv(v, groups), scale=scale, mask=mask)
+    return (out, *kernels.pack_extras(extras, lse, q))
+
+
+@torch.library.custom_op("myopia::myopic_attention", mutates_args=())
+def _myopic_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_past: torch.Tensor | None,
+    v_past: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused causal attention: ``(out, lse_store, aux0, aux1)``. ``k_past``/``v_past`` (forward
+    values equal to ``k``/``v``) and ``beta`` matter to the backward only."""
+    return _forward_impl(q, k, v, mask, scale)
+
+
+@_myopic_attention_op.register_fake
+def _(q, k, v, k_past, v_past, mask, scale, beta):
+    return _forward_impl(q, k, v, mask, scale)
+
+
+@torch.library.custom_op("myopia::myopic_attention_backward", mutates_args=())
+def _myopic_attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse_store: torch.Tensor,
+    aux0: torch.Tensor,
+    aux1: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    beta: float,
+    want_past_k: bool,
+    want_past_v: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk_live, dv_live, dk_past, dv_past)``; an unwanted past gradient is an empty tensor.
+    Key/value gradients are contiguous, in the key/value heads' shape."""
+    groups = q.shape[1] // k.shape[1]
+    k_e, v_e = expand_kv(k, groups), expand_kv(v, groups)
+    lse, extras = kernels.unpack_extras(lse_store, aux0, aux1, q, mask)
+    need_cross = beta > 0.0 or want_past_k or want_past_v
+    dq, dk_full, dv_full = kernels.fused_backward(dout, q, k_e, v_e, out, lse, extras, scale=scale, mask=mask)
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    if mask is None and triton_diag.available(q):
+        dk_live, dv_live, dk_past, dv_past = triton_diag.split_kv_grads(
+            q, k, v, out, dout, lse, dk_full if need_cross else None, dv_full if need_cross else None,
+            scale=scale, beta=beta, want_past_k=want_past_k, want_past_v=want_past_v,
         )
-        mask_diag = None
-        if mask is not None:
-            T = q.shape[-2]
-            mask_diag = mask.expand(*mask.shape[:-2], T, T).diagonal(dim1=-2, dim2=-1)
-        dk_own, dv_own = own_position_kv_grads(q, k_e, v_e, out, dout, lse, scale, mask_diag)
-        dk_own, dv_own = _reduce_groups(dk_own, groups), _reduce_groups(dv_own, groups)
-        dk_live, dv_live, dk_past, dv_past = dk_own, dv_own, None, None
-        if need_cross:
-            dk_cross = _reduce_groups(dk_full, groups) - dk_own
-            dv_cross = _reduce_groups(dv_full, groups) - dv_own
-            if beta > 0.0:
-                dk_live = dk_own + beta * dk_cross
-                dv_live = dv_own + beta * dv_cross
-            if ctx.has_past[0]:
-                dk_past = (1.0 - beta) * dk_cross
-            if ctx.has_past[1]:
-                dv_past = (1.0 - beta) * dv_cross
-        return dq, dk_live, dv_live, dk_past, dv_past, None, None, None
+    else:
+        dk_live, dv_live, dk_past, dv_past = _split_kv_grads_torch(
+            q, k_e, v_e, out, dout, lse, dk_full, dv_full, scale=scale, beta=beta,
+            mask_diag=_kv_mask_diag(mask, q.shape[-2]), groups=groups, need_cross=need_cross,
+            want_past_k=want_past_k, want_past_v=want_past_v,
+        )
+    return (
+        dq,
+        dk_live.contiguous(),
+        dv_live.contiguous(),
+        q.new_empty(_EMPTY) if dk_past is None else dk_past.contiguous(),
+        q.new_empty(_EMPTY) if dv_past is None else dv_past.contiguous(),
+    )
+
+
+@_myopic_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale, beta, want_past_k, want_past_v):
+    groups = q.shape[1] // k.shape[1]
+    lse, extras = kernels.unpack_extras(lse_store, aux0, aux1, q, mask)
+    dq, _, _ = kernels.fused_backward(
+        dout, q, expand_kv(k, groups), expand_kv(v, groups), out, lse, extras, scale=scale, mask=mask
+    )
+    kv = lambda want: torch.empty(k.shape, dtype=k.dtype, device=k.device) if want else q.new_empty(_EMPTY)  # noqa: E731
+    return dq, kv(True), kv(True), kv(want_past_k), kv(want_past_v)
+
+
+def _split_kv_grads_torch(q, k_e, v_e, out, dout, lse, dk_full, dv_full, *, scale, beta, mask_diag, groups,
+                          need_cross, want_past_k, want_past_v):
+    dk_own, dv_own = own_position_kv_grads(q, k_e, v_e, out, dout, lse, scale, mask_diag)
+    dk_own, dv_own = _reduce_groups(dk_own, groups), _reduce_groups(dv_own, groups)
+    dk_live, dv_live, dk_past, dv_past = dk_own, dv_own, None, None
+    if need_cross:
+        dk_cross = _reduce_groups(dk_full, groups) - dk_own
+        dv_cross = _reduce_groups(dv_full, groups) - dv_own
+        if beta > 0.0:
+            dk_live = dk_own + beta * dk_cross
+            dv_live = dv_own + beta * dv_cross
+        if want_past_k:
+            dk_past = (1.0 - beta) * dk_cross
+        if want_past_v:
+            dv_past = (1.0 - beta) * dv_cross
+    return dk_live, dv_live, dk_past, dv_past
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_past, v_past, mask, scale, beta = inputs
+    out, lse_store, aux0, aux1 = output
+    ctx.save_for_backward(q, k, v, out, lse_store, aux0, aux1, mask)
+    ctx.scale, ctx.beta = scale, float(beta)
+    ctx.want_past = (k_past is not None, v_past is not None)
+
+
+def _backward(ctx, dout, _dlse, _daux0, _daux1):
+    q, k, v, out, lse_store, aux0, aux1, mask = ctx.saved_tensors
+    dq, dk, dv, dk_past, dv_past = _myopic_attention_backward_op(
+        dout, q, k, v, out, lse_store, aux0, aux1, mask, ctx.scale, ctx.beta, *ctx.want_past
+    )
+    return (
+        dq, dk, dv,
+        dk_past if ctx.want_past[0] else None,
+        dv_past if ctx.want_past[1] else None,
+        None, None, None,
+    )
+
+
+_myopic_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_myopic_attention(
@@ -112,7 +203,12 @@ def fused_myopic_attention(
     k_past: torch.Tensor | None = None,
     v_past: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return FusedMyopicAttention.apply(q, k, v, k_past, v_past, mask, scale, beta)
+    """Causal attention (values as SDPA's) whose backward is the myopic one (module docstring).
+
+    A ``torch.library`` custom op (``torch.ops.myopia.myopic_attention``) with a fake
+    implementation and a registered backward, so ``torch.compile`` traces models through it
+    without graph breaks."""
+    return _myopic_attention_op(q, k, v, k_past, v_past, mask, float(scale), float(beta))[0]
 
 
 def fused_attention_with_lse(

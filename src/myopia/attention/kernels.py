@@ -74,6 +74,39 @@ def fused_forward(
     return out, lse[..., :T], ("efficient", seed, offset, lse)
 
 
+def kernel_kind(q: torch.Tensor, mask: torch.Tensor | None) -> str:
+    """Which fused kernel :func:`fused_forward` uses: ``cpu`` | ``flash`` | ``efficient``."""
+    if q.device.type == "cpu":
+        return "cpu"
+    return "flash" if _use_cuda_flash(q, mask) else "efficient"
+
+
+def pack_extras(
+    extras: tuple[Any, ...], lse: torch.Tensor, q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward's by-products as three tensors ``(lse_store, aux0, aux1)`` (a custom op returns
+    tensors only); :func:`unpack_extras` inverts it."""
+    kind = extras[0]
+    none = lambda t: q.new_empty(0) if t is None else t  # noqa: E731
+    if kind == "flash":
+        return lse, none(extras[5]), none(extras[6])
+    if kind == "efficient":
+        return extras[3], none(extras[1]), none(extras[2])
+    return lse, q.new_empty(0), q.new_empty(0)
+
+
+def unpack_extras(
+    lse_store: torch.Tensor, aux0: torch.Tensor, aux1: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    kind = kernel_kind(q, mask)
+    T = q.shape[-2]
+    if kind == "flash":
+        return lse_store, ("flash", None, None, T, T, aux0, aux1)
+    if kind == "efficient":
+        return lse_store[..., :T], ("efficient", aux0, aux1, lse_store)
+    return lse_store, ("cpu",)
+
+
 def fused_backward(
     dout: torch.Tensor,
     q: torch.Tensor,

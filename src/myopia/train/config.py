@@ -70,6 +70,9 @@ class TrainConfig:
     """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
     progress: bool = True
     """Show a progress bar with loss, throughput and ETA."""
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms; cuBLAS workspace config) for
+    gradient-exact comparisons on GPU; slower. Kernels without a deterministic version warn."""
     parallel: str = "ddp"
     """Under torchrun with several processes: ddp (replicated) | fsdp (FSDP2 fully_shard per block)."""
 

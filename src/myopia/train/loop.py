@@ -157,6 +157,14 @@ class ArmResult:
         return self.__dict__.copy()
 
 
+def use_deterministic_kernels() -> None:
+    """Make CUDA kernels deterministic where PyTorch can (flash attention's backward included);
+    operations without a deterministic kernel warn instead of failing."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def train_arm(
     model: torch.nn.Module,
     task: Task,
@@ -176,6 +184,8 @@ def train_arm(
     """
     dist = dist or Dist()
     device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        use_deterministic_kernels()
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     model.to(device).train()
