@@ -20,9 +20,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _measure import in_subprocess, measure, print_table  # noqa: E402
+from _measure import in_subprocess, measure, print_table
 
-from myopia.attention import attention  # noqa: E402
+from myopia.attention import attention
 
 VARIANTS = {
     "vanilla": dict(mode="vanilla", backend="fused"),

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _measure import in_subprocess, measure, print_table  # noqa: E402
+from _measure import in_subprocess, measure, print_table
 
 VARIANTS = {
     "vanilla": dict(mode="vanilla", backend="auto"),
@@ -117,10 +117,6 @@ def run_one(variant: str, B: int, T: int, args) -> dict:
     res["tok_s"] = tokens / (res["ms"] / 1e3)
     flops_per_token = 6 * n_params + 12 * layers * width * T
     res["tflops"] = flops_per_token * res["tok_s"] / 1e12
-    del model, step_model, opt
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return res
 
 
@@ -153,8 +149,8 @@ def main() -> None:
                     res = run_one(variant, B, T, args)
                 except torch.OutOfMemoryError:
                     res = {"error": "out of memory"}
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                gc.collect()  # the variant's model and optimiser state go before the next is built
+                torch.cuda.empty_cache()
             else:
                 argv = [__file__, "--device", args.device, "--model", args.model, "--warmup", str(args.warmup),
                         "--repeats", str(args.repeats), "--one", variant, str(B), str(T)]

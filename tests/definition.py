@@ -8,7 +8,7 @@ forward/backward per position i, with everything at positions j ≠ i detached a
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

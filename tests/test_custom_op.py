@@ -119,7 +119,7 @@ def test_myopic_backward_under_bf16_autocast(family):
         cfg = transformers.GPT2Config(vocab_size=31, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = make_myopic(transformers.GPT2LMHeadModel(cfg), "myopic")
-        call = lambda x: model(input_ids=x, use_cache=False).logits  # noqa: E731
+        call = lambda x: model(input_ids=x, use_cache=False).logits
     x = torch.randint(0, 31, (2, 16))
     full = gradients(call(x).float().logsumexp(-1).sum(), list(model.parameters()))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -14,7 +14,13 @@ import pytest
 
 from myopia import cli
 from myopia.train import checkpoint as ckpt_mod
-from myopia.train.checkpoint import CheckpointError, capture, latest_checkpoint, load_checkpoint, save_checkpoint
+from myopia.train.checkpoint import (
+    CheckpointError,
+    capture,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 SAVER = textwrap.dedent("""
     import sys, torch

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 def _inputs(dtype, B=2, H=4, HKV=2, T=257, D=64, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    make = lambda h: torch.randn(B, h, T, D, generator=g).to("cuda", dtype).requires_grad_()  # noqa: E731
+    make = lambda h: torch.randn(B, h, T, D, generator=g).to("cuda", dtype).requires_grad_()
     q, k, v = make(H), make(HKV), make(HKV)
     do = torch.randn(B, H, T, D, generator=g).to("cuda", dtype)
     return q, k, v, do

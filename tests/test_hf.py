@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from definition import gradients, mix_position, per_position_gradient, relative_error
 
 transformers = pytest.importorskip("transformers")
-from transformers import AttentionInterface  # noqa: E402
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from myopia.hf import attention_modules, make_myopic  # noqa: E402
+from myopia.hf import attention_modules, make_myopic
 
 V, T = 23, 7
 COMMON = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=1)

@@ -3,7 +3,6 @@
 import json
 import os
 
-
 from myopia.data.cache import HEADER_BYTES, load_or_build
 from myopia.data.corpus import Document, builtin_documents, split_documents
 from myopia.data.tokenizer import byte_tokenizer, gpt2_tokenizer, train_bpe

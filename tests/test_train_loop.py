@@ -14,7 +14,13 @@ import torch
 from myopia.experiments.arms import Arm, build_model
 from myopia.model import GPTConfig
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
-from myopia.train.checkpoint import CheckpointError, capture, latest_checkpoint, load_checkpoint, save_checkpoint
+from myopia.train.checkpoint import (
+    CheckpointError,
+    capture,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.loop import NonFiniteLoss, RunDirectoryError, StopSignal, train_arm
 

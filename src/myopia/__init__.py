@@ -9,4 +9,4 @@ from myopia.model import GPT, GPTConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "ATTENTION_MODES", "attention", "__version__"]
+__all__ = ["ATTENTION_MODES", "GPT", "GPTConfig", "__version__", "attention"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from myopia.config import (
     ConfigError,
@@ -32,7 +32,7 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from myopia.experiments import lm, reproduce, synthetic, train
+    from myopia.experiments import lm, reproduce, sweep, synthetic, train
 
     return [
         Command("train", "train a GPT in several attention modes (arms) on synthetic data or local text",
@@ -41,6 +41,8 @@ def _commands() -> list[Command]:
                 synthetic.SyntheticExperiment, synthetic.run, synthetic.PRESETS, "cpu"),
         Command("lm", "the natural-language myopia gap (§4.1): arms, bootstrap CIs, per-position gaps, KL, probes",
                 lm.LMExperiment, lm.run, lm.PRESETS, "cpu"),
+        Command("sweep", "the myopia gap across model sizes (§4.2): one lm run per model, a gap-vs-parameters plot",
+                sweep.SweepExperiment, sweep.run, sweep.PRESETS, "cpu"),
         Command("reproduce", "laptop-scale reproduction of the paper's headline results, with a report",
                 reproduce.ReproduceConfig, reproduce.run),
     ]
@@ -49,7 +51,7 @@ def _commands() -> list[Command]:
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors that point to --help."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -17,7 +17,7 @@ import os
 import textwrap
 import types
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -27,7 +27,7 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key and the fix."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings (a string literal right under a field) of a dataclass and its bases."""
     docs: dict[str, str] = {}

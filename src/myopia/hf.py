@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from myopia.attention import MYOPIC_MODES, attention, expand_kv
 from myopia.attention.modes import check_backend, check_mode
@@ -261,4 +261,4 @@ def current_mode(model: nn.Module) -> str:
     return "vanilla"
 
 
-__all__ = ["make_myopic", "myopia_attention_forward", "attention_modules", "current_mode", "MYOPIC_MODES"]
+__all__ = ["MYOPIC_MODES", "attention_modules", "current_mode", "make_myopic", "myopia_attention_forward"]

@@ -13,10 +13,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
-from myopia.attention import ATTENTION_MODES, BACKENDS, attention
+from myopia.attention import ATTENTION_MODES, BACKENDS, attention, reference_attention
 from myopia.attention.modes import check_backend, check_mode
 from myopia.attention.projection import project_with_weight_only_copy
 
@@ -94,7 +93,7 @@ class GPTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GPTConfig":
+    def from_dict(cls, data: dict) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -150,8 +149,13 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q), self.rotary(k)
         return q, k, v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: the normalised attention input. ``past`` (local myopia): normalised states of
+        another (frozen) model that positions read as their past, through this layer's live key and
+        value weights; each position's own key and value still come from ``x``."""
         B, T, C = x.shape
+        if past is not None:
+            return self._forward_external_past(x, past.detach())
         k_past = v_past = None
         if self.mode == "myopic" and torch.is_grad_enabled():
             qkv, qkv_weight_only = project_with_weight_only_copy(x, self.c_attn.weight, self.c_attn.bias)
@@ -166,6 +170,18 @@ class CausalSelfAttention(nn.Module):
         )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+    def _forward_external_past(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        # The forward differs from causal attention over x (the past keys/values have other values),
+        # so only the eager reference computes it; windows here are short (the paper's are 64).
+        B, T, C = x.shape
+        q, k, v = self._split(self.c_attn(x))
+        _, k_past, v_past = self._split(self.c_attn(past))
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        y = reference_attention(q, k, v, mode="myopic", beta=0.0, scale=1.0 / math.sqrt(self.head_dim),
+                                mask=None, k_past=k_past, v_past=v_past)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -189,8 +205,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        # A past from another model goes through *this* layer's pre-attention norm, as the present
+        # does (the paper's code projected it un-normalised).
+        x = x + self.attn(self.ln_1(x), None if past is None else self.ln_1(past))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -226,7 +244,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def set_attention(self, mode: str | None = None, beta: float | None = None, backend: str | None = None) -> "GPT":
+    def set_attention(self, mode: str | None = None, beta: float | None = None, backend: str | None = None) -> GPT:
         """Switch every layer's attention mode/beta/backend in place (the config follows)."""
         mode = self.config.attention if mode is None else mode
         beta = self.config.beta if beta is None else beta
@@ -244,12 +262,25 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def forward(self, x: torch.Tensor, *, return_hidden_states: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        return_hidden_states: bool = False,
+        past_states: list[torch.Tensor] | None = None,
+    ):
         """``x``: token ids ``(B, T)`` or, with ``input_dim``, vectors ``(B, T, input_dim)``.
 
         With ``return_hidden_states`` also returns the residual stream before block 0 (the
         embeddings) and after every block: ``n_layer + 1`` tensors of shape ``(B, T, n_embd)``.
+
+        ``past_states`` (local myopia): the residual streams entering each block of another model
+        (the first ``n_layer`` of its ``return_hidden_states``); at block ``l`` every position reads
+        ``past_states[l]`` at earlier positions instead of this model's own states. Equal weights
+        give exactly the other model's outputs.
         """
+        if past_states is not None and len(past_states) < self.config.n_layer:
+            raise ValueError(f"past_states has {len(past_states)} tensors; the model has {self.config.n_layer} blocks")
         T = x.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
@@ -258,11 +289,11 @@ class GPT(nn.Module):
             h = h + self.wpe(torch.arange(T, device=h.device))
         h = self.drop(h)
         hidden = [h]
-        for block in self.blocks:
-            h = block(h)
+        for i, block in enumerate(self.blocks):
+            h = block(h, None if past_states is None else past_states[i])
             hidden.append(h)
         out = self.head(self.ln_f(h))
         return (out, hidden) if return_hidden_states else out
 
 
-__all__ = ["GPT", "GPTConfig", "ATTENTION_MODES", "BACKENDS"]
+__all__ = ["ATTENTION_MODES", "BACKENDS", "GPT", "GPTConfig"]

@@ -25,7 +25,11 @@ from myopia.attention.modes import (
     check_backend,
     check_mode,
 )
-from myopia.attention.reference import causal_additive_mask, expand_kv, reference_attention
+from myopia.attention.reference import (
+    causal_additive_mask,
+    expand_kv,
+    reference_attention,
+)
 
 __all__ = [
     "ATTENTION_MODES",
@@ -33,8 +37,8 @@ __all__ = [
     "MYOPIC_MODES",
     "AttentionMode",
     "Backend",
-    "attention",
     "additive_mask",
+    "attention",
     "causal_additive_mask",
     "expand_kv",
     "fused_attention_with_lse",

@@ -146,7 +146,7 @@ def _(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale, beta, want_past_k,
     dq, _, _ = kernels.fused_backward(
         dout, q, expand_kv(k, groups), expand_kv(v, groups), out, lse, extras, scale=scale, mask=mask
     )
-    kv = lambda want: torch.empty(k.shape, dtype=k.dtype, device=k.device) if want else q.new_empty(_EMPTY)  # noqa: E731
+    kv = lambda want: torch.empty(k.shape, dtype=k.dtype, device=k.device) if want else q.new_empty(_EMPTY)
     return dq, kv(True), kv(True), kv(want_past_k), kv(want_past_v)
 
 
@@ -162,9 +162,9 @@ def _split_kv_grads_torch(q, k_e, v_e, out, dout, lse, dk_full, dv_full, *, scal
             dk_live = dk_own + beta * dk_cross
             dv_live = dv_own + beta * dv_cross
         if want_past_k:
-            dk_past = (1.0 - beta) * dk_cross
+            dk_past = dk_cross if beta == 0.0 else (1.0 - beta) * dk_cross
         if want_past_v:
-            dv_past = (1.0 - beta) * dv_cross
+            dv_past = dv_cross if beta == 0.0 else (1.0 - beta) * dv_cross
     return dk_live, dv_live, dk_past, dv_past
 
 

@@ -87,7 +87,7 @@ def pack_extras(
     """The forward's by-products as three tensors ``(lse_store, aux0, aux1)`` (a custom op returns
     tensors only); :func:`unpack_extras` inverts it."""
     kind = extras[0]
-    none = lambda t: q.new_empty(0) if t is None else t  # noqa: E731
+    none = lambda t: q.new_empty(0) if t is None else t
     if kind == "flash":
         return lse, none(extras[5]), none(extras[6])
     if kind == "efficient":

@@ -44,7 +44,7 @@ class ProjectWithWeightOnlyCopy(torch.autograd.Function):
             grad_all = grad_live + grad_weight_only
         flat = grad_all.reshape(-1, grad_all.shape[-1]).to(dtype)
         grad_w = (flat.t() @ x_c.reshape(-1, x_c.shape[-1])).to(weight.dtype)
-        grad_b = flat.sum(0, dtype=torch.float32).to(weight.dtype) if ctx.has_bias else None
+        grad_b = flat.sum(0, dtype=torch.promote_types(dtype, torch.float32)).to(weight.dtype) if ctx.has_bias else None
         return grad_x, grad_w, grad_b
 
 

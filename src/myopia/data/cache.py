@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -95,7 +95,7 @@ def load_or_build(path: str, key: str, texts: list[str], encode_batch: Callable[
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
     payload = np.asarray(offsets, dtype=np.int64).tobytes() + tokens.tobytes()
     header = {"magic": MAGIC, "version": VERSION, "key": key, "dtype": np.dtype(dtype).name,
-              "n_tokens": int(len(tokens)), "n_docs": len(texts), "vocab_size": vocab_size,
+              "n_tokens": len(tokens), "n_docs": len(texts), "vocab_size": vocab_size,
               "sha256": hashlib.sha256(payload).hexdigest()}
     raw = json.dumps(header).encode()
     with open(tmp, "wb") as f:

@@ -11,30 +11,42 @@ from myopia.attention.modes import check_mode
 from myopia.config import ConfigError
 from myopia.model import GPT, GPTConfig
 
+LOCAL_ARM = "local-myopic"
+
 
 @dataclass(frozen=True)
 class Arm:
     name: str
     mode: str
     beta: float = 0.0
+    local: bool = False
+    """The local-myopic arm: starts from the trained vanilla model and reads its frozen past states."""
 
 
 def parse_arm(spec: str) -> Arm:
+    if spec in (LOCAL_ARM, "local"):
+        return Arm(name=LOCAL_ARM, mode="myopic", local=True)
     mode, _, beta = spec.partition("@")
     try:
         value = float(beta) if beta else 0.0
         check_mode(mode, value)
     except ValueError as exc:
-        raise ConfigError(f"arm {spec!r}: {exc} (write arms as MODE or MODE@BETA, e.g. myopic@0.5)") from None
+        raise ConfigError(f"arm {spec!r}: {exc} (write arms as MODE or MODE@BETA, e.g. myopic@0.5, "
+                          f"or {LOCAL_ARM})") from None
     return Arm(name=spec, mode=mode, beta=value)
 
 
-def parse_arms(specs: list[str]) -> list[Arm]:
+def parse_arms(specs: list[str], allow_local: bool = False) -> list[Arm]:
     if not specs:
         raise ConfigError("arms: name at least one arm (vanilla, myopic, myopic_kv, bigram or MODE@BETA)")
     arms = [parse_arm(s) for s in specs]
     if len({a.name for a in arms}) != len(arms):
         raise ConfigError(f"arms: {specs} names an arm twice")
+    names = [a.name for a in arms]
+    if LOCAL_ARM in names and not allow_local:
+        raise ConfigError(f"arms: {LOCAL_ARM} is an arm of `myopia lm` (it reads a trained vanilla language model)")
+    if LOCAL_ARM in names and ("vanilla" not in names or names.index("vanilla") > names.index(LOCAL_ARM)):
+        raise ConfigError(f"arms: {LOCAL_ARM} reads the trained vanilla model; list vanilla before it")
     return arms
 
 
@@ -58,7 +70,11 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
     switched to the arm's attention mode."""
     import os
 
-    from myopia.train.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+    from myopia.train.checkpoint import (
+        CheckpointError,
+        latest_checkpoint,
+        read_checkpoint,
+    )
 
     folder = path if os.path.isfile(os.path.join(path, "state.json")) else latest_checkpoint(os.path.join(path, "checkpoints"))
     if folder is None or not os.path.isdir(folder):

@@ -19,15 +19,18 @@ import torch.nn.functional as F
 from myopia.analysis import plots
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci, format_ci
-from myopia.experiments.arms import build_model, parse_arms
+from myopia.config import ConfigError
+from myopia.experiments.arms import LOCAL_ARM, build_model, parse_arms
 from myopia.experiments.runner import environment, run_arms, write_results
+from myopia.hf_models import build_hf_model
+from myopia.local_myopia import LocalMyopicGPT
 from myopia.model import GPTConfig
 from myopia.tasks.text import TextConfig, TextTask
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.loop import resolve_device
 
 PAPER = {"model": "GPT-2 124M, MS MARCO, 64-token windows", "vanilla": 3.28, "myopic": 3.40, "gap": 0.12,
-         "local_myopic": 3.26, "bigram": 5.33, "position0_gap": -0.10}
+         "local-myopic": 3.26, "local_bonus": 0.02, "bigram": 5.33, "position0_gap": -0.10}
 
 
 @dataclass
@@ -55,9 +58,14 @@ class LMExperiment:
     out: str = "runs/lm"
     """Run directory."""
     arms: list[str] = field(default_factory=lambda: ["vanilla", "myopic", "bigram"])
-    """Arms: vanilla, myopic, myopic_kv, bigram, MODE@BETA."""
+    """Arms: vanilla, myopic, myopic_kv, bigram, MODE@BETA, local-myopic (starts from the trained
+    vanilla model and reads its frozen past states: the local myopia bonus; list it after vanilla)."""
     resume: bool = False
     """Continue an interrupted run in --out."""
+    hf_model: str = ""
+    """A Hugging Face model instead of myopia's GPT (the model section is then unused): a preset
+    (gpt2-124m, pythia-14m ... pythia-2.8b, llama-tiny; fresh weights), a local transformers
+    checkpoint directory (pretrained weights: myopic fine-tuning), or hf:NAME (hub, online only)."""
     data: TextConfig = field(default_factory=TextConfig)
     model: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, n_embd=128))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
@@ -92,7 +100,7 @@ PRESETS: dict[str, dict] = {
 
 
 def run(cfg: LMExperiment) -> dict:
-    arms = parse_arms(cfg.arms)
+    arms = parse_arms(cfg.arms, allow_local=True)
     device = resolve_device(cfg.train.device)
     task = TextTask(cfg.data, cfg.train.seed)
     overrides = task.model_overrides()
@@ -104,13 +112,23 @@ def run(cfg: LMExperiment) -> dict:
     def keep(arm, model, result):
         models[arm.name] = model
 
-    status = run_arms(cfg.out, cfg, arms, task, lambda arm: build_model(cfg.model, arm, overrides, cfg.train.seed),
-                      cfg.optim, cfg.train, resume=cfg.resume, on_arm_done=keep)
+    def make(arm):
+        if arm.local:  # parse_arms put vanilla first; it is trained by now
+            if cfg.hf_model:
+                raise ConfigError(f"arms: {LOCAL_ARM} is implemented for myopia's GPT, not for hf_model")
+            return LocalMyopicGPT(models["vanilla"])
+        if cfg.hf_model:
+            return build_hf_model(cfg.hf_model, arm.mode, arm.beta, task.tokenizer.vocab_size, cfg.train.seed)
+        return build_model(cfg.model, arm, overrides, cfg.train.seed)
+
+    status = run_arms(cfg.out, cfg, arms, task, make, cfg.optim, cfg.train, resume=cfg.resume, on_arm_done=keep)
     results = {"experiment": "lm", "config": asdict(cfg), "environment": environment(), "paper": PAPER,
                "status": status.get("status", "completed"), "training": status["arms"]}
     if results["status"] != "completed":
         write_results(cfg.out, results)
         return results
+    counted = models.get("vanilla") or next(iter(models.values()))
+    results["parameters"] = sum(p.numel() for p in counted.parameters())
     results.update(analyse(cfg, task, models, device))
     write_results(cfg.out, results)
     write_report(cfg.out, results)
@@ -150,7 +168,7 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
         window += x.shape[0]
     per_window = {name: torch.cat(v).double().numpy() for name, v in losses.items()}  # (N, T)
     doc_ids = torch.cat(docs).numpy()
-    out: dict = {"heldout": {"windows": int(len(doc_ids)), "documents": int(len(np.unique(doc_ids))),
+    out: dict = {"heldout": {"windows": len(doc_ids), "documents": len(np.unique(doc_ids)),
                              "tokens": int(per_window[next(iter(per_window))].size)}}
     arms = {}
     for name, arr in per_window.items():
@@ -163,6 +181,9 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
         out["gap_per_position"] = [cluster_bootstrap_ci(diff[:, t], doc_ids, a.bootstrap) for t in range(diff.shape[1])]
         out["top_kl"] = [_kl_example(task, limit, item) for item in sorted(top, reverse=True)]
         out["probes"] = probes(cfg, task, {k: models[k] for k in pair}, device)
+    if {"vanilla", LOCAL_ARM} <= set(models):
+        bonus = per_window["vanilla"] - per_window[LOCAL_ARM]
+        out["local_myopia_bonus"] = cluster_bootstrap_ci(bonus.mean(1), doc_ids, a.bootstrap)
     return out
 
 
@@ -202,10 +223,12 @@ def probes(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device
     result: dict = {"offsets": offsets, "classes": C}
     for name, model in models.items():
         model.eval().to(device)
-        n_layers = len(model.blocks) + 1
-        stats = {(l, k): ProbeStats(model.config.n_embd, C) for l in range(n_layers) for k in offsets}
+        stats: dict = {}
         for x, y in batches("train"):
             _, hidden = model(x.to(device), return_hidden_states=True)
+            if not stats:  # one probe per residual stream the model returns (any family's width)
+                n_layers = len(hidden)
+                stats = {(l, k): ProbeStats(hidden[0].shape[-1], C) for l in range(n_layers) for k in offsets}
             for k in offsets:
                 onehot = F.one_hot(targets(x, y, k), C).double()
                 for l, h in enumerate(hidden):
@@ -237,7 +260,16 @@ def summary_text(results: dict) -> str:
         pos0 = results["gap_per_position"][0]
         lines.append(f"  myopia gap (myopic - vanilla): {format_ci(g)}; at position 0: {format_ci(pos0)} "
                      f"(paper, GPT-2 124M: +{PAPER['gap']}, position 0: {PAPER['position0_gap']})")
+    if "local_myopia_bonus" in results:
+        lines.append(f"  local myopia bonus (vanilla - local-myopic): {format_ci(results['local_myopia_bonus'])} "
+                     f"(paper: +{PAPER['local_bonus']})")
     return "\n".join(lines)
+
+
+def model_text(cfg: dict) -> str:
+    if cfg.get("hf_model"):
+        return f"{cfg['hf_model']} (Hugging Face)"
+    return f"{cfg['model']['n_layer']} layers, d={cfg['model']['n_embd']}"
 
 
 def write_report(out: str, results: dict) -> None:
@@ -258,7 +290,7 @@ def write_report(out: str, results: dict) -> None:
             for name, a in arms.items()]
     text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token "
-            f"windows; model {cfg['model']['n_layer']} layers, d={cfg['model']['n_embd']}; {cfg['train']['steps']} "
+            f"windows; model {model_text(cfg)}; {cfg['train']['steps']} "
             f"steps of {cfg['train']['batch_size']} windows, AdamW lr {cfg['optim']['lr']} in every arm. "
             f"Held-out: {results['heldout']['windows']} windows from {results['heldout']['documents']} documents "
             f"never trained on. {env['device']}, torch {env['torch']}, {env['date']}.", "",
@@ -280,9 +312,15 @@ def write_report(out: str, results: dict) -> None:
                  "|---|" + "---|---|" * len(pr["offsets"])]
         for l, (rv, rm) in enumerate(zip(pr["vanilla"], pr["myopic"])):
             text.append(f"| {l} | " + " | ".join(f"{a:.3f} | {b:.3f}" for a, b in zip(rv, rm)) + " |")
+    if "local_myopia_bonus" in results:
+        text += ["", f"Local myopia bonus (vanilla − local-myopic, paired bootstrap): "
+                 f"**{format_ci(results['local_myopia_bonus'])}** nats (paper: +{PAPER['local_bonus']}). The "
+                 "local-myopic model starts from the trained vanilla model and re-trains only the present "
+                 "position's computation, reading the frozen vanilla model's past states through its own "
+                 "pre-attention norm (the paper's code skipped that norm)."]
     text += [""] + [f"![{m}]({m})" for m in made]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(text) + "\n")
 
 
-__all__ = ["LMExperiment", "AnalysisConfig", "PRESETS", "run"]
+__all__ = ["PRESETS", "AnalysisConfig", "LMExperiment", "run"]

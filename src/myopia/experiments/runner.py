@@ -6,7 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +18,13 @@ from myopia.tasks.base import Task
 from myopia.train.checkpoint import atomic_write_text
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import setup
-from myopia.train.loop import ArmResult, StopSignal, graceful_interrupt, resolve_device, train_arm
+from myopia.train.loop import (
+    ArmResult,
+    StopSignal,
+    graceful_interrupt,
+    resolve_device,
+    train_arm,
+)
 
 
 def environment() -> dict:

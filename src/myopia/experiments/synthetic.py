@@ -299,4 +299,4 @@ def _asdict(obj) -> dict:
     return asdict(obj)
 
 
-__all__ = ["SyntheticExperiment", "ProbeConfig", "PRESETS", "run", "probe_model", "summarise"]
+__all__ = ["PRESETS", "ProbeConfig", "SyntheticExperiment", "probe_model", "run", "summarise"]

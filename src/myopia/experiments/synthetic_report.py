@@ -35,8 +35,8 @@ def conclusion(results: dict) -> str:
                    "training stays at the trivial loss and never computes it: the feature is pre-cached, "
                    "and only the off-diagonal gradient teaches it.")
     else:
-        verdict = ("The arms do not separate as in the paper at this budget (vanilla {:.2f}x, myopic {:.2f}x "
-                   "trivial); train longer or check the settings.".format(vr, mr))
+        verdict = (f"The arms do not separate as in the paper at this budget (vanilla {vr:.2f}x, myopic {mr:.2f}x "
+                   "trivial); train longer or check the settings.")
     control = next((label for label, e in results["conditions"].items() if e["control"]), None)
     if control and "myopic" in summary.get(control, {}):
         c = summary[control]["myopic"]

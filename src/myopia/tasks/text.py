@@ -21,7 +21,7 @@ from myopia.data.corpus import DataError, fingerprint, load_documents, split_doc
 from myopia.data.tokenizer import build_tokenizer
 from myopia.tasks.base import HELDOUT_STREAM, TRAIN_STREAM, batch_generator
 
-__all__ = ["TextConfig", "TextTask", "DataError", "default_cache_dir"]
+__all__ = ["DataError", "TextConfig", "TextTask", "default_cache_dir"]
 
 
 def default_cache_dir() -> str:

@@ -254,7 +254,11 @@ def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
     Works for a plain module, DDP and FSDP2 alike (a collective under FSDP2: call it on every rank),
     so a checkpoint saved with any number of processes loads with any other.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optimizer is None:
@@ -264,7 +268,11 @@ def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
 
 def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
             optim_state: dict | None) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True)
     if optimizer is None or optim_state is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
-import torch.nn as nn
+from torch import nn
 
 
 @dataclass

@@ -13,14 +13,21 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from myopia.tasks.base import Task
-from myopia.train.checkpoint import capture, latest_checkpoint, read_checkpoint, restore, restore_rng, save_checkpoint
+from myopia.train.checkpoint import (
+    capture,
+    latest_checkpoint,
+    read_checkpoint,
+    restore,
+    restore_rng,
+    save_checkpoint,
+)
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import Dist, no_grad_sync, parallelize
 from myopia.train.optim import build_optimizer, lr_at

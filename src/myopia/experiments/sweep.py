@@ -1,0 +1,147 @@
+"""``myopia sweep``: the language-modelling protocol over model sizes (paper §4.2, Pythia scaling).
+
+Runs ``myopia lm`` once per model (same data, arms, optimiser settings in both arms, schedule and
+seed) into ``out/<model>/`` and gathers the myopia gap with its CI against the parameter count:
+``results.json``, ``gap_vs_params.png`` and ``report.md`` beside the paper's Pythia gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from myopia.analysis import plots
+from myopia.analysis.stats import format_ci
+from myopia.config import ConfigError
+from myopia.experiments import lm
+from myopia.experiments.runner import environment, write_results
+from myopia.hf_models import HF_PRESETS
+
+# Held-out myopia gap per Pythia size in the paper (one 32-sequence batch; §4.2 of our notes).
+PAPER_GAPS = {"pythia-14m": 0.157, "pythia-31m": 0.113, "pythia-70m": 0.057, "pythia-160m": 0.118,
+              "pythia-410m": 0.119, "pythia-1b": 0.162, "pythia-1.4b": 0.170, "pythia-2.8b": 0.249}
+
+
+@dataclass
+class SweepExperiment(lm.LMExperiment):
+    """The myopia gap across model sizes: one `myopia lm` run per model, gathered in one table and plot."""
+
+    models: list[str] = field(default_factory=lambda: ["pythia-14m", "pythia-31m", "pythia-70m"])
+    """Models, smallest first: Hugging Face presets, local checkpoint directories or hf:NAME."""
+    lr_from_preset: float = 0.0
+    """If > 0, each preset model trains at this multiple of its authors' learning rate (the paper
+    fine-tuned Pythia at 0.4×); 0 = optim.lr for every model. Both arms always share it."""
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's Pythia scaling protocol on the built-in corpus (a GPU run; weights are fresh unless
+    # `models` names local checkpoint directories of the released Pythia models).
+    "pythia-scaling": {
+        "out": "runs/sweep-pythia",
+        "models": ["pythia-14m", "pythia-31m", "pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b",
+                   "pythia-1.4b", "pythia-2.8b"],
+        "arms": ["vanilla", "myopic"], "lr_from_preset": 0.4,
+        "data": {"corpus": "builtin", "tokenizer": "gpt2", "seq_len": 64},
+        "optim": {"weight_decay": 0.01, "warmup": 0.05},
+        "train": {"steps": 2000, "batch_size": 256, "eval_every": 500, "eval_batches": 16, "checkpoint_every": 500},
+    },
+    # Minutes on a CPU: three small shapes, a short budget.
+    "cpu": {
+        "out": "runs/sweep-cpu",
+        "models": ["pythia-14m", "llama-tiny"],
+        "arms": ["vanilla", "myopic"],
+        "data": {"corpus": "builtin", "tokenizer": "gpt2", "seq_len": 64},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": 300, "batch_size": 16, "eval_every": 100, "eval_batches": 8, "checkpoint_every": 100},
+        "analysis": {"heldout_windows": 500, "bootstrap": 500, "probe_train_windows": 200},
+    },
+}
+
+
+def _lm_config(cfg: SweepExperiment, model: str) -> lm.LMExperiment:
+    base = {f.name: getattr(cfg, f.name) for f in fields(lm.LMExperiment)}
+    optim = cfg.optim
+    if cfg.lr_from_preset > 0 and model in HF_PRESETS:
+        optim = replace(optim, lr=cfg.lr_from_preset * HF_PRESETS[model].lr)
+    safe = model.replace("/", "_").replace(":", "_")
+    return lm.LMExperiment(**{**base, "hf_model": model, "optim": optim, "out": os.path.join(cfg.out, safe)})
+
+
+def run(cfg: SweepExperiment) -> dict:
+    if not cfg.models:
+        raise ConfigError("models: name at least one model (e.g. pythia-14m,pythia-70m)")
+    if {"vanilla", "myopic"} - set(cfg.arms):
+        raise ConfigError("arms: the sweep measures the myopia gap; include vanilla and myopic")
+    rows = []
+    for model in cfg.models:
+        sub = _lm_config(cfg, model)
+        print(f"myopia sweep: {model} (lr {sub.optim.lr:g}) -> {sub.out}", flush=True)
+        res = lm.run(sub)
+        if res.get("status") != "completed":
+            print("myopia sweep: interrupted; rerun with --resume to continue", flush=True)
+            break
+        params = _count_parameters(sub)
+        rows.append({"model": model, "parameters": params, "lr": sub.optim.lr, "myopia_gap": res["myopia_gap"],
+                     "position0_gap": res["gap_per_position"][0],
+                     "arms": {k: v["loss"] for k, v in res["arms"].items()}, "paper_gap": PAPER_GAPS.get(model)})
+    results = {"experiment": "sweep", "config": asdict(cfg), "environment": environment(), "models": rows,
+               "status": "completed" if len(rows) == len(cfg.models) else "interrupted"}
+    write_results(cfg.out, results)
+    _write_report(cfg.out, results)
+    for r in rows:
+        print(f"  {r['model']:>14} ({r['parameters'] / 1e6:.1f}M): gap {format_ci(r['myopia_gap'])}", flush=True)
+    return results
+
+
+def _count_parameters(sub: lm.LMExperiment) -> int:
+    """Parameters of the vanilla arm's model, from its saved results (no rebuild)."""
+    path = os.path.join(sub.out, "results.json")
+    with open(path) as f:
+        res = json.load(f)
+    return int(res.get("parameters", 0))
+
+
+def _write_report(out: str, results: dict) -> None:
+    rows = results["models"]
+    made = None
+    plt = plots._pyplot() if rows else None
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        x = [r["parameters"] for r in rows]
+        y = [r["myopia_gap"]["mean"] for r in rows]
+        err = [[r["myopia_gap"]["mean"] - r["myopia_gap"]["low"] for r in rows],
+               [r["myopia_gap"]["high"] - r["myopia_gap"]["mean"] for r in rows]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="myopia (95% CI)")
+        paper = [(r["parameters"], r["paper_gap"]) for r in rows if r["paper_gap"] is not None]
+        if paper:
+            ax.plot(*zip(*paper), "s--", color="grey", label="paper (Pythia, fine-tuned on the Pile)")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("myopia gap (nats)")
+        ax.set_title("Myopia gap vs model size")
+        ax.legend(frameon=False, fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        made = os.path.join(out, "gap_vs_params.png")
+        fig.savefig(made, dpi=130)
+        plt.close(fig)
+    cfg = results["config"]
+    text = ["# Myopia gap across model sizes (Wu et al. 2024, §4.2)", "",
+            f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token windows, "
+            f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} windows per arm; both arms of a model share "
+            "every optimiser setting (the paper's myopic Pythia arm silently ran another learning rate).", "",
+            "| model | parameters | lr | vanilla CE | myopic CE | myopia gap [95% CI] | position-0 gap | paper gap |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        text.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['lr']:g} | {format_ci(r['arms']['vanilla'])} | "
+                    f"{format_ci(r['arms']['myopic'])} | {format_ci(r['myopia_gap'])} | {format_ci(r['position0_gap'])} | "
+                    f"{r['paper_gap'] if r['paper_gap'] is not None else '-'} |")
+    if made:
+        text += ["", "![gap vs parameters](gap_vs_params.png)"]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(text) + "\n")
+
+
+__all__ = ["PAPER_GAPS", "PRESETS", "SweepExperiment", "run"]

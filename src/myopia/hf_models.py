@@ -1,0 +1,136 @@
+"""Hugging Face causal LMs as arms of myopia's experiments: presets, loading, and an adapter.
+
+``build_hf_model(spec, mode)`` returns an :class:`HFCausalLM` whose ``forward(x)`` gives logits and
+``forward(x, return_hidden_states=True)`` also the residual streams, like :class:`myopia.GPT`, so the
+one training loop and every analysis take it unchanged. ``spec`` is
+
+- a preset name (:data:`HF_PRESETS`): the architecture built from its config with fresh weights,
+  nothing downloaded (GPT-2 124M; the Pythia suite's shapes, 14M to 2.8B, with the learning rates
+  the Pythia paper published; a small Llama);
+- a local directory holding a transformers checkpoint (``config.json`` + weights): the pretrained
+  weights are loaded, for myopic fine-tuning as in the paper's Pythia runs;
+- ``hf:NAME`` for a hub model (online only; offline it fails with a one-line error).
+
+Every model is switched to its arm's attention mode with :func:`myopia.hf.make_myopic`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from myopia.config import ConfigError
+
+
+@dataclass(frozen=True)
+class HFPreset:
+    family: str  # gpt2 | gpt_neox | llama
+    config: dict = field(default_factory=dict)
+    lr: float = 6e-4
+    """The learning rate the model's authors trained it with (Pythia: Biderman et al. 2023, Table)."""
+    params: str = ""
+
+
+def _pythia(hidden: int, layers: int, heads: int, lr: float, params: str) -> HFPreset:
+    return HFPreset("gpt_neox", dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                     intermediate_size=4 * hidden, rotary_pct=0.25, use_parallel_residual=True,
+                                     vocab_size=50304, max_position_embeddings=2048), lr, params)
+
+
+HF_PRESETS: dict[str, HFPreset] = {
+    "gpt2-124m": HFPreset("gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+                          6e-4, "124M"),
+    "pythia-14m": _pythia(128, 6, 4, 1e-3, "14M"),
+    "pythia-31m": _pythia(256, 6, 8, 1e-3, "31M"),
+    "pythia-70m": _pythia(512, 6, 8, 1e-3, "70M"),
+    "pythia-160m": _pythia(768, 12, 12, 6e-4, "160M"),
+    "pythia-410m": _pythia(1024, 24, 16, 3e-4, "410M"),
+    "pythia-1b": _pythia(2048, 16, 8, 3e-4, "1.0B"),
+    "pythia-1.4b": _pythia(2048, 24, 16, 2e-4, "1.4B"),
+    "pythia-2.8b": _pythia(2560, 32, 32, 1.6e-4, "2.8B"),
+    "llama-tiny": HFPreset("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                         num_attention_heads=8, num_key_value_heads=4, vocab_size=50304,
+                                         max_position_embeddings=2048), 1e-3, "~30M"),
+}
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind myopia.GPT's call signature."""
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.hf = model
+        self.name = name
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def forward(self, x: torch.Tensor, *, return_hidden_states: bool = False):
+        out = self.hf(input_ids=x, use_cache=False, output_hidden_states=return_hidden_states)
+        return (out.logits, list(out.hidden_states)) if return_hidden_states else out.logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover
+        raise ConfigError("model.hf: Hugging Face models need transformers: pip install 'myopia[hf]'") from None
+    return transformers
+
+
+def _from_preset(name: str, vocab_size: int, seed: int) -> nn.Module:
+    transformers = _transformers()
+    preset = HF_PRESETS[name]
+    cfg = dict(preset.config)
+    key = "vocab_size"
+    if vocab_size > cfg[key]:
+        raise ConfigError(f"hf_model {name!r}: the tokenizer gives {vocab_size} token ids but the preset has "
+                          f"vocab_size {cfg[key]}; use a tokenizer of at most that many")
+    torch.manual_seed(seed)
+    if preset.family == "gpt2":
+        config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **cfg)
+        return transformers.GPT2LMHeadModel(config)
+    if preset.family == "gpt_neox":
+        config = transformers.GPTNeoXConfig(attention_dropout=0.0, hidden_dropout=0.0, **cfg)
+        return transformers.GPTNeoXForCausalLM(config)
+    config = transformers.LlamaConfig(**cfg)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _from_pretrained(spec: str) -> nn.Module:
+    transformers = _transformers()
+    local = not spec.startswith("hf:")
+    name = spec if local else spec[3:]
+    if local and not os.path.isfile(os.path.join(spec, "config.json")):
+        raise ConfigError(f"hf_model {spec!r} is neither a preset ({', '.join(HF_PRESETS)}), a directory with a "
+                          "transformers config.json, nor hf:NAME for a hub model")
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=local,
+                                                                 attn_implementation="sdpa")
+    except OSError as exc:
+        where = "the directory" if local else "the hub (offline? set HF_HUB_OFFLINE=0 and check the name)"
+        raise ConfigError(f"hf_model {spec!r}: could not load from {where}: {str(exc).splitlines()[0]}") from None
+
+
+def build_hf_model(spec: str, mode: str, beta: float, vocab_size: int, seed: int) -> HFCausalLM:
+    """The arm's model (identical initial weights in every arm: same seed or same checkpoint)."""
+    from myopia.hf import make_myopic
+
+    model = _from_preset(spec, vocab_size, seed) if spec in HF_PRESETS else _from_pretrained(spec)
+    if vocab_size > model.config.vocab_size:
+        raise ConfigError(f"hf_model {spec!r} has vocab_size {model.config.vocab_size}, fewer than the tokenizer's "
+                          f"{vocab_size} token ids; use the tokenizer the model was trained with")
+    model.config._attn_implementation = model.config._attn_implementation or "sdpa"
+    if mode != "vanilla":
+        make_myopic(model, mode, beta=beta)
+    return HFCausalLM(model.train(), spec)
+
+
+__all__ = ["HF_PRESETS", "HFCausalLM", "HFPreset", "build_hf_model"]

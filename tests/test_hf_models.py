@@ -1,0 +1,81 @@
+"""Hugging Face models as experiment arms: presets build and train offline, local checkpoints load,
+and `myopia sweep` gathers the gap across sizes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from myopia import cli
+from myopia.config import ConfigError
+from myopia.hf import current_mode
+from myopia.hf_models import HF_PRESETS, build_hf_model
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m", "pythia-14m", "llama-tiny"])
+def test_preset_builds_and_trains_a_step_offline(name):
+    model = build_hf_model(name, "myopic", 0.0, vocab_size=50257, seed=0)
+    assert current_mode(model.hf) == "myopic"
+    x = torch.randint(0, 50257, (2, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    logits = model(x)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    _, hidden = model(x, return_hidden_states=True)
+    assert len(hidden) == model.config.num_hidden_layers + 1
+
+
+def test_pythia_presets_have_the_published_shapes_and_learning_rates():
+    shapes = {n: (p.config["hidden_size"], p.config["num_hidden_layers"], p.lr) for n, p in HF_PRESETS.items()
+              if n.startswith("pythia")}
+    assert shapes["pythia-70m"] == (512, 6, 1e-3)
+    assert shapes["pythia-410m"] == (1024, 24, 3e-4)
+    assert shapes["pythia-2.8b"] == (2560, 32, 1.6e-4)
+    assert [s[0] for s in shapes.values()] == sorted(s[0] for s in shapes.values())
+
+
+def test_local_checkpoint_loads_its_weights(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=300, max_position_embeddings=64)
+    original = transformers.GPTNeoXForCausalLM(cfg)
+    original.save_pretrained(tmp_path / "ckpt")
+    model = build_hf_model(str(tmp_path / "ckpt"), "myopic_kv", 0.0, vocab_size=256, seed=1)
+    for (n, a), b in zip(original.state_dict().items(), model.hf.state_dict().values()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ConfigError, match="vocab_size 300"):
+        build_hf_model(str(tmp_path / "ckpt"), "vanilla", 0.0, vocab_size=1000, seed=0)
+    with pytest.raises(ConfigError, match="neither a preset"):
+        build_hf_model(str(tmp_path / "missing"), "vanilla", 0.0, vocab_size=10, seed=0)
+
+
+def test_sweep_end_to_end(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "and", "then", "it", "was", "very", "quite", "big", "small"]
+    for i in range(40):
+        (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=200)) + ".")
+    out = tmp_path / "sweep"
+    code = cli.main(["sweep", "--models", "pythia-14m,llama-tiny", "--data.corpus", str(folder), "--data.seq_len", "16",
+                     "--train.steps", "2", "--train.batch_size", "4", "--train.progress", "false",
+                     "--analysis.heldout_windows", "32", "--analysis.bootstrap", "100",
+                     "--analysis.probe_train_windows", "16", "--analysis.probe_classes", "8",
+                     "--analysis.top_kl", "3", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results["models"]] == ["pythia-14m", "llama-tiny"]
+    assert all(r["parameters"] > 1e6 for r in results["models"])
+    assert results["models"][0]["paper_gap"] == 0.157
+    assert "Myopia gap across model sizes" in (out / "report.md").read_text()
+    assert (out / "gap_vs_params.png").exists()
