@@ -21,3 +21,17 @@ def pytest_collection_modifyitems(config, items):
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Token caches and trained tokenizers go to a per-session temporary folder, never ~/.cache."""
     monkeypatch.setenv("MYOPIA_CACHE", str(tmp_path_factory.getbasetemp() / "myopia-cache"))
+
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "and", "then", "it", "was", "very", "quite", "big", "small"]
+
+
+def write_word_corpus(folder, n_docs: int, words_per_doc: int):
+    """A folder of random-word text documents (a small local corpus for end-to-end runs)."""
+    import numpy as np
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n_docs):
+        (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, size=words_per_doc)) + ".")
+    return folder

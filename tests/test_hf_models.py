@@ -3,12 +3,13 @@ and `myopia sweep` gathers the gap across sizes."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("transformers")
+
+from conftest import write_word_corpus
 
 from myopia import cli
 from myopia.config import ConfigError
@@ -60,12 +61,7 @@ def test_local_checkpoint_loads_its_weights(tmp_path):
 
 
 def test_sweep_end_to_end(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "and", "then", "it", "was", "very", "quite", "big", "small"]
-    for i in range(40):
-        (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=200)) + ".")
+    folder = write_word_corpus(tmp_path / "corpus", 40, 200)
     out = tmp_path / "sweep"
     code = cli.main(["sweep", "--models", "pythia-14m,llama-tiny", "--data.corpus", str(folder), "--data.seq_len", "16",
                      "--train.steps", "2", "--train.batch_size", "4", "--train.progress", "false",

@@ -2,21 +2,16 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_word_corpus
 
 from myopia import GPT, GPTConfig, cli
 from myopia.local_myopia import LocalMyopicGPT
 
 
 def test_lm_experiment_end_to_end(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "and", "then", "it", "was", "very", "quite", "big", "small"]
-    for i in range(60):
-        (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=300)) + ".")
+    folder = write_word_corpus(tmp_path / "corpus", 60, 300)
     out = tmp_path / "run"
     code = cli.main(["lm", "--preset", "tiny", "--data.corpus", str(folder), "--out", str(out),
                      "--arms", "vanilla,myopic,bigram,local-myopic"])
