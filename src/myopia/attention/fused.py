@@ -15,6 +15,11 @@ tensor exists at any point. Backward, per head, with ``p_ii = exp(c·q_i·k_i + 
 
 Because the forward values of ``k_past`` and ``k`` are equal, the caller may pass the same tensor
 values twice; only the gradient routing differs.
+
+The op is registered with ``torch.library`` (``myopia::myopic_attention`` and its backward
+``myopia::myopic_attention_backward``), each with a fake implementation, so ``torch.compile``
+traces through it. On CUDA the O(n·d) part runs as one Triton kernel
+(:mod:`myopia.attention.triton_diag`); elsewhere, and with a custom mask, as PyTorch element-wise ops.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class ReproduceConfig:
     synthetic_steps: int | None = None
     """Override the synthetic cpu preset's step count (None = the preset's)."""
     language: bool = True
-    """Also run the natural-language myopia gap (the lm cpu preset, ~15 minutes on 2 cores)."""
+    """Also run the natural-language myopia gap (the lm cpu preset, ~10 minutes on 2 cores)."""
     lm_steps: int | None = None
     """Override the lm cpu preset's step count (None = the preset's)."""
     progress: bool = True

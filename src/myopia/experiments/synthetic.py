@@ -82,7 +82,7 @@ class SyntheticExperiment:
 
 _CPU = {  # shared by the cpu and breadcrumbs presets: calibrated on 2 CPU cores (docs/synthetic.md)
     "model": dict(n_layer=2, n_head=2, n_embd=128, activation="relu", dropout=0.0),
-    "optim": {"lr": 2e-3, "weight_decay": 0.01, "warmup": 0.01},
+    "optim": {"lr": 1.2e-3, "weight_decay": 0.01, "warmup": 0.01},
     "train": {"steps": 4000, "batch_size": 96, "eval_every": 1000, "eval_batches": 16,
               "checkpoint_every": 1000, "log_every": 25},
 }
