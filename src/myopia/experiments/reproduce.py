@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from myopia.config import from_dict, merge
 from myopia.analysis.stats import format_ci
+from myopia.config import from_dict, merge
 from myopia.experiments import lm, synthetic
 
 
