@@ -43,7 +43,7 @@ wait "${pids[@]}"  # (a bare `wait` would also wait for tee below, forever)
 (cd "$RUNS" && tar czf "$OUT/runs.tgz" --exclude=checkpoints --exclude='*.safetensors' .)
 
 stamp "3. attention op"
-timeout 70 python3 benchmarks/attention_op.py --device cuda --dtype bfloat16 --T 1024 4096 8192 --batch 4 \
+timeout 70 python3 benchmarks/attention_op.py --device cuda --dtype bfloat16 --T 512 1024 2048 4096 8192 --batch 4 \
     --heads 12 --kv-heads 12 --head-dim 64 --repeats 10 --json "$RUNS/attention_op.json" | tail -16
 
 stamp "4. training step, GPT-2-small shape (eager)"
