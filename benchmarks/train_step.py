@@ -80,19 +80,16 @@ def build(model_name: str, T: int, variant: str, device: str) -> tuple[torch.nn.
     return model.to(device).train(), n, layers, width
 
 
-def logits_of(model, x):
-    from myopia import GPT
-
-    if isinstance(getattr(model, "_orig_mod", model), GPT):
-        return model(x)
-    return model(input_ids=x, use_cache=False).logits
-
-
 def run_one(variant: str, B: int, T: int, args) -> dict:
     device = args.device
     model, n_params, layers, width = build(args.model, T, variant, device)
     vocab = MODELS[args.model][1].get("vocab_size")
     step_model = torch.compile(model) if args.compile else model
+    if MODELS[args.model][0] == "ours":
+        logits_of = step_model
+    else:
+        def logits_of(x):
+            return step_model(input_ids=x, use_cache=False).logits
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, vocab, (B, T), generator=g).to(device)
@@ -102,7 +99,7 @@ def run_one(variant: str, B: int, T: int, args) -> dict:
 
     def step():
         with autocast:
-            logits = logits_of(step_model, x)
+            logits = logits_of(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
         loss.backward()
         opt.step()

@@ -144,7 +144,7 @@ def _wrap_projection(proj: nn.Module, owner: nn.Module) -> None:
                 y_live, y_weight_only = project_with_weight_only_copy(state.x_live, weight, bias)
                 state.projected[id(proj)] = y_live
                 return y_weight_only
-            out_features = proj.weight.shape[0] if isinstance(proj, nn.Linear) else proj.weight.shape[1]
+            out_features = _weight_and_bias(proj)[0].shape[0]
             return x.new_zeros(*x.shape[:-1], out_features)  # the output projection of zeros
         if state.phase == "live" and x is state.x_live and id(proj) in state.projected:
             return state.projected.pop(id(proj))

@@ -89,10 +89,9 @@ def _from_preset(name: str, vocab_size: int, seed: int) -> nn.Module:
     transformers = _transformers()
     preset = HF_PRESETS[name]
     cfg = dict(preset.config)
-    key = "vocab_size"
-    if vocab_size > cfg[key]:
+    if vocab_size > cfg["vocab_size"]:  # checked before building: a large preset takes a while
         raise ConfigError(f"hf_model {name!r}: the tokenizer gives {vocab_size} token ids but the preset has "
-                          f"vocab_size {cfg[key]}; use a tokenizer of at most that many")
+                          f"vocab_size {cfg['vocab_size']}; use a tokenizer of at most that many")
     torch.manual_seed(seed)
     if preset.family == "gpt2":
         config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **cfg)

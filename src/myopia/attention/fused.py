@@ -73,6 +73,16 @@ def _kv_mask_diag(mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
     return mask.expand(*mask.shape[:-2], T, T).diagonal(dim1=-2, dim2=-1)
 
 
+def _fused_backward(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale):
+    """``(lse, dq, dk_full, dv_full)``: the fused (vanilla) backward over expanded keys/values."""
+    groups = q.shape[1] // k.shape[1]
+    lse, extras = kernels.unpack_extras(lse_store, aux0, aux1, q, mask)
+    dq, dk_full, dv_full = kernels.fused_backward(
+        dout, q, expand_kv(k, groups), expand_kv(v, groups), out, lse, extras, scale=scale, mask=mask
+    )
+    return lse, dq, dk_full, dv_full
+
+
 def _forward_impl(q, k, v, mask, scale):
     groups = q.shape[1] // k.shape[1]
     out, lse, extras = kernels.fused_forward(q, expand_kv(k, groups), expand_kv(v, groups), scale=scale, mask=mask)
@@ -118,20 +128,17 @@ def _myopic_attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk_live, dv_live, dk_past, dv_past)``; an unwanted past gradient is an empty tensor.
     Key/value gradients are contiguous, in the key/value heads' shape."""
-    groups = q.shape[1] // k.shape[1]
-    k_e, v_e = expand_kv(k, groups), expand_kv(v, groups)
-    lse, extras = kernels.unpack_extras(lse_store, aux0, aux1, q, mask)
+    lse, dq, dk_full, dv_full = _fused_backward(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale)
     need_cross = beta > 0.0 or want_past_k or want_past_v
-    dq, dk_full, dv_full = kernels.fused_backward(dout, q, k_e, v_e, out, lse, extras, scale=scale, mask=mask)
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     if mask is None and triton_diag.available(q):
         dk_live, dv_live, dk_past, dv_past = triton_diag.split_kv_grads(
             q, k, v, out, dout, lse, dk_full if need_cross else None, dv_full if need_cross else None,
             scale=scale, beta=beta, want_past_k=want_past_k, want_past_v=want_past_v,
         )
     else:
+        groups = q.shape[1] // k.shape[1]
         dk_live, dv_live, dk_past, dv_past = _split_kv_grads_torch(
-            q, k_e, v_e, out, dout, lse, dk_full, dv_full, scale=scale, beta=beta,
+            q, expand_kv(k, groups), expand_kv(v, groups), out, dout, lse, dk_full, dv_full, scale=scale, beta=beta,
             mask_diag=_kv_mask_diag(mask, q.shape[-2]), groups=groups, need_cross=need_cross,
             want_past_k=want_past_k, want_past_v=want_past_v,
         )
@@ -146,11 +153,7 @@ def _myopic_attention_backward_op(
 
 @_myopic_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale, beta, want_past_k, want_past_v):
-    groups = q.shape[1] // k.shape[1]
-    lse, extras = kernels.unpack_extras(lse_store, aux0, aux1, q, mask)
-    dq, _, _ = kernels.fused_backward(
-        dout, q, expand_kv(k, groups), expand_kv(v, groups), out, lse, extras, scale=scale, mask=mask
-    )
+    _, dq, _, _ = _fused_backward(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale)
     kv = lambda want: torch.empty(k.shape, dtype=k.dtype, device=k.device) if want else q.new_empty(_EMPTY)
     return dq, kv(True), kv(True), kv(want_past_k), kv(want_past_v)
 

@@ -57,12 +57,13 @@ def fused_forward(
     """Return ``(out, lse, extras)``; ``lse`` is float32 (or float64) of shape ``(B, H, T)``."""
     causal = mask is None
     T = q.shape[-2]
-    if q.device.type == "cpu":
+    kind = kernel_kind(q, mask)
+    if kind == "cpu":
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal=causal, attn_mask=mask, scale=scale
         )
         return out, lse, ("cpu",)
-    if _use_cuda_flash(q, mask):
+    if kind == "flash":
         res = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         out, lse, cum_q, cum_k, max_q, max_k, rng_state, unused = res[:8]
         return out, lse, ("flash", cum_q, cum_k, max_q, max_k, rng_state, unused)

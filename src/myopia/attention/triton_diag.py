@@ -120,17 +120,13 @@ def split_kv_grads(
     HKV = k.shape[1]
     groups = H // HKV
     has_full = dk_full is not None
-    q, k, v, out, dout, lse = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout, lse))
+    last_dim_contiguous = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    q, k, v, out, dout, lse, dk_full, dv_full = map(last_dim_contiguous, (q, k, v, out, dout, lse, dk_full, dv_full))
     dk_live = torch.empty(B, HKV, T, D, dtype=k.dtype, device=k.device)
     dv_live = torch.empty(B, HKV, T, D, dtype=v.dtype, device=v.device)
     dk_past = torch.empty_like(dk_live) if has_full and want_past_k else None
     dv_past = torch.empty_like(dv_live) if has_full and want_past_v else None
-    if has_full:
-        dk_full = dk_full if dk_full.stride(-1) == 1 else dk_full.contiguous()
-        dv_full = dv_full if dv_full.stride(-1) == 1 else dv_full.contiguous()
-        dkf, dvf = dk_full, dv_full
-    else:
-        dkf, dvf = q, q  # unused by the kernel
+    dkf, dvf = (dk_full, dv_full) if has_full else (q, q)  # q: a placeholder the kernel does not read
     block_t = 32 if D <= 128 else 16
     grid = (triton.cdiv(T, block_t), B * HKV)
     _diag_kernel[grid](

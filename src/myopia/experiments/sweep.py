@@ -7,7 +7,6 @@ seed) into ``out/<model>/`` and gathers the myopia gap with its CI against the p
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -46,7 +45,7 @@ PRESETS: dict[str, dict] = {
         "optim": {"weight_decay": 0.01, "warmup": 0.05},
         "train": {"steps": 2000, "batch_size": 256, "eval_every": 500, "eval_batches": 16, "checkpoint_every": 500},
     },
-    # Minutes on a CPU: three small shapes, a short budget.
+    # Minutes on a CPU: two small shapes, a short budget.
     "cpu": {
         "out": "runs/sweep-cpu",
         "models": ["pythia-14m", "llama-tiny"],
@@ -81,8 +80,7 @@ def run(cfg: SweepExperiment) -> dict:
         if res.get("status") != "completed":
             print("myopia sweep: interrupted; rerun with --resume to continue", flush=True)
             break
-        params = _count_parameters(sub)
-        rows.append({"model": model, "parameters": params, "lr": sub.optim.lr, "myopia_gap": res["myopia_gap"],
+        rows.append({"model": model, "parameters": res["parameters"], "lr": sub.optim.lr, "myopia_gap": res["myopia_gap"],
                      "position0_gap": res["gap_per_position"][0],
                      "arms": {k: v["loss"] for k, v in res["arms"].items()}, "paper_gap": PAPER_GAPS.get(model)})
     results = {"experiment": "sweep", "config": asdict(cfg), "environment": environment(), "models": rows,
@@ -92,14 +90,6 @@ def run(cfg: SweepExperiment) -> dict:
     for r in rows:
         print(f"  {r['model']:>14} ({r['parameters'] / 1e6:.1f}M): gap {format_ci(r['myopia_gap'])}", flush=True)
     return results
-
-
-def _count_parameters(sub: lm.LMExperiment) -> int:
-    """Parameters of the vanilla arm's model, from its saved results (no rebuild)."""
-    path = os.path.join(sub.out, "results.json")
-    with open(path) as f:
-        res = json.load(f)
-    return int(res.get("parameters", 0))
 
 
 def _write_report(out: str, results: dict) -> None:
