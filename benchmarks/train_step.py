@@ -10,8 +10,10 @@ backend) and ``eager (paper)``: the myopic mode through the eager n×n reference
 recipe. Every variant runs the same model, data and optimiser. On CUDA all variants run in this
 process one after another (bf16 autocast, peak = ``max_memory_allocated`` of the step, weights and
 optimiser state included); on the CPU each runs in a fresh process, so that the peak resident set
-is its own. MFU uses the PaLM/nanoGPT count 6·N + 12·L·d·T FLOPs per token (N without position
-embeddings) against the card's dense bf16 peak (``--peak-tflops``, 989 for H100/H200 SXM).
+is its own, and the step times (hence the ratios) come from one more process that runs the variants'
+steps round-robin, so that the machine's drift between processes does not enter the ratios. MFU
+uses the PaLM/nanoGPT count 6·N + 12·L·d·T FLOPs per token (N without position embeddings) against
+the card's dense bf16 peak (``--peak-tflops``, 989 for H100/H200 SXM).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from datetime import date
 
 import torch
@@ -80,7 +84,8 @@ def build(model_name: str, T: int, variant: str, device: str) -> tuple[torch.nn.
     return model.to(device).train(), n, layers, width
 
 
-def run_one(variant: str, B: int, T: int, args) -> dict:
+def make_step(variant: str, B: int, T: int, args):
+    """``(step, flops_per_token)``: one training step of the variant's model on fixed data."""
     device = args.device
     model, n_params, layers, width = build(args.model, T, variant, device)
     vocab = MODELS[args.model][1].get("vocab_size")
@@ -105,16 +110,36 @@ def run_one(variant: str, B: int, T: int, args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, 6 * n_params + 12 * layers * width * T
+
+
+def run_one(variant: str, B: int, T: int, args) -> dict:
+    device = args.device
+    step, flops_per_token = make_step(variant, B, T, args)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     res = measure(step, device, warmup=args.warmup, repeats=args.repeats)
     if device.startswith("cuda"):
         res["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    tokens = B * T
-    res["tok_s"] = tokens / (res["ms"] / 1e3)
-    flops_per_token = 6 * n_params + 12 * layers * width * T
+    res["tok_s"] = B * T / (res["ms"] / 1e3)
     res["tflops"] = flops_per_token * res["tok_s"] / 1e12
     return res
+
+
+def interleaved_ms(variants: list[str], B: int, T: int, args) -> dict[str, float]:
+    """Median step time of every variant, measured round-robin in one process: on a shared CPU the
+    machine's speed drifts by ±10% between processes, which sequential runs would read as a ratio."""
+    steps = {v: make_step(v, B, T, args)[0] for v in variants}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[v].append((time.perf_counter() - start) * 1e3)
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def main() -> None:
@@ -129,17 +154,26 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card, for MFU")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--one", nargs=3, metavar=("VARIANT", "B", "T"), help=argparse.SUPPRESS)
+    p.add_argument("--interleave", nargs=2, metavar=("B", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     args.model = args.model or ("gpt2-small" if cuda else "small")
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]), args)))
         return
+    if args.interleave:
+        print(json.dumps(interleaved_ms(args.variants, int(args.interleave[0]), int(args.interleave[1]), args)))
+        return
     shapes = args.shapes or (["16x1024", "4x4096"] if cuda else ["8x512", "2x2048"])
     rows = []
     for shape in shapes:
         B, T = (int(s) for s in shape.lower().split("x"))
         base = None
+        common = ["--device", args.device, "--model", args.model, "--warmup", str(args.warmup),
+                  "--repeats", str(args.repeats)] + (["--compile"] if args.compile else [])
+        # CPU: step times from one round-robin process (the ratios), peak memory from a fresh process each
+        inter = {} if cuda else in_subprocess([__file__, *common, "--variants", *args.variants,
+                                               "--interleave", str(B), str(T)])
         for variant in args.variants:
             if cuda:
                 try:
@@ -149,9 +183,10 @@ def main() -> None:
                 gc.collect()  # the variant's model and optimiser state go before the next is built
                 torch.cuda.empty_cache()
             else:
-                argv = [__file__, "--device", args.device, "--model", args.model, "--warmup", str(args.warmup),
-                        "--repeats", str(args.repeats), "--one", variant, str(B), str(T)]
-                res = in_subprocess(argv + (["--compile"] if args.compile else []))
+                res = in_subprocess([__file__, *common, "--one", variant, str(B), str(T)])
+                if "error" not in res and variant in inter:
+                    res["ms"] = inter[variant]
+                    res["tok_s"] = B * T / (res["ms"] / 1e3)
             row = {"shape": f"{B}x{T}", "variant": variant}
             if "error" in res:
                 row["ms"] = res["error"]
