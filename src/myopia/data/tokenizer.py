@@ -75,13 +75,13 @@ def train_bpe(docs: list[Document], vocab_size: int, save_path: str | None = Non
     return _wrap(f"bpe{vocab_size}", tok)
 
 
-def hf_tokenizer(name: str) -> TextTokenizer:
+def hf_tokenizer(name: str, label: str | None = None, **kwargs) -> TextTokenizer:
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise DataError(f"data.tokenizer: hf:{name} needs transformers: pip install 'myopia[hf]'") from None
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(f"data.tokenizer: could not load tokenizer {name!r} ({first}); offline, pass a local "
@@ -89,14 +89,14 @@ def hf_tokenizer(name: str) -> TextTokenizer:
     backend = getattr(tok, "backend_tokenizer", None)
     fingerprint = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else name
     return TextTokenizer(
-        name=f"hf:{name}", vocab_size=len(tok), fingerprint=fingerprint,
+        name=label or f"hf:{name}", vocab_size=len(tok), fingerprint=fingerprint,
         encode_batch=lambda texts: tok(texts, add_special_tokens=False)["input_ids"],
         decode=lambda ids: tok.decode([int(i) for i in ids]),
     )
 
 
 def build_tokenizer(spec: str, vocab_size: int, train_docs: list[Document], cache_dir: str) -> TextTokenizer:
-    """``spec``: byte | bpe (trained here at ``vocab_size``) | gpt2 | hf:<name or folder>."""
+    """``spec``: byte | bpe (trained here at ``vocab_size``) | gpt2 | smollm2 | hf:<name or folder>."""
     if spec == "byte":
         return byte_tokenizer()
     if spec == "gpt2":
@@ -108,4 +108,13 @@ def build_tokenizer(spec: str, vocab_size: int, train_docs: list[Document], cach
         return train_bpe(train_docs, vocab_size, os.path.join(cache_dir, f"bpe{vocab_size}-{key}.json"))
     if spec.startswith("hf:"):
         return hf_tokenizer(spec[3:])
-    raise DataError(f"data.tokenizer={spec!r} is not one of byte, bpe, gpt2, hf:<name or folder>")
+    if spec == "smollm2":
+        from myopia.config import ConfigError
+        from myopia.hf_models import smollm2_gguf
+
+        try:
+            folder, name = smollm2_gguf()
+        except ConfigError as exc:
+            raise DataError(f"data.tokenizer: {exc}") from None
+        return hf_tokenizer(folder, label="smollm2", gguf_file=name)
+    raise DataError(f"data.tokenizer={spec!r} is not one of byte, bpe, gpt2, smollm2, hf:<name or folder>")
