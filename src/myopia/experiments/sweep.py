@@ -81,7 +81,7 @@ def run(cfg: SweepExperiment) -> dict:
             print("myopia sweep: interrupted; rerun with --resume to continue", flush=True)
             break
         rows.append({"model": model, "parameters": res["parameters"], "lr": sub.optim.lr, "myopia_gap": res["myopia_gap"],
-                     "position0_gap": res["gap_per_position"][0],
+                     "position0_gap": res.get("first_position_gap", res["gap_per_position"][0]),
                      "arms": {k: v["loss"] for k, v in res["arms"].items()}, "paper_gap": PAPER_GAPS.get(model)})
     results = {"experiment": "sweep", "config": asdict(cfg), "environment": environment(), "models": rows,
                "status": "completed" if len(rows) == len(cfg.models) else "interrupted"}

@@ -8,6 +8,7 @@ document, each labelled with its document (for bootstrap intervals over document
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ class TextConfig:
     corpus: str = "builtin"
     """builtin (the shipped English corpus) | a UTF-8 file or folder of .txt files | hf:<dataset name>."""
     tokenizer: str = "bpe"
-    """byte | bpe (byte-level BPE trained on the training documents) | gpt2 | hf:<name or folder>."""
+    """byte | bpe (byte-level BPE trained on the training documents) | gpt2 | smollm2 (SmolLM2's, with
+    hf_model smollm2-135m) | hf:<name or folder>."""
     vocab_size: int = 8192
     """Vocabulary size of a trained bpe tokenizer."""
     seq_len: int = 64
@@ -88,6 +90,12 @@ class TextTask:
             for start in range(int(off[d]), int(off[d + 1]) - span + 1, span):
                 rows.append((start, d))
         return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+    def with_seed(self, seed: int) -> TextTask:
+        """The same data (tokenizer, caches, split) with another seed's training order."""
+        other = copy.copy(self)
+        other.seed = seed
+        return other
 
     def model_overrides(self) -> dict:
         return {"vocab_size": self.tokenizer.vocab_size, "block_size": self.seq_len,
