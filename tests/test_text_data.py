@@ -5,7 +5,7 @@ import os
 
 from myopia.data.cache import HEADER_BYTES, load_or_build
 from myopia.data.corpus import Document, builtin_documents, split_documents
-from myopia.data.tokenizer import byte_tokenizer, gpt2_tokenizer, train_bpe
+from myopia.data.tokenizer import build_tokenizer, byte_tokenizer, gpt2_tokenizer, train_bpe
 from myopia.tasks.text import TextConfig, TextTask
 
 
@@ -49,6 +49,16 @@ def test_token_cache_round_trips_text(tmp_path):
         ids = arr.tokens[arr.doc_offsets[d]:arr.doc_offsets[d + 1]]
         assert tok.decode(ids.tolist()) == text
     assert tok.encode_batch(["Hello world"])[0] == [15496, 995]  # GPT-2's ids
+
+
+def test_gpt_neox_tokenizer_gives_pythias_ids():
+    """The shipped GPT-NeoX-20B tokenizer (Pythia's): its ids, its whitespace tokens, no extra specials."""
+    tok = build_tokenizer("gpt-neox", 0, [], "")
+    assert tok.vocab_size == 50277  # Pythia's embeddings (50304 rows) hold every id
+    assert tok.encode_batch(["Hello world"])[0] == [12092, 1533]  # GPT-2 gives [15496, 995]
+    assert tok.encode_batch(["a" + " " * 24 + "b"])[0] == [66, 50254, 67]  # runs of spaces are single tokens
+    text = "Héllo  wörld,\n\n  indented: 3.14159"
+    assert tok.decode(tok.encode_batch([text])[0]) == text
 
 
 def test_corrupt_and_stale_caches_are_rebuilt_with_a_message(tmp_path):

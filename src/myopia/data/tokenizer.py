@@ -55,6 +55,16 @@ def gpt2_tokenizer() -> TextTokenizer:
     return _wrap("gpt2", tok)
 
 
+def neox_tokenizer() -> TextTokenizer:
+    """EleutherAI's GPT-NeoX-20B BPE, the Pythia models' tokenizer (vocabulary 50277), shipped with myopia."""
+    import lzma
+
+    from tokenizers import Tokenizer
+
+    data = resources.files("myopia.data").joinpath("tokenizers/gpt-neox/tokenizer.json.xz").read_bytes()
+    return _wrap("gpt-neox", Tokenizer.from_str(lzma.decompress(data).decode("utf-8")))
+
+
 def train_bpe(docs: list[Document], vocab_size: int, save_path: str | None = None) -> TextTokenizer:
     """A byte-level BPE of ``vocab_size`` trained on ``docs`` (seconds for a few MB of text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -96,11 +106,13 @@ def hf_tokenizer(name: str, label: str | None = None, **kwargs) -> TextTokenizer
 
 
 def build_tokenizer(spec: str, vocab_size: int, train_docs: list[Document], cache_dir: str) -> TextTokenizer:
-    """``spec``: byte | bpe (trained here at ``vocab_size``) | gpt2 | smollm2 | hf:<name or folder>."""
+    """``spec``: byte | bpe (trained here at ``vocab_size``) | gpt2 | gpt-neox | smollm2 | hf:<name or folder>."""
     if spec == "byte":
         return byte_tokenizer()
     if spec == "gpt2":
         return gpt2_tokenizer()
+    if spec == "gpt-neox":
+        return neox_tokenizer()
     if spec == "bpe":
         from myopia.data.corpus import fingerprint
 
@@ -117,4 +129,4 @@ def build_tokenizer(spec: str, vocab_size: int, train_docs: list[Document], cach
         except ConfigError as exc:
             raise DataError(f"data.tokenizer: {exc}") from None
         return hf_tokenizer(folder, label="smollm2", gguf_file=name)
-    raise DataError(f"data.tokenizer={spec!r} is not one of byte, bpe, gpt2, smollm2, hf:<name or folder>")
+    raise DataError(f"data.tokenizer={spec!r} is not one of byte, bpe, gpt2, gpt-neox, smollm2, hf:<name or folder>")

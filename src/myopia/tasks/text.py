@@ -36,8 +36,8 @@ class TextConfig:
     corpus: str = "builtin"
     """builtin (the shipped English corpus) | a UTF-8 file or folder of .txt files | hf:<dataset name>."""
     tokenizer: str = "bpe"
-    """byte | bpe (byte-level BPE trained on the training documents) | gpt2 | smollm2 (SmolLM2's, with
-    hf_model smollm2-135m) | hf:<name or folder>."""
+    """byte | bpe (byte-level BPE trained on the training documents) | gpt2 | gpt-neox (Pythia's) |
+    smollm2 (SmolLM2's, with hf_model smollm2-135m) | hf:<name or folder>."""
     vocab_size: int = 8192
     """Vocabulary size of a trained bpe tokenizer."""
     seq_len: int = 64
