@@ -5,7 +5,12 @@ import os
 
 from myopia.data.cache import HEADER_BYTES, load_or_build
 from myopia.data.corpus import Document, builtin_documents, split_documents
-from myopia.data.tokenizer import build_tokenizer, byte_tokenizer, gpt2_tokenizer, train_bpe
+from myopia.data.tokenizer import (
+    build_tokenizer,
+    byte_tokenizer,
+    gpt2_tokenizer,
+    train_bpe,
+)
 from myopia.tasks.text import TextConfig, TextTask
 
 
