@@ -384,7 +384,8 @@ def write_report(out: str, results: dict) -> None:
         runs = [[g["mean"] for g in results["gap_per_position"]]]
         if len(results["per_seed"]) > 1:
             runs += [[g["mean"] for g in r["gap_per_position"]] for r in results["per_seed"].values()]
-        if plots.loss_curves({"myopic - vanilla": [(list(range(len(r))), r) for r in runs]},
+        label = "myopic - vanilla" if len(runs) == 1 else f"myopic - vanilla: mean (dark), {len(runs) - 1} seeds (light)"
+        if plots.loss_curves({label: [(list(range(len(r))), r) for r in runs]},
                              os.path.join(out, "gap_by_position.png"), "Myopia gap by position", "nats",
                              reference=0.0, log=False, xlabel="position", reference_label="no gap"):
             made.append("gap_by_position.png")
