@@ -96,6 +96,8 @@ def hf_tokenizer(name: str, label: str | None = None, **kwargs) -> TextTokenizer
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(f"data.tokenizer: could not load tokenizer {name!r} ({first}); offline, pass a local "
                         "folder holding tokenizer.json") from None
+    if getattr(tok, "clean_up_tokenization_spaces", False):
+        tok.clean_up_tokenization_spaces = False  # that clean-up would strip spaces from decoded BPE text
     backend = getattr(tok, "backend_tokenizer", None)
     fingerprint = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else name
     return TextTokenizer(
