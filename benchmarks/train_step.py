@@ -48,6 +48,10 @@ MODELS = {
     "hf-gpt2": ("hf-gpt2", dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768)),
     "hf-llama": ("hf-llama", dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4)),
+    # the CPU's small shape (as "small") in transformers' implementations
+    "hf-gpt2-small": ("hf-gpt2", dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=256)),
+    "hf-llama-small": ("hf-llama", dict(vocab_size=8192, hidden_size=256, intermediate_size=688,
+                                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)),
 }
 
 
