@@ -118,10 +118,13 @@ def _write_report(out: str, results: dict) -> None:
         fig.savefig(made, dpi=130)
         plt.close(fig)
     cfg = results["config"]
+    seeds = cfg["seeds"] or [cfg["train"]["seed"]]
+    ci = lm.ci_text({"seeds": seeds, "ci_over": "seeds" if len(seeds) > 1 else "documents"})
     text = ["# Myopia gap across model sizes (Wu et al. 2024, §4.2)", "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token windows, "
             f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} windows per arm; both arms of a model share "
-            "every optimiser setting (the paper's myopic Pythia arm silently ran another learning rate).", "",
+            "every optimiser setting (the paper's myopic Pythia arm silently ran another learning rate). "
+            f"Intervals: 95% CI {ci} (`--seeds 0,1,2` for intervals over seeds).", "",
             "| model | parameters | lr | vanilla CE | myopic CE | myopia gap [95% CI] | position-0 gap | paper gap |",
             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
