@@ -109,13 +109,17 @@ def _transformers():
     return transformers
 
 
+def _check_vocab(spec: str, model_vocab: int, vocab_size: int, fix: str) -> None:
+    if vocab_size > model_vocab:
+        raise ConfigError(f"hf_model {spec!r} has vocab_size {model_vocab}, fewer than the tokenizer's "
+                          f"{vocab_size} token ids; use {fix}")
+
+
 def _from_preset(name: str, vocab_size: int, seed: int) -> nn.Module:
     transformers = _transformers()
     preset = HF_PRESETS[name]
     cfg = dict(preset.config)
-    if vocab_size > cfg["vocab_size"]:  # checked before building: a large preset takes a while
-        raise ConfigError(f"hf_model {name!r}: the tokenizer gives {vocab_size} token ids but the preset has "
-                          f"vocab_size {cfg['vocab_size']}; use a tokenizer of at most that many")
+    _check_vocab(name, cfg["vocab_size"], vocab_size, "a tokenizer of at most that many")  # before a slow build
     torch.manual_seed(seed)
     if preset.family == "gpt2":
         config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **cfg)
@@ -155,16 +159,11 @@ def build_hf_model(spec: str, mode: str, beta: float, vocab_size: int, seed: int
     if spec in HF_PRESETS:
         model = _from_preset(spec, vocab_size, seed)
     elif spec == SMOLLM2:
-        if vocab_size > SMOLLM2_VOCAB:  # before a 20 s load
-            raise ConfigError(f"hf_model {spec!r} has vocab_size {SMOLLM2_VOCAB}, fewer than the tokenizer's "
-                              f"{vocab_size} token ids; use --data.tokenizer smollm2")
+        _check_vocab(spec, SMOLLM2_VOCAB, vocab_size, "--data.tokenizer smollm2")  # before a 20 s load
         model = _from_smollm2()
     else:
         model = _from_pretrained(spec)
-    if vocab_size > model.config.vocab_size:
-        hint = "--data.tokenizer smollm2" if spec == SMOLLM2 else "the tokenizer the model was trained with"
-        raise ConfigError(f"hf_model {spec!r} has vocab_size {model.config.vocab_size}, fewer than the tokenizer's "
-                          f"{vocab_size} token ids; use {hint}")
+        _check_vocab(spec, model.config.vocab_size, vocab_size, "the tokenizer the model was trained with")
     model.config._attn_implementation = model.config._attn_implementation or "sdpa"
     if mode != "vanilla":
         make_myopic(model, mode, beta=beta)

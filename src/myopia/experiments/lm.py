@@ -81,6 +81,9 @@ class LMExperiment:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32))
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) or [self.train.seed]
+
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, ~10 minutes in all: 3 arms of a 2-layer d=128 model, 1,000 steps of 32 x 64 tokens, a
@@ -119,7 +122,7 @@ PRESETS: dict[str, dict] = {
 
 def run(cfg: LMExperiment) -> dict:
     arms = parse_arms(cfg.arms, allow_local=True)
-    seeds = list(cfg.seeds) or [cfg.train.seed]
+    seeds = cfg.seed_list()
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: {cfg.seeds} repeats a seed; give distinct seeds, e.g. --seeds 0,1,2")
     device = resolve_device(cfg.train.device)
@@ -343,7 +346,7 @@ def probes(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device
 
 
 def summary_text(results: dict) -> str:
-    lines = ["", f"Held-out cross-entropy (nats/token, 95% CI {ci_text(results)}):"]
+    lines = ["", f"Held-out cross-entropy (nats/token, 95% CI {ci_text(len(results['seeds']))}):"]
     for name, a in results["arms"].items():
         lines.append(f"  {name:>10}: {format_ci(a['loss'])}")
     if "myopia_gap" in results:
@@ -359,10 +362,10 @@ def summary_text(results: dict) -> str:
     return "\n".join(lines)
 
 
-def ci_text(results: dict) -> str:
-    n = len(results.get("seeds", [0]))
-    if results.get("ci_over") == "seeds":
-        return f"over {n} seeds"
+def ci_text(n_seeds: int) -> str:
+    """What the intervals of a run with ``n_seeds`` seeds resample (combine_seeds' rule)."""
+    if n_seeds > 1:
+        return f"over {n_seeds} seeds"
     return "by bootstrap over held-out documents; one seed, so run-to-run variance is not included"
 
 
@@ -391,7 +394,7 @@ def write_report(out: str, results: dict) -> None:
             made.append("gap_by_position.png")
     cfg = results["config"]
     env = results["environment"]
-    seeds = results.get("seeds", [0])
+    seeds = results["seeds"]
     rows = [f"| {name} | {format_ci(a['loss'])} | {PAPER.get(name.replace('_', '-'), PAPER.get(name, '-'))} |"
             for name, a in arms.items()]
     text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
@@ -401,7 +404,7 @@ def write_report(out: str, results: dict) -> None:
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
             f"Held-out: {results['heldout']['windows']} windows from {results['heldout']['documents']} documents "
             f"never trained on. {env['device']}, torch {env['torch']}, {env['date']}. "
-            f"Intervals: 95% CI {ci_text(results)}.", "",
+            f"Intervals: 95% CI {ci_text(len(seeds))}.", "",
             f"| arm | held-out CE [95% CI] | paper ({PAPER['model']}) |", "|---|---|---|", *rows, ""]
     if "myopia_gap" in results:
         g, p0 = results["myopia_gap"], results["gap_per_position"][0]

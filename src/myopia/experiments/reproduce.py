@@ -60,7 +60,7 @@ def run(cfg: ReproduceConfig) -> dict:
         if "myopia_gap" in res:
             line += (f": gap {format_ci(res['myopia_gap'])} nats (paper, GPT-2 124M: +{lm.PAPER['gap']}); "
                      f"at position 0 {format_ci(res.get('first_position_gap', res['gap_per_position'][0]))} "
-                     f"(paper: {lm.PAPER['position0_gap']}); 95% CI {lm.ci_text(res)}")
+                     f"(paper: {lm.PAPER['position0_gap']}); 95% CI {lm.ci_text(len(res['seeds']))}")
         lines.append(line)
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "report.md"), "w") as f:

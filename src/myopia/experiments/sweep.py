@@ -83,7 +83,8 @@ def run(cfg: SweepExperiment) -> dict:
         rows.append({"model": model, "parameters": res["parameters"], "lr": sub.optim.lr, "myopia_gap": res["myopia_gap"],
                      "position0_gap": res.get("first_position_gap", res["gap_per_position"][0]),
                      "arms": {k: v["loss"] for k, v in res["arms"].items()}, "paper_gap": PAPER_GAPS.get(model)})
-    results = {"experiment": "sweep", "config": asdict(cfg), "environment": environment(), "models": rows,
+    results = {"experiment": "sweep", "config": asdict(cfg), "environment": environment(), "seeds": cfg.seed_list(),
+               "models": rows,
                "status": "completed" if len(rows) == len(cfg.models) else "interrupted"}
     write_results(cfg.out, results)
     _write_report(cfg.out, results)
@@ -118,13 +119,11 @@ def _write_report(out: str, results: dict) -> None:
         fig.savefig(made, dpi=130)
         plt.close(fig)
     cfg = results["config"]
-    seeds = cfg["seeds"] or [cfg["train"]["seed"]]
-    ci = lm.ci_text({"seeds": seeds, "ci_over": "seeds" if len(seeds) > 1 else "documents"})
     text = ["# Myopia gap across model sizes (Wu et al. 2024, §4.2)", "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token windows, "
             f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} windows per arm; both arms of a model share "
             "every optimiser setting (the paper's myopic Pythia arm silently ran another learning rate). "
-            f"Intervals: 95% CI {ci} (`--seeds 0,1,2` for intervals over seeds).", "",
+            f"Intervals: 95% CI {lm.ci_text(len(results['seeds']))} (`--seeds 0,1,2` for intervals over seeds).", "",
             "| model | parameters | lr | vanilla CE | myopic CE | myopia gap [95% CI] | position-0 gap | paper gap |",
             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
