@@ -58,6 +58,17 @@ def test_wrong_type_and_bad_mode_in_toml(tmp_path):
     assert_one_line_error(run_cli("train", "--config", str(tmp_path / "missing.yaml")), "does not exist")
 
 
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--analysis.first_position_tokens", "-2", "first_position_tokens=-2 must be >= -1"),
+    ("--analysis.probe_offsets", "0,1", "probe_offsets=[0, 1] must be positive"),
+    ("--analysis.bootstrap", "3", "bootstrap=3 must be >= 10"),
+])
+def test_bad_analysis_settings(option, value, fragment, capsys):
+    assert cli.main(["lm", option, value, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
 def test_help_lists_every_option_with_meaning_and_default():
     from myopia.model import GPTConfig
     from myopia.tasks.synthetic import SyntheticConfig

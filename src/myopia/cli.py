@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import yaml
+
 from myopia.config import (
     ConfigError,
     add_dataclass_arguments,
@@ -18,6 +20,7 @@ from myopia.config import (
     load_file,
     merge,
     overrides_from_namespace,
+    to_dict,
 )
 
 
@@ -78,6 +81,9 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     for cmd in commands:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         p.add_argument("--config", metavar="FILE", help="YAML or TOML experiment file (options override it)")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved configuration (preset, file and options merged) as YAML and "
+                            "exit without running; the output is a valid --config file")
         if cmd.presets:
             p.add_argument("--preset", choices=sorted(cmd.presets), default=cmd.default_preset,
                            help="named settings to start from")
@@ -110,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = next(c for c in commands if c.name == ns.command)
     try:
         cfg = resolve_config(cmd, ns)
+        if ns.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
         cmd.run(cfg)
     except (ConfigError, DataError, CheckpointError, RunDirectoryError, NonFiniteLoss) as exc:
         print(f"myopia {cmd.name}: error: {exc}", file=sys.stderr)

@@ -50,9 +50,17 @@ class AnalysisConfig:
     probe_train_windows: int = 1000
     """Training windows the probes are fitted on (scored on the held-out windows)."""
     first_position_tokens: int = 200_000
-    """The position-0 gap is also measured on this many held-out tokens (0 = all), each fed as a
-    one-token context: position 0 sees only its own token, so this is the same quantity as the
+    """The position-0 gap is also measured on this many held-out tokens (0 = all, -1 = skip), each fed
+    as a one-token context: position 0 sees only its own token, so this is the same quantity as the
     windows' position 0 with tens of times the samples."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("heldout_windows", 0), ("bootstrap", 10), ("top_kl", 0), ("probe_classes", 2),
+                          ("probe_train_windows", 1), ("first_position_tokens", -1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
+        if any(k < 1 for k in self.probe_offsets):
+            raise ValueError(f"probe_offsets={self.probe_offsets} must be positive (k in t+k)")
 
 
 @dataclass
