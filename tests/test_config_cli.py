@@ -69,6 +69,14 @@ def test_bad_analysis_settings(option, value, fragment, capsys):
     assert len(err.splitlines()) == 1 and fragment in err, err
 
 
+def test_version(capsys):
+    from myopia import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"myopia {__version__}"
+
+
 def test_help_lists_every_option_with_meaning_and_default():
     from myopia.model import GPTConfig
     from myopia.tasks.synthetic import SyntheticConfig

@@ -132,3 +132,80 @@ def test_local_myopic_past_goes_through_the_layers_own_norm():
         frozen.wpe.weight.mul_(5.0)
     after = LocalMyopicGPT(frozen, trained)(x)
     torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)
+
+
+def test_top_kl_tokens_are_the_largest(tmp_path):
+    """The reported top-KL tokens are exactly the largest KL(vanilla || myopic) over every held-out
+    position (checked by brute force), and top_kl = 0 turns the search off."""
+    from myopia.experiments.lm import LMExperiment, analyse
+    from myopia.tasks.text import TextConfig, TextTask
+
+    folder = write_word_corpus(tmp_path / "corpus", 40, 200)
+    data = TextConfig(corpus=str(folder), vocab_size=300, seq_len=16, cache_dir=str(tmp_path / "c"))
+    task = TextTask(data, 0, log=lambda *a: None)
+    models = {}
+    for i, name in enumerate(("vanilla", "myopic")):
+        torch.manual_seed(i)
+        models[name] = GPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16,
+                                     block_size=16)).eval()
+    cfg = LMExperiment(data=data)
+    cfg.analysis.top_kl, cfg.analysis.probe_train_windows, cfg.analysis.first_position_tokens = 4, 16, -1
+    top = analyse(cfg, task, models, torch.device("cpu"))["top_kl"]
+    kls = []
+    with torch.no_grad():
+        for x, _, _ in task.heldout_all(64):
+            lv, lm = (torch.log_softmax(models[n](x), -1) for n in ("vanilla", "myopic"))
+            kls.append((lv.exp() * (lv - lm)).sum(-1))
+    kl = torch.cat(kls)
+    best = kl.flatten().topk(4)
+    assert [r["kl"] for r in top] == pytest.approx(best.values.tolist(), rel=1e-5)
+    for r in top:  # (ties between identical contexts make the positions themselves ambiguous)
+        assert float(kl[r["window"], r["position"]]) == pytest.approx(r["kl"], rel=1e-5)
+    cfg.analysis.top_kl = 0
+    assert analyse(cfg, task, models, torch.device("cpu"))["top_kl"] == []
+
+
+def _latest_weights(arm_dir):
+    from myopia.train.checkpoint import latest_checkpoint, read_checkpoint
+
+    return read_checkpoint(latest_checkpoint(str(arm_dir / "checkpoints")))[0]
+
+
+@pytest.mark.parametrize("family", ["ours", "hf"])
+def test_arms_fine_tune_one_pretrained_model(tmp_path, capsys, family):
+    """pretrain.steps trains one vanilla model first and every arm of every seed starts from it;
+    init_from starts them from a given checkpoint. With a negligible fine-tuning learning rate each
+    arm ends where its starting model was, and far from a fresh initialisation."""
+    folder = write_word_corpus(tmp_path / "corpus", 60, 300)
+    common = ["lm", "--preset", "tiny", "--data.corpus", str(folder), "--arms", "vanilla,myopic,bigram",
+              "--train.steps", "2", "--optim.lr", "1e-9"]
+    if family == "hf":
+        common += ["--hf_model", "llama-tiny"]
+    out = tmp_path / "run"
+    assert cli.main([*common, "--out", str(out), "--seeds", "0,1", "--pretrain.steps", "20",
+                     "--pretrain.lr", "3e-3"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["pretraining"]["status"] == "completed" and results["pretraining"]["steps"] == 20
+    assert "pretrained for 20 steps (lr 0.003, seed 1000)" in (out / "report.md").read_text()
+    start = _latest_weights(out / "pretrain" / "vanilla")
+    for seed in (0, 1):
+        for arm in ("vanilla", "myopic", "bigram"):
+            weights = _latest_weights(out / f"seed{seed}" / arm)
+            assert weights.keys() == start.keys()
+            for name, w in start.items():
+                torch.testing.assert_close(weights[name], w, atol=1e-6, rtol=0)
+    capsys.readouterr()
+    pretrained = str(out / "pretrain" / "vanilla")
+    if family == "hf":
+        assert cli.main([*common, "--out", str(tmp_path / "x"), "--init_from", pretrained]) == 2
+        assert "checkpoint directory as --hf_model" in capsys.readouterr().err
+        return
+    fresh = GPT(GPTConfig(vocab_size=start["wte.weight"].shape[0], n_layer=2, n_head=2, n_embd=32, block_size=16))
+    assert (start["blocks.0.attn.c_attn.weight"] - fresh.state_dict()["blocks.0.attn.c_attn.weight"]).abs().max() > 1e-3
+    again = tmp_path / "again"
+    assert cli.main([*common, "--out", str(again), "--init_from", pretrained]) == 0
+    torch.testing.assert_close(_latest_weights(again / "seed0" / "myopic")["blocks.1.mlp.c_proj.weight"],
+                               start["blocks.1.mlp.c_proj.weight"], atol=1e-6, rtol=0)
+    capsys.readouterr()
+    assert cli.main([*common, "--out", str(tmp_path / "x"), "--init_from", pretrained, "--pretrain.steps", "5"]) == 2
+    assert "set only one" in capsys.readouterr().err

