@@ -10,6 +10,8 @@ def test_reproduce_command_writes_a_report(tmp_path):
     assert cli.main(["reproduce", "--out", str(out), "--synthetic_steps", "3", "--progress", "false",
                      "--language", "false"]) == 0
     assert (out / "report.md").exists() and (out / "synthetic" / "report.md").exists()
+    top = (out / "report.md").read_text()
+    assert "vanilla (shift1, p1)" in top and "myopic (shift-0 control)" in top and "× trivial" in top
     results = json.loads((out / "synthetic" / "results.json").read_text())
     assert set(results["conditions"]) == {"shift1_p1", "shift0_p1"}
 

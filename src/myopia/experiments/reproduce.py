@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from myopia.analysis.stats import format_ci
 from myopia.config import from_dict, merge
-from myopia.experiments import lm, synthetic
+from myopia.experiments import lm, synthetic, synthetic_report
 
 
 @dataclass
@@ -47,7 +47,7 @@ def run(cfg: ReproduceConfig) -> dict:
     print(f"== 1/{parts} synthetic pre-caching task (paper §4), with the shift-0 breadcrumbs control ==", flush=True)
     out = {"synthetic": synthetic.run(syn_cfg)}
     lines = ["# myopia: laptop-scale reproduction of Wu, Morris & Levine (2024)", "",
-             "- [Synthetic pre-caching task (§4)](synthetic/report.md)"]
+             "- [Synthetic pre-caching task (§4)](synthetic/report.md): " + _synthetic_line(out["synthetic"])]
     if cfg.language:
         lm_over: dict = {"out": os.path.join(cfg.out, "lm"), **seeds, "resume": cfg.resume,
                          "train": {"progress": cfg.progress}}
@@ -67,3 +67,14 @@ def run(cfg: ReproduceConfig) -> dict:
         f.write("\n".join(lines) + "\n")
     print(f"reproduction report: {os.path.join(cfg.out, 'report.md')}")
     return out
+
+
+def _synthetic_line(res: dict) -> str:
+    """Headline numbers of the synthetic experiment, and its one-sentence conclusion."""
+    parts = []
+    for label, arms in res.get("summary", {}).items():
+        name = "shift-0 control" if res["conditions"][label]["control"] else label.replace("_", ", ")
+        for arm, s in arms.items():
+            parts.append(f"{arm} ({name}) {format_ci(s['ratio_to_trivial'])}× trivial, layer-1 R² for f(x_n) "
+                         f"{format_ci(s['r2_layer1_fx'])} (untrained {format_ci(s['r2_layer1_fx_untrained'])})")
+    return "; ".join(parts) + ". " + synthetic_report.conclusion(res)
