@@ -34,3 +34,18 @@ def test_short_run_myopic_probe_gain_far_below_vanilla(tmp_path):
     assert runs["vanilla"]["ratio_to_trivial"] < 0.3 and runs["myopic"]["ratio_to_trivial"] > 0.7
     assert gain("vanilla") > 0.03
     assert gain("vanilla") - gain("myopic") > 0.3
+
+
+def test_reproduce_stops_after_an_interrupted_stage(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the synthetic stage saves it and ends the reproduction with exit code 130; the
+    language stage does not start behind the user's back."""
+    from myopia.experiments import lm, synthetic
+
+    monkeypatch.setattr(synthetic, "run", lambda cfg: {"status": "interrupted"})
+
+    def must_not_run(cfg):
+        raise AssertionError("the lm stage ran after an interrupted synthetic stage")
+
+    monkeypatch.setattr(lm, "run", must_not_run)
+    assert cli.main(["reproduce", "--out", str(tmp_path / "r"), "--progress", "false"]) == 130
+    assert "--resume" in capsys.readouterr().err

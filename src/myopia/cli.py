@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         if ns.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
-        cmd.run(cfg)
+        result = cmd.run(cfg)
+        if _interrupted(result):
+            print(f"myopia {cmd.name}: interrupted; the checkpoints are saved: rerun the same command with "
+                  "--resume to continue", file=sys.stderr)
+            return 130
     except (ConfigError, DataError, CheckpointError, RunDirectoryError, NonFiniteLoss) as exc:
         print(f"myopia {cmd.name}: error: {exc}", file=sys.stderr)
         return 2
@@ -132,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _teardown_distributed()
     return 0
+
+
+def _interrupted(result: object) -> bool:
+    """Whether a run's result (or a stage of it, for reproduce) stopped early on Ctrl-C / SIGINT."""
+    if not isinstance(result, dict):
+        return False
+    return result.get("status") == "interrupted" or any(
+        isinstance(v, dict) and v.get("status") == "interrupted" for v in result.values())
 
 
 def _teardown_distributed() -> None:

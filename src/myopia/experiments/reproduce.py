@@ -46,6 +46,8 @@ def run(cfg: ReproduceConfig) -> dict:
     syn_cfg = from_dict(synthetic.SyntheticExperiment, merge(synthetic.PRESETS["cpu"], overrides))
     print(f"== 1/{parts} synthetic pre-caching task (paper §4), with the shift-0 breadcrumbs control ==", flush=True)
     out = {"synthetic": synthetic.run(syn_cfg)}
+    if out["synthetic"].get("status") == "interrupted":
+        return out  # Ctrl-C: stop here; --resume continues
     lines = ["# myopia: laptop-scale reproduction of Wu, Morris & Levine (2024)", "",
              "- [Synthetic pre-caching task (§4)](synthetic/report.md): " + _synthetic_line(out["synthetic"])]
     if cfg.language:
