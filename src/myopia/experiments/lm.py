@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from myopia.analysis import plots
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci, format_ci, mean_ci
-from myopia.config import ConfigError
+from myopia.config import ConfigError, merge
 from myopia.experiments.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
 from myopia.experiments.runner import environment, run_arms, write_results
 from myopia.hf_models import build_hf_model
@@ -121,25 +121,23 @@ class LMExperiment:
         return list(self.seeds) or [self.train.seed]
 
 
+# What the CPU presets share: the model, data, seeds and batch shape.
+_CPU_SETUP = {"seeds": [0, 1, 2],
+              "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
+              "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
+              "train": {"batch_size": 32, "eval_every": 500, "eval_batches": 8, "checkpoint_every": 500,
+                        "log_every": 25}}
+
 PRESETS: dict[str, dict] = {
-    # 2 CPU cores, ~14 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
+    # 2 CPU cores, ~12 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
     # 1,000 steps of 32 x 64 tokens; then for seeds 0, 1, 2 the vanilla, myopic and bigram arms each
     # fine-tune it for 300 steps. From scratch, this model's gap drowns in run-to-run variance
     # (cpu-scratch; docs/lm.md); from a shared start the seeds agree.
-    "cpu": {"out": "runs/lm-cpu", "seeds": [0, 1, 2],
-            "pretrain": {"steps": 1000, "lr": 3e-3},
-            "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
-            "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
-            "optim": {"lr": 1e-3},
-            "train": {"steps": 300, "batch_size": 32, "eval_every": 500, "eval_batches": 8,
-                      "checkpoint_every": 500, "log_every": 25}},
+    "cpu": merge(_CPU_SETUP, {"out": "runs/lm-cpu", "pretrain": {"steps": 1000, "lr": 3e-3},
+                              "optim": {"lr": 1e-3}, "train": {"steps": 300}}),
     # Every arm from scratch (1,000 steps at lr 3e-3) for seeds 0, 1, 2: ~23 minutes on 2 cores.
-    "cpu-scratch": {"out": "runs/lm-cpu-scratch", "seeds": [0, 1, 2],
-                    "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
-                    "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
-                    "optim": {"lr": 3e-3},
-                    "train": {"steps": 1000, "batch_size": 32, "eval_every": 500, "eval_batches": 8,
-                              "checkpoint_every": 500, "log_every": 25}},
+    "cpu-scratch": merge(_CPU_SETUP, {"out": "runs/lm-cpu-scratch", "optim": {"lr": 3e-3},
+                                      "train": {"steps": 1000}}),
     # The paper's GPT-2 124M setting on the built-in corpus (a GPU run).
     "gpt2-paper": {"out": "runs/lm-gpt2",
                    "arms": ["vanilla", "myopic", "bigram"],
@@ -194,9 +192,7 @@ def run(cfg: LMExperiment) -> dict:
                 return LocalMyopicGPT(models["vanilla"])
             if start is not None:
                 return copy.deepcopy(start).set_attention(arm.mode, beta=arm.beta)
-            if cfg.hf_model:
-                return build_hf_model(cfg.hf_model, arm.mode, arm.beta, task.tokenizer.vocab_size, seed)
-            return build_model(cfg.model, arm, overrides, seed)
+            return fresh_model(cfg, arm, task, overrides, seed)
 
         status = run_arms(os.path.join(cfg.out, f"seed{seed}"), cfg, arms, task, make, cfg.optim,
                           replace(cfg.train, seed=seed), resume=cfg.resume, on_arm_done=keep)
@@ -217,6 +213,13 @@ def run(cfg: LMExperiment) -> dict:
     return results
 
 
+def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
+    """The arm's model with the seed's initial weights: myopia's GPT or the ``hf_model``."""
+    if cfg.hf_model:
+        return build_hf_model(cfg.hf_model, arm.mode, arm.beta, task.tokenizer.vocab_size, seed)
+    return build_model(cfg.model, arm, overrides, seed)
+
+
 def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[torch.nn.Module | None, dict | None]:
     """The model every arm starts from, and the pretraining run's status if there was one: fresh
     weights (None), a trained GPT (``init_from``) or a vanilla model pretrained here for
@@ -233,14 +236,10 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[
     if not p.steps:
         return None, None
 
-    def make(arm: Arm) -> torch.nn.Module:
-        if cfg.hf_model:
-            return build_hf_model(cfg.hf_model, "vanilla", 0.0, task.tokenizer.vocab_size, p.seed)
-        return build_model(cfg.model, arm, overrides, p.seed)
-
     kept: dict = {}
     print(f"myopia lm: pretraining a vanilla model for {p.steps} steps; every arm starts from it", flush=True)
-    status = run_arms(os.path.join(cfg.out, "pretrain"), cfg, [vanilla], task.with_seed(p.seed), make,
+    status = run_arms(os.path.join(cfg.out, "pretrain"), cfg, [vanilla], task.with_seed(p.seed),
+                      lambda arm: fresh_model(cfg, arm, task, overrides, p.seed),
                       replace(cfg.optim, lr=p.lr or cfg.optim.lr), replace(cfg.train, steps=p.steps, seed=p.seed),
                       resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model))
     return kept.get("model"), status
