@@ -75,3 +75,17 @@ def test_sweep_end_to_end(tmp_path):
     assert results["models"][0]["paper_gap"] == 0.157
     assert "Myopia gap across model sizes" in (out / "report.md").read_text()
     assert (out / "gap_vs_params.png").exists()
+
+
+def test_fresh_presets_size_their_embedding_to_the_tokenizer():
+    from myopia.hf_models import preset_vocab_size
+
+    # The model's own tokenizer keeps the published shape (GPT-2: 50,257; Pythia: 50,304 for 50,277 ids).
+    assert preset_vocab_size("gpt2-124m", 50257) == 50257
+    assert preset_vocab_size("pythia-14m", 50277) == 50304
+    # A small BPE gets a small embedding (rounded up to 64); a larger tokenizer than the preset's grows it.
+    assert preset_vocab_size("pythia-14m", 4000) == 4032
+    assert preset_vocab_size("gpt2-124m", 50277) == 50304
+    model = build_hf_model("pythia-14m", "vanilla", 0.0, vocab_size=4096, seed=0)
+    assert model.hf.get_input_embeddings().weight.shape[0] == 4096
+    assert model(torch.randint(0, 4096, (1, 8))).shape == (1, 8, 4096)

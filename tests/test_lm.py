@@ -32,6 +32,11 @@ def test_lm_experiment_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "Myopia gap" in report and "3.28" in report and "Local myopia bonus" in report
     assert "run-to-run variance is not included" in report
+    geometry = results["gradient_geometry"]["runs"]  # measured in the arms whose forward is vanilla's
+    assert set(geometry) == {"seed 0 vanilla", "seed 0 myopic"}
+    assert [r["step"] for r in geometry["seed 0 vanilla"]] == [0, 1, 2, 4, 8, 16, 30]
+    assert all(r["future_norm"] > 0 for r in geometry["seed 0 myopic"])
+    assert "## Gradient geometry" in report and (out / "gradient_geometry.png").is_file()
 
 
 def test_lm_several_seeds_give_intervals_over_seeds(tmp_path):

@@ -11,7 +11,7 @@ def test_reproduce_command_writes_a_report(tmp_path):
                      "--language", "false"]) == 0
     assert (out / "report.md").exists() and (out / "synthetic" / "report.md").exists()
     top = (out / "report.md").read_text()
-    assert "vanilla (shift1, p1)" in top and "myopic (shift-0 control)" in top and "× trivial" in top
+    assert "vanilla (shift 1, p = 1)" in top and "myopic (shift-0 control)" in top and "× trivial" in top
     results = json.loads((out / "synthetic" / "results.json").read_text())
     assert set(results["conditions"]) == {"shift1_p1", "shift0_p1"}
 

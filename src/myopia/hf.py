@@ -261,4 +261,14 @@ def current_mode(model: nn.Module) -> str:
     return "vanilla"
 
 
-__all__ = ["MYOPIC_MODES", "attention_modules", "current_mode", "make_myopic", "myopia_attention_forward"]
+def current_beta(model: nn.Module) -> float:
+    """The ``beta`` ``make_myopic`` last set (0.0 if never)."""
+    for m in model.modules():
+        state = getattr(m, "_myopia_state", None)
+        if state is not None:
+            return state.beta
+    return 0.0
+
+
+__all__ = ["MYOPIC_MODES", "attention_modules", "current_beta", "current_mode", "make_myopic",
+           "myopia_attention_forward"]

@@ -6,7 +6,8 @@ one training loop and every analysis take it unchanged. ``spec`` is
 
 - a preset name (:data:`HF_PRESETS`): the architecture built from its config with fresh weights,
   nothing downloaded (GPT-2 124M; the Pythia suite's shapes, 14M to 2.8B, with the learning rates
-  the Pythia paper published; a small Llama);
+  the Pythia paper published; a small Llama), its embedding sized to the tokenizer
+  (:func:`preset_vocab_size`: the published size for the model's own tokenizer);
 - a local directory holding a transformers checkpoint (``config.json`` + weights): the pretrained
   weights are loaded, for myopic fine-tuning as in the paper's Pythia runs;
 - ``hf:NAME`` for a hub model (online only; offline it fails with a one-line error);
@@ -104,6 +105,12 @@ class HFCausalLM(nn.Module):
         make_myopic(self.hf, mode, beta=beta)
         return self
 
+    def attention_mode(self) -> tuple[str, float]:
+        """``(mode, beta)`` as ``make_myopic`` last set them (``("vanilla", 0.0)`` if never)."""
+        from myopia.hf import current_beta, current_mode
+
+        return current_mode(self.hf), current_beta(self.hf)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -122,11 +129,21 @@ def _check_vocab(spec: str, model_vocab: int, vocab_size: int, fix: str) -> None
                           f"{vocab_size} token ids; use {fix}")
 
 
+def preset_vocab_size(name: str, vocab_size: int) -> int:
+    """The embedding rows a fresh-weight preset gets for a tokenizer of ``vocab_size`` ids: the
+    preset's own (the published shape) when it covers the tokenizer with under 64 rows to spare,
+    else the tokenizer's rounded up to a multiple of 64. Fresh weights have nothing to keep in
+    unused rows, and a 4k BPE on a 50k-row Pythia embedding would make CPU runs several times slower."""
+    own = HF_PRESETS[name].config["vocab_size"]
+    if vocab_size <= own < vocab_size + 64:
+        return own
+    return -(-vocab_size // 64) * 64
+
+
 def _from_preset(name: str, vocab_size: int, seed: int) -> nn.Module:
     transformers = _transformers()
     preset = HF_PRESETS[name]
-    cfg = dict(preset.config)
-    _check_vocab(name, cfg["vocab_size"], vocab_size, "a tokenizer of at most that many")  # before a slow build
+    cfg = {**preset.config, "vocab_size": preset_vocab_size(name, vocab_size)}
     torch.manual_seed(seed)
     if preset.family == "gpt2":
         config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **cfg)
@@ -177,4 +194,4 @@ def build_hf_model(spec: str, mode: str, beta: float, vocab_size: int, seed: int
     return HFCausalLM(model.train(), spec)
 
 
-__all__ = ["HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "smollm2_gguf"]
+__all__ = ["HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "preset_vocab_size", "smollm2_gguf"]

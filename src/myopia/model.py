@@ -256,6 +256,10 @@ class GPT(nn.Module):
             block.attn.mode, block.attn.beta, block.attn.backend = mode, beta, backend
         return self
 
+    def attention_mode(self) -> tuple[str, float]:
+        """``(mode, beta)`` as ``set_attention`` last set them."""
+        return self.config.attention, self.config.beta
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings and self.wpe is not None:

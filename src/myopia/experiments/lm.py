@@ -21,6 +21,7 @@ from myopia.analysis import plots
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci, format_ci, mean_ci
 from myopia.config import ConfigError, merge
+from myopia.experiments import gradient_geometry
 from myopia.experiments.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
 from myopia.experiments.runner import environment, run_arms, write_results
 from myopia.hf_models import build_hf_model
@@ -54,10 +55,15 @@ class AnalysisConfig:
     """The position-0 gap is also measured on this many held-out tokens (0 = all, -1 = skip), each fed
     as a one-token context: position 0 sees only its own token, so this is the same quantity as the
     windows' position 0 with tens of times the samples."""
+    gradient_split_batches: int = 2
+    """During training (pretraining, vanilla and myopic arms), split the held-out gradient into its
+    myopic and off-diagonal ("future") parts on this many held-out batches, at steps 0, 1, 2, 4, ...
+    and every train.eval_every steps (0 = off): norms and cosine, as the paper's repository did over
+    Pythia's pretraining (docs/lm.md). Each measurement costs two forward/backward passes per batch."""
 
     def __post_init__(self) -> None:
         for name, low in (("heldout_windows", 0), ("bootstrap", 10), ("top_kl", 0), ("probe_classes", 2),
-                          ("probe_train_windows", 1), ("first_position_tokens", -1)):
+                          ("probe_train_windows", 1), ("first_position_tokens", -1), ("gradient_split_batches", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
         if any(k < 1 for k in self.probe_offsets):
@@ -195,7 +201,8 @@ def run(cfg: LMExperiment) -> dict:
             return fresh_model(cfg, arm, task, overrides, seed)
 
         status = run_arms(os.path.join(cfg.out, f"seed{seed}"), cfg, arms, task, make, cfg.optim,
-                          replace(cfg.train, seed=seed), resume=cfg.resume, on_arm_done=keep)
+                          replace(cfg.train, seed=seed), resume=cfg.resume, on_arm_done=keep,
+                          monitor_for=geometry_monitor(cfg, task, cfg.train.steps))
         results["training"][str(seed)] = status["arms"]
         if status.get("status", "completed") != "completed":
             results["status"] = status["status"]
@@ -206,11 +213,23 @@ def run(cfg: LMExperiment) -> dict:
         per_seed[str(seed)] = analyse(cfg, task, models, device, full=seed == seeds[0])
         del models
     results.update(combine_seeds(per_seed))
+    geometry = gradient_geometry.collect(
+        {**({"pretraining": os.path.join(cfg.out, "pretrain", "vanilla")} if pretraining is not None else {}),
+         **{f"seed {seeds[0]} {a.name}": os.path.join(cfg.out, f"seed{seeds[0]}", a.name) for a in arms}})
+    if geometry is not None:
+        results["gradient_geometry"] = geometry
     write_results(cfg.out, results)
     write_report(cfg.out, results)
     print(summary_text(results), flush=True)
     print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
     return results
+
+
+def geometry_monitor(cfg: LMExperiment, task: TextTask, steps: int):
+    """The gradient-split monitor factory for a training run of ``steps`` steps (None when off)."""
+    a = cfg.analysis
+    return gradient_geometry.monitor_factory(task, a.gradient_split_batches, cfg.train.batch_size, cfg.train.precision,
+                                             cfg.train.eval_every, steps, cfg.train.parallel)
 
 
 def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
@@ -241,7 +260,8 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[
     status = run_arms(os.path.join(cfg.out, "pretrain"), cfg, [vanilla], task.with_seed(p.seed),
                       lambda arm: fresh_model(cfg, arm, task, overrides, p.seed),
                       replace(cfg.optim, lr=p.lr or cfg.optim.lr), replace(cfg.train, steps=p.steps, seed=p.seed),
-                      resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model))
+                      resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model),
+                      monitor_for=geometry_monitor(cfg, task, p.steps))
     return kept.get("model"), status
 
 
@@ -432,11 +452,19 @@ def summary_text(results: dict) -> str:
         first = results.get("first_position_gap")
         lines.append(f"  myopia gap (myopic - vanilla): {format_ci(g)}; at position 0: {format_ci(pos0)}"
                      + (f", over all held-out tokens: {format_ci(first)}" if first else "")
-                     + f" (paper, GPT-2 124M: +{PAPER['gap']}, position 0: {PAPER['position0_gap']})")
+                     + f" (paper, GPT-2 124M: {paper_number('gap')}, position 0: {paper_number('position0_gap')})")
     if "local_myopia_bonus" in results:
         lines.append(f"  local myopia bonus (vanilla - local-myopic): {format_ci(results['local_myopia_bonus'])} "
-                     f"(paper: +{PAPER['local_bonus']})")
+                     f"(paper: {paper_number('local_bonus')})")
     return "\n".join(lines)
+
+
+def paper_number(key: str) -> str:
+    """The paper's figure for ``key`` as the reports print it: 3.40, +0.12, -0.10 ('-' if none)."""
+    value = PAPER.get(key)
+    if not isinstance(value, float):
+        return "-"
+    return f"{value:+.2f}" if key in ("gap", "position0_gap", "local_bonus") else f"{value:.2f}"
 
 
 def ci_text(n_seeds: int) -> str:
@@ -483,8 +511,7 @@ def write_report(out: str, results: dict) -> None:
     cfg = results["config"]
     env = results["environment"]
     seeds = results["seeds"]
-    rows = [f"| {name} | {format_ci(a['loss'])} | {PAPER.get(name.replace('_', '-'), PAPER.get(name, '-'))} |"
-            for name, a in arms.items()]
+    rows = [f"| {name} | {format_ci(a['loss'])} | {paper_number(name.replace('_', '-'))} |" for name, a in arms.items()]
     text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token "
             f"windows; model {model_text(cfg)}; {cfg['train']['steps']} "
@@ -498,8 +525,8 @@ def write_report(out: str, results: dict) -> None:
     if "myopia_gap" in results:
         g, p0 = results["myopia_gap"], results["gap_per_position"][0]
         first = results.get("first_position_gap")
-        text += [f"Myopia gap (myopic − vanilla): **{format_ci(g)}** nats (paper: +{PAPER['gap']}). "
-                 f"At position 0: {format_ci(p0)} (paper: {PAPER['position0_gap']}); "
+        text += [f"Myopia gap (myopic − vanilla): **{format_ci(g)}** nats (paper: {paper_number('gap')}). "
+                 f"At position 0: {format_ci(p0)} (paper: {paper_number('position0_gap')}); "
                  f"at the last position: {format_ci(results['gap_per_position'][-1])}."
                  + (f" Position 0 measured on {results['per_seed'][str(seeds[0])]['first_position_gap']['n']:,} "
                     f"held-out tokens, each as a one-token context: {format_ci(first)}." if first else ""), ""]
@@ -530,10 +557,17 @@ def write_report(out: str, results: dict) -> None:
             text.append(f"| {layer} | " + " | ".join(f"{a:.3f} | {b:.3f}" for a, b in zip(rv, rm)) + " |")
     if "local_myopia_bonus" in results:
         text += ["", f"Local myopia bonus (vanilla − local-myopic): "
-                 f"**{format_ci(results['local_myopia_bonus'])}** nats (paper: +{PAPER['local_bonus']}). The "
+                 f"**{format_ci(results['local_myopia_bonus'])}** nats (paper: {paper_number('local_bonus')}). The "
                  "local-myopic model starts from the trained vanilla model and re-trains only the present "
                  "position's computation, reading the frozen vanilla model's past states through its own "
                  "pre-attention norm (the paper's code skipped that norm)."]
+    geometry = results.get("gradient_geometry")
+    if geometry is not None:
+        steps = (results["config"].get("pretrain") or {}).get("steps", 0)
+        offsets = {label: steps for label in geometry["runs"] if label != "pretraining"}
+        if gradient_geometry.plot(geometry, os.path.join(out, "gradient_geometry.png"), offsets):
+            made.append("gradient_geometry.png")
+        text += [""] + gradient_geometry.report_lines(geometry)
     text += [""] + [f"![{m}]({m})" for m in made]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(text) + "\n")

@@ -60,9 +60,9 @@ def run(cfg: ReproduceConfig) -> dict:
         res = out["lm"] = lm.run(lm_cfg)
         line = "- [Natural-language myopia gap (§4.1)](lm/report.md)"
         if "myopia_gap" in res:
-            line += (f": gap {format_ci(res['myopia_gap'])} nats (paper, GPT-2 124M: +{lm.PAPER['gap']}); "
+            line += (f": gap {format_ci(res['myopia_gap'])} nats (paper, GPT-2 124M: {lm.paper_number('gap')}); "
                      f"at position 0 {format_ci(res.get('first_position_gap', res['gap_per_position'][0]))} "
-                     f"(paper: {lm.PAPER['position0_gap']}); 95% CI {lm.ci_text(len(res['seeds']))}")
+                     f"(paper: {lm.paper_number('position0_gap')}); 95% CI {lm.ci_text(len(res['seeds']))}")
         lines.append(line)
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
@@ -75,7 +75,8 @@ def _synthetic_line(res: dict) -> str:
     """Headline numbers of the synthetic experiment, and its one-sentence conclusion."""
     parts = []
     for label, arms in res.get("summary", {}).items():
-        name = "shift-0 control" if res["conditions"][label]["control"] else label.replace("_", ", ")
+        cond = res["conditions"][label]
+        name = "shift-0 control" if cond["control"] else f"shift {cond['task']['shift']}, p = {cond['task']['p']:g}"
         for arm, s in arms.items():
             parts.append(f"{arm} ({name}) {format_ci(s['ratio_to_trivial'])}× trivial, layer-1 R² for f(x_n) "
                          f"{format_ci(s['r2_layer1_fx'])} (untrained {format_ci(s['r2_layer1_fx_untrained'])})")

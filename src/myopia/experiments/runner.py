@@ -50,10 +50,12 @@ def run_arms(
     train_cfg: TrainConfig,
     resume: bool = False,
     on_arm_done: Callable[[Arm, torch.nn.Module, ArmResult], None] | None = None,
+    monitor_for: Callable[[Arm, torch.nn.Module], Callable | None] | None = None,
 ) -> dict:
     """Train every arm in ``out_dir/<arm>/`` and return (and write) the results dict.
 
     Under torchrun every process runs this; only rank 0 writes files and prints.
+    ``monitor_for(arm, model)`` may give each arm's training loop a monitor (``train_arm``).
     """
     dist = setup(train_cfg.device)
     if dist.is_main:
@@ -65,7 +67,8 @@ def run_arms(
         for arm in arms:
             model = make_model(arm)
             result = train_arm(model, task, optim_cfg, train_cfg, os.path.join(out_dir, arm.name), arm.name,
-                               resume=resume, stop=stop, dist=dist)
+                               resume=resume, stop=stop, dist=dist,
+                               monitor=monitor_for(arm, model) if monitor_for is not None else None)
             summary = result.to_dict()
             summary.pop("history")
             results["arms"][arm.name] = summary

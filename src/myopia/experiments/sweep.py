@@ -45,14 +45,17 @@ PRESETS: dict[str, dict] = {
         "optim": {"weight_decay": 0.01, "warmup": 0.05},
         "train": {"steps": 2000, "batch_size": 256, "eval_every": 500, "eval_batches": 16, "checkpoint_every": 500},
     },
-    # Minutes on a CPU: two small shapes, a short budget.
+    # ~12 minutes on 2 CPU cores: the two smallest Pythia shapes (embedding sized to a 4k BPE), each
+    # pretrained vanilla for 800 steps, then fine-tuned vanilla and myopic for 200 steps, seeds 0, 1.
     "cpu": {
         "out": "runs/sweep-cpu",
-        "models": ["pythia-14m", "llama-tiny"],
-        "arms": ["vanilla", "myopic"],
-        "data": {"corpus": "builtin", "tokenizer": "gpt-neox", "seq_len": 64},
+        "models": ["pythia-14m", "pythia-31m"],
+        "arms": ["vanilla", "myopic"], "seeds": [0, 1],
+        "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
+        "pretrain": {"steps": 800, "lr": 3e-3},
         "optim": {"lr": 1e-3},
-        "train": {"steps": 300, "batch_size": 16, "eval_every": 100, "eval_batches": 8, "checkpoint_every": 100},
+        "train": {"steps": 200, "batch_size": 16, "eval_every": 400, "eval_batches": 8, "checkpoint_every": 400,
+                  "log_every": 25},
         "analysis": {"heldout_windows": 500, "bootstrap": 500, "probe_train_windows": 200},
     },
 }
@@ -121,7 +124,8 @@ def _write_report(out: str, results: dict) -> None:
     cfg = results["config"]
     text = ["# Myopia gap across model sizes (Wu et al. 2024, §4.2)", "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token windows, "
-            f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} windows per arm; both arms of a model share "
+            f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} windows per arm{lm.start_text(cfg)}; "
+            "both arms of a model share "
             "every optimiser setting (the paper's myopic Pythia arm silently ran another learning rate). "
             f"Intervals: 95% CI {lm.ci_text(len(results['seeds']))} (`--seeds 0,1,2` for intervals over seeds).", "",
             "| model | parameters | lr | vanilla CE | myopic CE | myopia gap [95% CI] | position-0 gap | paper gap |",

@@ -19,6 +19,7 @@ import torch
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import mean_ci
 from myopia.config import ConfigError
+from myopia.experiments import gradient_geometry
 from myopia.experiments.arms import Arm, build_model, parse_arms
 from myopia.experiments.runner import environment, run_arms, write_results
 from myopia.model import GPTConfig
@@ -78,6 +79,15 @@ class SyntheticExperiment:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    gradient_split_batches: int = 1
+    """During training, split the held-out gradient into its myopic and off-diagonal ("future")
+    parts on this many held-out batches, at steps 0, 1, 2, 4, ... and every train.eval_every steps
+    (0 = off; arms whose forward is vanilla's). The task needs pre-caching, so the future part
+    is where a vanilla model's pre-caching signal shows (docs/synthetic.md)."""
+
+    def __post_init__(self) -> None:
+        if self.gradient_split_batches < 0:
+            raise ValueError(f"gradient_split_batches={self.gradient_split_batches} must be >= 0 (0 = off)")
 
 
 _CPU = {  # shared by the cpu and breadcrumbs presets: calibrated on 2 CPU cores (docs/synthetic.md)
@@ -252,7 +262,10 @@ def run(cfg: SyntheticExperiment) -> dict:
             arm_root = os.path.join(cfg.out, f"seed{seed}", cond.label)
             run_result = run_arms(arm_root, cfg, list(cond.arms), task,
                                   lambda arm, seed=seed, overrides=overrides: build_model(cfg.model, arm, overrides, seed),
-                                  cfg.optim, train_cfg, resume=cfg.resume, on_arm_done=after_arm)
+                                  cfg.optim, train_cfg, resume=cfg.resume, on_arm_done=after_arm,
+                                  monitor_for=gradient_geometry.monitor_factory(
+                                      task, cfg.gradient_split_batches, cfg.train.batch_size, cfg.train.precision,
+                                      cfg.train.eval_every, cfg.train.steps, cfg.train.parallel))
             entry["runs"][str(seed)] = seed_runs
             if run_result.get("status") != "completed":
                 results["status"] = "interrupted"
@@ -260,6 +273,11 @@ def run(cfg: SyntheticExperiment) -> dict:
                 print(f"interrupted; rerun with --resume --out {cfg.out} to continue", flush=True)
                 return results
     results["summary"] = summarise(results)
+    geometry = gradient_geometry.collect({f"{cond.label} {arm.name}": os.path.join(cfg.out, f"seed{cfg.seeds[0]}",
+                                                                                 cond.label, arm.name)
+                                          for cond in conds for arm in cond.arms})
+    if geometry is not None:
+        results["gradient_geometry"] = geometry
     results["status"] = "completed"
     write_results(cfg.out, results)
     from myopia.experiments import synthetic_report

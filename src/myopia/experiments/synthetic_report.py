@@ -6,6 +6,7 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
+from myopia.experiments import gradient_geometry
 
 
 def _ci(summary: dict, key: str) -> str:
@@ -98,6 +99,11 @@ def write(out: str, results: dict) -> None:
         "batch from the seed (the reference pre-allocated every sample); both arms use identical optimiser settings.",
         "",
     ]
+    geometry = results.get("gradient_geometry")
+    if geometry is not None:
+        if gradient_geometry.plot(geometry, os.path.join(out, "gradient_geometry.png")):
+            made.append("gradient_geometry.png")
+        text += gradient_geometry.report_lines(geometry)
     for name in made:
         text += [f"![{name}]({name})", ""]
     with open(os.path.join(out, "report.md"), "w") as f:

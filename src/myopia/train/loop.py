@@ -183,11 +183,15 @@ def train_arm(
     stop: StopSignal | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     dist: Dist | None = None,
+    monitor: Callable[[torch.nn.Module, int], dict | None] | None = None,
 ) -> ArmResult:
     """Train ``model`` on ``task`` for ``cfg.steps`` optimiser steps; write metrics and checkpoints
     under ``arm_dir`` (rank 0 only). Returns when done or when ``stop`` is requested (after saving).
 
     ``model`` is the bare model: data parallelism (``dist``) is applied here, from outside it.
+    ``monitor(model, step)`` runs at step 0 of a fresh run and after every step, on the bare model;
+    a dict it returns is written to ``metrics.jsonl`` with the step. It must leave the weights,
+    ``.grad`` and the RNG as it found them (an exact resume depends on it).
     """
     dist = dist or Dist()
     device = resolve_device(cfg.device)
@@ -236,7 +240,15 @@ def train_arm(
     bar = tqdm(total=cfg.steps, initial=start_step, desc=arm, disable=not (cfg.progress and dist.is_main),
                dynamic_ncols=True, unit="step", leave=True)
     step = start_step
+
+    def run_monitor() -> None:
+        extra = monitor(model, step) if monitor is not None else None
+        if extra:
+            log.write({"step": step, **extra})
+
     try:
+        if start_step == 0:
+            run_monitor()
         while step < cfg.steps:
             if dist.broadcast_object(stop.requested):
                 last_ckpt = checkpoint(step, "interrupted")
@@ -282,6 +294,7 @@ def train_arm(
                 last_eval = evaluate(wrapped, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision, dist)
                 log.write({"step": step, "eval_loss": last_eval["loss"]})
                 bar.set_postfix(loss=f"{loss_value:.4f}", eval=f"{last_eval['loss']:.4f}", refresh=False)
+            run_monitor()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 last_ckpt = checkpoint(step, "running")
             bar.update(1)

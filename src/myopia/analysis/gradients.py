@@ -1,0 +1,132 @@
+"""The vanilla gradient, split into the part myopic training keeps and the part it drops.
+
+At fixed weights, ``g_total`` (vanilla mode) = ``g_myopic`` (the diagonal terms: each position's
+loss through its own position's states) + ``g_future`` (the off-diagonal terms: later positions'
+losses through earlier positions' states, the only signal that can train pre-caching). The forward
+values of both modes are equal, so one model switched between them gives both gradients of the same
+loss on the same held-out batches, and ``g_future = g_total - g_myopic`` exactly.
+
+Measured over training, this is the gradient geometry of the paper's repository (``grad_angle``,
+Pythia-410m checkpoints: cos(myopic, future) about +0.04 at initialisation, -0.48 near step 256,
++0.1 after 10k steps). As there, embedding parameters (token and position embeddings, and the output
+head) are left out: the head's gradient is the same in both modes, and the token embedding's is
+dominated by its sparse rows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from myopia.train.loop import autocast_for
+
+# What the paper's repository measured (our notes, §4.3), for the reports.
+PAPER_GEOMETRY = {"model": "Pythia-410m-deduped checkpoints, 1,000 Pile rows",
+                  "cos_at_init": 0.04, "cos_min": -0.48, "cos_min_step": 256, "cos_late": 0.1}
+
+
+def splittable(model: nn.Module) -> bool:
+    """Whether ``model`` can be switched between attention modes in place (myopia's GPT, a Hugging
+    Face model behind ``HFCausalLM``); the local-myopic wrapper cannot."""
+    return callable(getattr(model, "set_attention", None)) and callable(getattr(model, "attention_mode", None))
+
+
+def body_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters other than the embeddings and the output head."""
+    skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = getattr(model, "head", None)
+    if head is None and hasattr(model, "hf"):
+        head = model.hf.get_output_embeddings()
+    if isinstance(head, nn.Module):
+        skip |= {id(p) for p in head.parameters()}
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
+
+
+def _layer(name: str) -> int | None:
+    found = re.search(r"\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+def _gradients(model: nn.Module, params: list[nn.Parameter], batches: list, device: torch.device,
+               precision: str, loss_fn: Callable) -> list[torch.Tensor]:
+    total = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+    for x, y in batches:
+        with autocast_for(device, precision):
+            loss = loss_fn(model(x.to(device)), y.to(device)).mean() / len(batches)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for acc, g in zip(total, grads):
+            if g is not None:
+                acc += g.to(acc.dtype)
+    return total
+
+
+def _summary(total: float, myopic: float, future: float, dot: float) -> dict:
+    return {"total_norm": math.sqrt(total), "myopic_norm": math.sqrt(myopic), "future_norm": math.sqrt(future),
+            "cos_myopic_future": dot / math.sqrt(myopic * future) if myopic > 0 and future > 0 else 0.0,
+            "future_share": future / total if total > 0 else 0.0}
+
+
+def gradient_split(model: nn.Module, task, n_batches: int, batch_size: int, device: torch.device,
+                   precision: str = "auto") -> dict:
+    """Norms of ``g_total``, ``g_myopic`` and ``g_future`` over the body parameters, the cosine
+    between ``g_myopic`` and ``g_future``, and ``future_share`` = ‖g_future‖² / ‖g_total‖²; the same
+    per layer under ``layers``. Uses ``task``'s first ``n_batches`` held-out batches, the model in
+    eval mode (no dropout) and ``torch.autograd.grad`` (``.grad`` and every RNG are left untouched);
+    the model's attention mode is restored afterwards."""
+    if not splittable(model):
+        raise TypeError(f"{type(model).__name__} cannot switch attention modes; gradient_split needs "
+                        "set_attention and attention_mode (myopia.GPT or HFCausalLM)")
+    named = body_parameters(model)
+    params = [p for _, p in named]
+    batches = [task.heldout_batch(i, batch_size) for i in range(n_batches)]
+    mode, beta = model.attention_mode()
+    was_training = model.training
+    model.eval()
+    try:
+        model.set_attention("vanilla", beta=0.0)
+        g_total = _gradients(model, params, batches, device, precision, task.loss_per_position)
+        model.set_attention("myopic", beta=0.0)
+        g_myopic = _gradients(model, params, batches, device, precision, task.loss_per_position)
+    finally:
+        model.set_attention(mode, beta=beta)
+        model.train(was_training)
+    sums: dict[int | None, list[float]] = {}
+    for (name, _), t, m in zip(named, g_total, g_myopic):
+        t, m = t.double(), m.double()
+        f = t - m
+        parts = [float(t.square().sum()), float(m.square().sum()), float(f.square().sum()), float((m * f).sum())]
+        for key in {None, _layer(name)}:  # the whole body, and the layer (if any)
+            acc = sums.setdefault(key, [0.0] * 4)
+            for i, v in enumerate(parts):
+                acc[i] += v
+    out = _summary(*sums.pop(None))
+    out["layers"] = {str(k): _summary(*v) for k, v in sorted(sums.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+                     if k is not None}
+    out["batches"] = n_batches
+    return out
+
+
+def log_spaced_steps(step: int, every: int) -> bool:
+    """0, 1, 2, 4, 8, ... and every ``every``-th step (0 = powers of two only)."""
+    return step == 0 or (step & (step - 1)) == 0 or (every > 0 and step % every == 0)
+
+
+def split_monitor(task, n_batches: int, batch_size: int, precision: str, every: int,
+                  final_step: int) -> Callable[[nn.Module, int], dict | None]:
+    """A training-loop monitor measuring :func:`gradient_split` at 0, 1, 2, 4, ..., every ``every``
+    steps and at ``final_step``, on the model's device; its records go into the arm's ``metrics.jsonl`` as ``gradient_split``."""
+
+    def monitor(model: nn.Module, step: int) -> dict | None:
+        if not (log_spaced_steps(step, every) or step == final_step):
+            return None
+        device = next(model.parameters()).device
+        return {"gradient_split": gradient_split(model, task, n_batches, batch_size, device, precision)}
+
+    return monitor
+
+
+__all__ = ["PAPER_GEOMETRY", "body_parameters", "gradient_split", "log_spaced_steps", "splittable", "split_monitor"]
