@@ -67,13 +67,15 @@ def test_sweep_end_to_end(tmp_path):
                      "--train.steps", "2", "--train.batch_size", "4", "--train.progress", "false",
                      "--analysis.heldout_windows", "32", "--analysis.bootstrap", "100",
                      "--analysis.probe_train_windows", "16", "--analysis.probe_classes", "8",
-                     "--analysis.top_kl", "3", "--out", str(out)])
+                     "--analysis.top_kl", "3", "--pretrain.steps", "2", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in results["models"]] == ["pythia-14m", "llama-tiny"]
     assert all(r["parameters"] > 1e6 for r in results["models"])
     assert results["models"][0]["paper_gap"] == 0.157
-    assert "Myopia gap across model sizes" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Myopia gap across model sizes" in report and "pretrained for 2 steps" in report
+    assert (out / "pythia-14m" / "pretrain" / "vanilla").is_dir()
     assert (out / "gap_vs_params.png").exists()
 
 

@@ -104,8 +104,7 @@ def gradient_split(model: nn.Module, task, n_batches: int, batch_size: int, devi
             for i, v in enumerate(parts):
                 acc[i] += v
     out = _summary(*sums.pop(None))
-    out["layers"] = {str(k): _summary(*v) for k, v in sorted(sums.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
-                     if k is not None}
+    out["layers"] = {str(k): _summary(*v) for k, v in sorted(sums.items())}
     out["batches"] = n_batches
     return out
 
@@ -118,7 +117,8 @@ def log_spaced_steps(step: int, every: int) -> bool:
 def split_monitor(task, n_batches: int, batch_size: int, precision: str, every: int,
                   final_step: int) -> Callable[[nn.Module, int], dict | None]:
     """A training-loop monitor measuring :func:`gradient_split` at 0, 1, 2, 4, ..., every ``every``
-    steps and at ``final_step``, on the model's device; its records go into the arm's ``metrics.jsonl`` as ``gradient_split``."""
+    steps and at ``final_step``, on the model's device; ``train_arm`` writes its records to the arm's
+    ``metrics.jsonl`` under ``gradient_split``."""
 
     def monitor(model: nn.Module, step: int) -> dict | None:
         if not (log_spaced_steps(step, every) or step == final_step):

@@ -135,7 +135,7 @@ _CPU_SETUP = {"seeds": [0, 1, 2],
                         "log_every": 25}}
 
 PRESETS: dict[str, dict] = {
-    # 2 CPU cores, ~12 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
+    # 2 CPU cores, ~13 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
     # 1,000 steps of 32 x 64 tokens; then for seeds 0, 1, 2 the vanilla, myopic and bigram arms each
     # fine-tune it for 300 steps. From scratch, this model's gap drowns in run-to-run variance
     # (cpu-scratch; docs/lm.md); from a shared start the seeds agree.

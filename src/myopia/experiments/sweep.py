@@ -127,7 +127,10 @@ def _write_report(out: str, results: dict) -> None:
             f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} windows per arm{lm.start_text(cfg)}; "
             "both arms of a model share "
             "every optimiser setting (the paper's myopic Pythia arm silently ran another learning rate). "
-            f"Intervals: 95% CI {lm.ci_text(len(results['seeds']))} (`--seeds 0,1,2` for intervals over seeds).", "",
+            f"Intervals: 95% CI {lm.ci_text(len(results['seeds']))}"
+            + (" (`--seeds 0,1,2` for intervals over seeds)." if len(results["seeds"]) == 1 else ".")
+            + " A preset name with fresh weights is the published shape; its parameter count includes the "
+            "embedding sized to this tokenizer, and the paper's gaps are for the released, fully trained models.", "",
             "| model | parameters | lr | vanilla CE | myopic CE | myopia gap [95% CI] | position-0 gap | paper gap |",
             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
