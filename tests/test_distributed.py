@@ -79,3 +79,26 @@ def test_checkpoint_moves_between_world_sizes(single, tmp_path, first, second):
     a, _ = losses(single)
     b, _ = losses(out)
     assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
+def test_gradient_split_under_ddp_matches_one_process(tmp_path):
+    """The gradient-split monitor runs on the bare model in every process (no DDP all-reduce, no
+    effect on training): 2 processes log the same losses and the same split as 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "myopia.cli", "synthetic", "--preset", "tiny", "--train.device", "cpu", "--arms", "myopic",
+            "--control_arms", "", "--train.steps", "9", "--probe.train_sequences", "64", "--probe.test_sequences", "64"]
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                                          "127.0.0.1", "--master-port", str(_free_port())]
+        proc = subprocess.run([sys.executable, *launcher, *args, "--out", str(out)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(out / "seed0" / "shift1_p1" / "myopic" / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        runs[nproc] = ([r["loss"] for r in rows if "loss" in r],
+                       [(r["step"], r["gradient_split"]["future_norm"]) for r in rows if "gradient_split" in r])
+    assert [s for s, _ in runs[1][1]] == [0, 1, 2, 4, 8, 9]
+    assert runs[1][0] == pytest.approx(runs[2][0], rel=1e-5)
+    assert [v for _, v in runs[1][1]] == pytest.approx([v for _, v in runs[2][1]], rel=1e-5)

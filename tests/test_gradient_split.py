@@ -149,3 +149,19 @@ def test_split_of_a_hugging_face_model(preset):
     assert split["total_norm"] == pytest.approx(float(grads["vanilla"].norm()), rel=1e-4)
     assert split["future_norm"] == pytest.approx(float(future.norm()), rel=1e-3)
     assert split["future_norm"] > 0 and len(split["layers"]) == model.config.num_hidden_layers
+
+
+def test_monitor_factory_skips_what_cannot_be_split(monkeypatch):
+    from myopia.experiments.arms import Arm
+    from myopia.experiments.gradient_geometry import monitor_factory
+
+    task = TokenTask()
+    make = lambda parallel="ddp": monitor_factory(task, 1, 2, "auto", 0, 5, parallel)  # noqa: E731
+    for_arm = make()
+    assert for_arm(Arm("vanilla", "vanilla"), _gpt()) is not None
+    assert for_arm(Arm("myopic@0.5", "myopic", beta=0.5), _gpt()) is not None
+    assert for_arm(Arm("bigram", "bigram"), _gpt()) is None  # its forward is not vanilla's
+    assert monitor_factory(task, 0, 2, "auto", 0, 5, "ddp") is None  # off
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert make("fsdp") is None  # the bare model holds shards
+    assert make("ddp") is not None
