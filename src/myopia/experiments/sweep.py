@@ -45,8 +45,9 @@ PRESETS: dict[str, dict] = {
         "optim": {"weight_decay": 0.01, "warmup": 0.05},
         "train": {"steps": 2000, "batch_size": 256, "eval_every": 500, "eval_batches": 16, "checkpoint_every": 500},
     },
-    # ~12 minutes on 2 CPU cores: the two smallest Pythia shapes (embedding sized to a 4k BPE), each
-    # pretrained vanilla for 800 steps, then fine-tuned vanilla and myopic for 200 steps, seeds 0, 1.
+    # ~20 minutes on 2 CPU cores: the two smallest Pythia shapes (embedding sized to a 4k BPE), each
+    # pretrained vanilla for 800 steps, then fine-tuned vanilla and myopic for 200 steps, seeds 0, 1
+    # (docs/lm.md: it shows the machinery; at this budget the larger shape is the worse model).
     "cpu": {
         "out": "runs/sweep-cpu",
         "models": ["pythia-14m", "pythia-31m"],
