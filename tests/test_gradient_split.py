@@ -156,12 +156,13 @@ def test_monitor_factory_skips_what_cannot_be_split(monkeypatch):
     from myopia.experiments.gradient_geometry import monitor_factory
 
     task = TokenTask()
-    make = lambda parallel="ddp": monitor_factory(task, 1, 2, "auto", 0, 5, parallel)  # noqa: E731
+    make = lambda parallel="ddp": monitor_factory(task, 1, TrainConfig(steps=5, batch_size=2, eval_every=0,  # noqa: E731
+                                                                       parallel=parallel))
     for_arm = make()
     assert for_arm(Arm("vanilla", "vanilla"), _gpt()) is not None
     assert for_arm(Arm("myopic@0.5", "myopic", beta=0.5), _gpt()) is not None
     assert for_arm(Arm("bigram", "bigram"), _gpt()) is None  # its forward is not vanilla's
-    assert monitor_factory(task, 0, 2, "auto", 0, 5, "ddp") is None  # off
+    assert monitor_factory(task, 0, TrainConfig(steps=5, batch_size=2)) is None  # off
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert make("fsdp") is None  # the bare model holds shards
     assert make("ddp") is not None

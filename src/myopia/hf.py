@@ -252,22 +252,21 @@ def _set_implementation(model: nn.Module, name: str) -> None:
         model.config._attn_implementation = name
 
 
+def _first_state(model: nn.Module) -> _LayerState | None:
+    """The state ``make_myopic`` left on the model's first attention module (None if never set)."""
+    return next((s for m in model.modules() if (s := getattr(m, "_myopia_state", None)) is not None), None)
+
+
 def current_mode(model: nn.Module) -> str:
     """The mode ``make_myopic`` last set (``vanilla`` if never)."""
-    for m in model.modules():
-        state = getattr(m, "_myopia_state", None)
-        if state is not None:
-            return state.mode
-    return "vanilla"
+    state = _first_state(model)
+    return state.mode if state is not None else "vanilla"
 
 
 def current_beta(model: nn.Module) -> float:
     """The ``beta`` ``make_myopic`` last set (0.0 if never)."""
-    for m in model.modules():
-        state = getattr(m, "_myopia_state", None)
-        if state is not None:
-            return state.beta
-    return 0.0
+    state = _first_state(model)
+    return state.beta if state is not None else 0.0
 
 
 __all__ = ["MYOPIC_MODES", "attention_modules", "current_beta", "current_mode", "make_myopic",

@@ -8,22 +8,23 @@ from collections.abc import Callable
 
 from myopia.analysis import plots
 from myopia.analysis.gradients import PAPER_GEOMETRY, split_monitor, splittable
+from myopia.train.config import TrainConfig
 
 # Arms whose forward is the vanilla one, so that switching modes to measure changes only the backward.
 MEASURED_MODES = ("vanilla", "myopic", "myopic_kv")
 
 
-def monitor_factory(task, n_batches: int, batch_size: int, precision: str, every: int, steps: int,
-                    parallel: str) -> Callable | None:
-    """``monitor_for(arm, model)`` for ``run_arms``, or None when off (``n_batches`` 0, or FSDP: the
-    bare model's parameters are shards there)."""
-    if n_batches <= 0 or (parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+def monitor_factory(task, n_batches: int, train: TrainConfig) -> Callable | None:
+    """``monitor_for(arm, model)`` for ``run_arms`` training with ``train`` (batch size, precision,
+    eval cadence, last step), or None when off (``n_batches`` 0, or FSDP: the bare model's
+    parameters are shards there)."""
+    if n_batches <= 0 or (train.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return None
 
     def monitor_for(arm, model):
         if arm.local or arm.mode not in MEASURED_MODES or not splittable(model):
             return None
-        return split_monitor(task, n_batches, batch_size, precision, every, steps)
+        return split_monitor(task, n_batches, train.batch_size, train.precision, train.eval_every, train.steps)
 
     return monitor_for
 
@@ -92,12 +93,7 @@ def report_lines(geometry: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for label, runs in geometry["runs"].items():
         lowest = min(runs, key=lambda r: r["cos_myopic_future"])
-        shown = [runs[0], lowest, runs[-1]]
-        seen = set()
-        for r in shown:
-            if r["step"] in seen:
-                continue
-            seen.add(r["step"])
+        for r in {r["step"]: r for r in (runs[0], lowest, runs[-1])}.values():  # each step once
             lines.append(f"| {label} | {r['step']} | {r['total_norm']:.3g} | {r['myopic_norm']:.3g} | "
                          f"{r['future_norm']:.3g} | {r['future_share']:.3g} | {r['cos_myopic_future']:+.3f} |")
     return lines + [""]

@@ -200,9 +200,11 @@ def run(cfg: LMExperiment) -> dict:
                 return copy.deepcopy(start).set_attention(arm.mode, beta=arm.beta)
             return fresh_model(cfg, arm, task, overrides, seed)
 
-        status = run_arms(os.path.join(cfg.out, f"seed{seed}"), cfg, arms, task, make, cfg.optim,
-                          replace(cfg.train, seed=seed), resume=cfg.resume, on_arm_done=keep,
-                          monitor_for=geometry_monitor(cfg, task, cfg.train.steps))
+        train = replace(cfg.train, seed=seed)
+        status = run_arms(os.path.join(cfg.out, f"seed{seed}"), cfg, arms, task, make, cfg.optim, train,
+                          resume=cfg.resume, on_arm_done=keep,
+                          monitor_for=gradient_geometry.monitor_factory(
+                              task, cfg.analysis.gradient_split_batches, train))
         results["training"][str(seed)] = status["arms"]
         if status.get("status", "completed") != "completed":
             results["status"] = status["status"]
@@ -223,13 +225,6 @@ def run(cfg: LMExperiment) -> dict:
     print(summary_text(results), flush=True)
     print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
     return results
-
-
-def geometry_monitor(cfg: LMExperiment, task: TextTask, steps: int):
-    """The gradient-split monitor factory for a training run of ``steps`` steps (None when off)."""
-    a = cfg.analysis
-    return gradient_geometry.monitor_factory(task, a.gradient_split_batches, cfg.train.batch_size, cfg.train.precision,
-                                             cfg.train.eval_every, steps, cfg.train.parallel)
 
 
 def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
@@ -257,11 +252,12 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[
 
     kept: dict = {}
     print(f"myopia lm: pretraining a vanilla model for {p.steps} steps; every arm starts from it", flush=True)
+    train = replace(cfg.train, steps=p.steps, seed=p.seed)
     status = run_arms(os.path.join(cfg.out, "pretrain"), cfg, [vanilla], task.with_seed(p.seed),
                       lambda arm: fresh_model(cfg, arm, task, overrides, p.seed),
-                      replace(cfg.optim, lr=p.lr or cfg.optim.lr), replace(cfg.train, steps=p.steps, seed=p.seed),
+                      replace(cfg.optim, lr=p.lr or cfg.optim.lr), train,
                       resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model),
-                      monitor_for=geometry_monitor(cfg, task, p.steps))
+                      monitor_for=gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches, train))
     return kept.get("model"), status
 
 

@@ -263,9 +263,8 @@ def run(cfg: SyntheticExperiment) -> dict:
             run_result = run_arms(arm_root, cfg, list(cond.arms), task,
                                   lambda arm, seed=seed, overrides=overrides: build_model(cfg.model, arm, overrides, seed),
                                   cfg.optim, train_cfg, resume=cfg.resume, on_arm_done=after_arm,
-                                  monitor_for=gradient_geometry.monitor_factory(
-                                      task, cfg.gradient_split_batches, cfg.train.batch_size, cfg.train.precision,
-                                      cfg.train.eval_every, cfg.train.steps, cfg.train.parallel))
+                                  monitor_for=gradient_geometry.monitor_factory(task, cfg.gradient_split_batches,
+                                                                                train_cfg))
             entry["runs"][str(seed)] = seed_runs
             if run_result.get("status") != "completed":
                 results["status"] = "interrupted"
