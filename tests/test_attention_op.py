@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from myopia.attention import attention, causal_additive_mask, fused_attention_with_lse
+from myopia.attention import Cut, attention, causal_additive_mask, fused_attention_with_lse
 
 B, H, HKV, T, D = 2, 4, 2, 33, 16
 
@@ -24,7 +24,7 @@ def inputs(dtype, seed=0, kv_heads=HKV):
 def run(mode, backend, dtype, beta=0.0, mask=None, kv_heads=HKV):
     q, k, v, kp, vp, do = inputs(dtype, kv_heads=kv_heads)
     past = dict(k_past=kp, v_past=vp) if mode == "myopic" else {}
-    out = attention(q, k, v, mode=mode, beta=beta, backend=backend, attn_mask=mask, **past)
+    out = attention(q, k, v, cut=Cut(mode, beta=beta), backend=backend, attn_mask=mask, **past)
     tensors = [q, k, v] + ([kp, vp] if past else [])
     grads = torch.autograd.grad(out, tensors, do)
     return out, grads
@@ -76,7 +76,7 @@ def test_forward_is_identical_across_modes():
 def test_myopic_key_value_gradient_is_own_position_only():
     """Perturbing k_j for j < i must not move dL_i/dk_j in myopic_kv: only own terms remain."""
     q, k, v, _, _, do = inputs(torch.float64, kv_heads=H)
-    out = attention(q, k, v, mode="myopic_kv", backend="fused")
+    out = attention(q, k, v, cut="myopic_kv", backend="fused")
     _, dk, dv = torch.autograd.grad(out, [q, k, v], do)
     scale = 1 / math.sqrt(D)
     p_own = torch.exp((q * k).sum(-1) * scale - torch.logsumexp(
@@ -87,16 +87,18 @@ def test_myopic_key_value_gradient_is_own_position_only():
 def test_bad_mode_and_missing_past_are_clear_errors():
     q, k, v, *_ = inputs(torch.float32)
     with pytest.raises(ValueError, match="attention mode 'sideways'"):
-        attention(q, k, v, mode="sideways")
+        attention(q, k, v, cut="sideways")
     with pytest.raises(ValueError, match="needs k_past"):
-        attention(q, k, v, mode="myopic")
+        attention(q, k, v, cut="myopic")
     with pytest.raises(ValueError, match="beta=1.5"):
-        attention(q, k, v, mode="myopic_kv", beta=1.5)
+        attention(q, k, v, cut="myopic_kv@1.5")
+    with pytest.raises(ValueError, match="resolve it per block"):
+        attention(q, k, v, cut="myopic_kv:layers=0")
 
 
 def test_no_grad_myopic_uses_the_plain_kernel():
     q, k, v, kp, vp, _ = inputs(torch.float32)
     with torch.no_grad():
-        a = attention(q, k, v, mode="myopic", k_past=kp, v_past=vp)
-        b = attention(q, k, v, mode="vanilla")
+        a = attention(q, k, v, cut="myopic", k_past=kp, v_past=vp)
+        b = attention(q, k, v, cut="vanilla")
     assert torch.equal(a, b)

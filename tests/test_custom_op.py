@@ -24,11 +24,11 @@ def _inputs(H=4, HKV=2, T=9, D=8, dtype=torch.float64, seed=0):
 
 
 @pytest.mark.parametrize("past", [False, True])
-@pytest.mark.parametrize("beta", [0.0, 0.3])
-def test_opcheck(past, beta):
+@pytest.mark.parametrize("beta,horizon", [(0.0, 0), (0.3, 0), (0.0, 3)])
+def test_opcheck(past, beta, horizon):
     q, k, v = _inputs()
     kp, vp = (k.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()) if past else (None, None)
-    torch.library.opcheck(torch.ops.myopia.myopic_attention.default, (q, k, v, kp, vp, None, 0.35, beta))
+    torch.library.opcheck(torch.ops.myopia.myopic_attention.default, (q, k, v, kp, vp, None, 0.35, beta, horizon))
 
 
 def test_opcheck_with_mask():
@@ -37,10 +37,10 @@ def test_opcheck_with_mask():
     keep[:, :2] = False
     keep[0, 0] = True
     mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))
-    torch.library.opcheck(torch.ops.myopia.myopic_attention.default, (q, k, v, None, None, mask, 0.35, 0.0))
+    torch.library.opcheck(torch.ops.myopia.myopic_attention.default, (q, k, v, None, None, mask, 0.35, 0.0, 0))
 
 
-@pytest.mark.parametrize("mode", ["myopic", "myopic_kv"])
+@pytest.mark.parametrize("mode", ["myopic", "myopic_kv", "myopic:h=2:layers=1"])
 def test_compiled_model_has_no_graph_break_and_same_gradient(mode):
     """fullgraph=True fails on any graph break; aot_eager runs the traced forward and backward."""
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def _check_triton_kernel() -> None:
                                              dv_full if full else None, scale=0.3, beta=beta,
                                              want_past_k=full, want_past_v=full)
             want = fused._split_kv_grads_torch(q, k_e, v_e, out, do, lse, dk_full, dv_full, scale=0.3, beta=beta,
-                                               mask_diag=None, groups=groups, need_cross=full,
+                                               mask=None, horizon=0, groups=groups, need_cross=full,
                                                want_past_k=full, want_past_v=full)
             for a, b in zip(got, want):
                 if b is None:
@@ -100,7 +100,7 @@ def test_triton_diagonal_kernel_matches_torch():
 def test_grad_mode_off_takes_plain_sdpa():
     q, k, v = _inputs()
     with torch.no_grad():
-        out = attention(q, k, v, mode="myopic_kv")
+        out = attention(q, k, v, cut="myopic_kv")
     assert not out.requires_grad
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from definition import gradients, mix_position, per_position_gradient, relative_error
 
 from myopia import GPT, GPTConfig
+from myopia.attention import Cut
 
 T = 7
 
@@ -51,7 +52,7 @@ def definition(model, x, y, cut):
 
 
 def implementation(model, x, y, mode, backend, beta=0.0):
-    model.set_attention(mode, beta=beta, backend=backend)
+    model.set_attention(Cut(mode, beta=beta), backend=backend)
     return gradients(loss_per_position(model, x, y), list(model.parameters()))
 
 

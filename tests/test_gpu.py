@@ -24,12 +24,12 @@ def test_cuda_fused_matches_float64_reference(dtype, tol, mode):
     q, k, v, do = _inputs(dtype)
     kp, vp = k.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
     past = dict(k_past=kp, v_past=vp) if mode == "myopic" else {}
-    out = attention(q, k, v, mode=mode, backend="fused", **past)
+    out = attention(q, k, v, cut=mode, backend="fused", **past)
     tensors = [q, k, v] + ([kp, vp] if past else [])
     grads = torch.autograd.grad(out, tensors, do)
     ref_t = [t.detach().double().requires_grad_() for t in tensors]
     ref_past = dict(k_past=ref_t[3], v_past=ref_t[4]) if past else {}
-    ref = attention(*ref_t[:3], mode=mode, backend="reference", **ref_past)
+    ref = attention(*ref_t[:3], cut=mode, backend="reference", **ref_past)
     ref_grads = torch.autograd.grad(ref, ref_t, do.double())
     assert (out.double() - ref).abs().max() / ref.abs().max() < tol
     for a, b in zip(grads, ref_grads):
@@ -48,7 +48,7 @@ def test_cuda_lse_matches_logsumexp(dtype):
 
 def test_cuda_forward_identical_across_modes():
     q, k, v, _ = _inputs(torch.bfloat16)
-    outs = [attention(q, k, v, mode=m, k_past=k, v_past=v) if m == "myopic" else attention(q, k, v, mode=m)
+    outs = [attention(q, k, v, cut=m, k_past=k, v_past=v) if m == "myopic" else attention(q, k, v, cut=m)
             for m in ("vanilla", "myopic", "myopic_kv")]
     assert torch.equal(outs[1], outs[2])
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
@@ -67,7 +67,7 @@ def test_cuda_triton_diagonal_matches_torch(dtype):
     _, dkf, dvf = kernels.fused_backward(do, q, k_e, v_e, out, lse, extras, scale=0.125, mask=None)
     got = triton_diag.split_kv_grads(q, k, v, out, do, lse, dkf, dvf, scale=0.125, beta=0.3,
                                      want_past_k=True, want_past_v=True)
-    want = fused._split_kv_grads_torch(q, k_e, v_e, out, do, lse, dkf, dvf, scale=0.125, beta=0.3, mask_diag=None,
+    want = fused._split_kv_grads_torch(q, k_e, v_e, out, do, lse, dkf, dvf, scale=0.125, beta=0.3, mask=None, horizon=0,
                                        groups=groups, need_cross=True, want_past_k=True, want_past_v=True)
     for a, b in zip(got, want):
         assert (a.float() - b.float()).abs().max() / b.float().abs().max() < (2e-2 if dtype == torch.bfloat16 else 1e-5)

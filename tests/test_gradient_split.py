@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from myopia import GPT, GPTConfig
+from myopia.attention import Cut
 from myopia.analysis.gradients import (
     body_parameters,
     gradient_split,
@@ -43,7 +44,7 @@ def _gpt(mode="vanilla", dropout=0.0, seed=0):
 
 
 def _backward_grads(model, task, mode, n_batches=2, batch_size=4):
-    model.set_attention(mode, beta=0.0)
+    model.set_attention(mode)
     model.zero_grad()
     for i in range(n_batches):
         x, y = task.heldout_batch(i, batch_size)
@@ -68,7 +69,7 @@ def test_split_matches_backward_passes_in_both_modes():
     assert set(split["layers"]) == {"0", "1"}
     layer_sq = sum(v["total_norm"] ** 2 for v in split["layers"].values())
     assert layer_sq <= split["total_norm"] ** 2 * (1 + 1e-9)  # layers are a subset (ln_f is in no layer)
-    assert model.attention_mode() == ("myopic_kv", 0.0)  # restored
+    assert model.attention_cut() == Cut("myopic_kv")  # restored
 
 
 def test_one_token_sequences_have_no_future_part():
@@ -81,12 +82,12 @@ def test_one_token_sequences_have_no_future_part():
 
 def test_split_leaves_grads_mode_and_training_flag_alone():
     model = _gpt("myopic")
-    model.set_attention("myopic", beta=0.25)
+    model.set_attention("myopic@0.25")
     model.train()
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
     gradient_split(model, TokenTask(), n_batches=1, batch_size=2, device=torch.device("cpu"))
-    assert model.training and model.attention_mode() == ("myopic", 0.25)
+    assert model.training and model.attention_cut() == Cut("myopic", beta=0.25)
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
 
 
@@ -133,9 +134,9 @@ def test_split_of_a_hugging_face_model(preset):
     from myopia.hf_models import build_hf_model
 
     task = TokenTask(vocab=64)
-    model = build_hf_model(preset, "myopic", 0.0, vocab_size=64, seed=0)
+    model = build_hf_model(preset, "myopic", vocab_size=64, seed=0)
     split = gradient_split(model, task, n_batches=1, batch_size=3, device=torch.device("cpu"))
-    assert model.attention_mode() == ("myopic", 0.0)
+    assert model.attention_cut() == Cut("myopic")
     names = {n for n, _ in body_parameters(model)}
     assert not any("embed" in n or "lm_head" in n for n in names)
     grads = {}
@@ -159,9 +160,9 @@ def test_monitor_factory_skips_what_cannot_be_split(monkeypatch):
     make = lambda parallel="ddp": monitor_factory(task, 1, TrainConfig(steps=5, batch_size=2, eval_every=0,  # noqa: E731
                                                                        parallel=parallel))
     for_arm = make()
-    assert for_arm(Arm("vanilla", "vanilla"), _gpt()) is not None
-    assert for_arm(Arm("myopic@0.5", "myopic", beta=0.5), _gpt()) is not None
-    assert for_arm(Arm("bigram", "bigram"), _gpt()) is None  # its forward is not vanilla's
+    assert for_arm(Arm("vanilla", Cut()), _gpt()) is not None
+    assert for_arm(Arm("myopic@0.5", Cut("myopic", beta=0.5)), _gpt()) is not None
+    assert for_arm(Arm("bigram", Cut("bigram")), _gpt()) is None  # its forward is not vanilla's
     assert monitor_factory(task, 0, TrainConfig(steps=5, batch_size=2)) is None  # off
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert make("fsdp") is None  # the bare model holds shards

@@ -13,14 +13,14 @@ from conftest import write_word_corpus
 
 from myopia import cli
 from myopia.config import ConfigError
-from myopia.hf import current_mode
+from myopia.hf import current_cut
 from myopia.hf_models import HF_PRESETS, build_hf_model
 
 
 @pytest.mark.parametrize("name", ["gpt2-124m", "pythia-14m", "llama-tiny"])
 def test_preset_builds_and_trains_a_step_offline(name):
-    model = build_hf_model(name, "myopic", 0.0, vocab_size=50257, seed=0)
-    assert current_mode(model.hf) == "myopic"
+    model = build_hf_model(name, "myopic", vocab_size=50257, seed=0)
+    assert current_cut(model.hf).spec == "myopic"
     x = torch.randint(0, 50257, (2, 16))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
@@ -51,13 +51,13 @@ def test_local_checkpoint_loads_its_weights(tmp_path):
                                      vocab_size=300, max_position_embeddings=64)
     original = transformers.GPTNeoXForCausalLM(cfg)
     original.save_pretrained(tmp_path / "ckpt")
-    model = build_hf_model(str(tmp_path / "ckpt"), "myopic_kv", 0.0, vocab_size=256, seed=1)
+    model = build_hf_model(str(tmp_path / "ckpt"), "myopic_kv", vocab_size=256, seed=1)
     for (n, a), b in zip(original.state_dict().items(), model.hf.state_dict().values()):
         assert torch.equal(a, b), n
     with pytest.raises(ConfigError, match="vocab_size 300"):
-        build_hf_model(str(tmp_path / "ckpt"), "vanilla", 0.0, vocab_size=1000, seed=0)
+        build_hf_model(str(tmp_path / "ckpt"), "vanilla", vocab_size=1000, seed=0)
     with pytest.raises(ConfigError, match="neither a preset"):
-        build_hf_model(str(tmp_path / "missing"), "vanilla", 0.0, vocab_size=10, seed=0)
+        build_hf_model(str(tmp_path / "missing"), "vanilla", vocab_size=10, seed=0)
 
 
 def test_sweep_end_to_end(tmp_path):
@@ -88,6 +88,6 @@ def test_fresh_presets_size_their_embedding_to_the_tokenizer():
     # A small BPE gets a small embedding (rounded up to 64); a larger tokenizer than the preset's grows it.
     assert preset_vocab_size("pythia-14m", 4000) == 4032
     assert preset_vocab_size("gpt2-124m", 50277) == 50304
-    model = build_hf_model("pythia-14m", "vanilla", 0.0, vocab_size=4096, seed=0)
+    model = build_hf_model("pythia-14m", "vanilla", vocab_size=4096, seed=0)
     assert model.hf.get_input_embeddings().weight.shape[0] == 4096
     assert model(torch.randint(0, 4096, (1, 8))).shape == (1, 8, 4096)

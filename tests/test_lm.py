@@ -72,7 +72,7 @@ def test_one_token_contexts_give_the_windows_position_0_losses(tmp_path, family)
     if family == "ours":
         model = GPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=16, block_size=16))
     else:
-        model = build_hf_model("llama-tiny", "vanilla", 0.0, task.tokenizer.vocab_size, 0)
+        model = build_hf_model("llama-tiny", "vanilla", task.tokenizer.vocab_size, 0)
     model.eval()
     losses, docs = first_position_losses(task, {"m": model}, torch.device("cpu"), 0)
     off = task.heldout.doc_offsets

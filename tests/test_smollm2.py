@@ -28,8 +28,8 @@ def test_pretrained_smollm2_predicts_text_and_trains_myopically(tokenizer):
                                   "The capital of Italy is Rome."])[0]
     x = torch.tensor([ids[:-1]])
     y = torch.tensor([ids[1:]])
-    vanilla = build_hf_model("smollm2-135m", "vanilla", 0.0, tokenizer.vocab_size, 0)
-    myopic = build_hf_model("smollm2-135m", "myopic", 0.0, tokenizer.vocab_size, 0)
+    vanilla = build_hf_model("smollm2-135m", "vanilla", tokenizer.vocab_size, 0)
+    myopic = build_hf_model("smollm2-135m", "myopic", tokenizer.vocab_size, 0)
     with torch.no_grad():
         logits = vanilla(x)
         # pretrained weights: far below a uniform guess (ln 49152 = 10.8 nats)
@@ -48,4 +48,4 @@ def test_smollm2_with_a_larger_tokenizer_names_the_fix():
     from myopia.hf_models import build_hf_model
 
     with pytest.raises(ConfigError, match="--data.tokenizer smollm2"):
-        build_hf_model("smollm2-135m", "vanilla", 0.0, 50257, 0)
+        build_hf_model("smollm2-135m", "vanilla", 50257, 0)

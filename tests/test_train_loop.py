@@ -30,7 +30,7 @@ OPTIM = OptimConfig(lr=3e-3, warmup=0.2)
 
 def setup(seed=0):
     task = SyntheticTask(SyntheticConfig(seq_len=16, window=4), seed=0)
-    model = build_model(MODEL, Arm("myopic", "myopic"), task.model_overrides(), seed)
+    model = build_model(MODEL, Arm("myopic", Cut("myopic")), task.model_overrides(), seed)
     return task, model
 
 

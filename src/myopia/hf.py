@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from myopia.attention import MYOPIC_MODES, attention, expand_kv
-from myopia.attention.modes import check_backend, check_mode
+from myopia.attention import MYOPIC_MODES, VANILLA, Cut, attention, expand_kv
+from myopia.attention.cut import check_backend
 from myopia.attention.projection import project_with_weight_only_copy
 
 try:
@@ -47,8 +47,7 @@ _CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 @dataclass
 class _LayerState:
-    mode: str
-    beta: float
+    cut: Cut  # this layer's cut (already resolved for its layer index)
     backend: str
     phase: str | None = None  # "record" | "live" while the myopic mode's wrapped forward runs
     k_past: torch.Tensor | None = None
@@ -70,14 +69,14 @@ def myopia_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function (registered as ``"myopia"``)."""
     state: _LayerState | None = getattr(module, "_myopia_state", None)
-    if state is None or state.mode == "vanilla":
+    if state is None or state.cut.is_vanilla:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if state.phase == "record":
         state.k_past, state.v_past = key, value
         B, H, T, D = query.shape
         return query.new_zeros(B, T, H, value.shape[-1]), None
     q_len, k_len = query.shape[2], key.shape[2]
-    if state.mode == "bigram":
+    if state.cut.changes_forward:
         out = expand_kv(value[:, :, k_len - q_len :], query.shape[1] // key.shape[1])
         return out.transpose(1, 2).contiguous(), None
     k_past, v_past = state.k_past, state.v_past
@@ -85,17 +84,16 @@ def myopia_attention_forward(
     if q_len != k_len or not torch.is_grad_enabled():
         # Decoding with a cache, or no gradient: the forward value is the ordinary one.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    mode = state.mode
-    if mode == "myopic" and k_past is None:
+    cut = state.cut
+    if cut.needs_past_kv and k_past is None:
         raise RuntimeError(
-            f"{type(module).__name__} was called in myopic mode without its detached pass; call the model "
-            "(not the attention function) or re-run make_myopic(model, 'myopic')")
+            f"{type(module).__name__} was called with cut {cut.spec!r} without its detached pass; call the "
+            "model (not the attention function) or re-run make_myopic(model, ...)")
     mask = attention_mask
     if mask is not None:
         mask = mask[..., :k_len]
     out = attention(
-        query, key, value, mode=mode, beta=state.beta, scale=scaling, attn_mask=mask,
-        k_past=k_past if mode == "myopic" else None, v_past=v_past if mode == "myopic" else None,
+        query, key, value, cut=cut, scale=scaling, attn_mask=mask, k_past=k_past, v_past=v_past,
         backend=state.backend, dropout_p=dropout,
     )
     return out.transpose(1, 2).contiguous(), None
@@ -164,7 +162,7 @@ def _wrap_forward(module: nn.Module) -> None:
 
     def forward(*args, **kwargs):
         state: _LayerState = module._myopia_state
-        if state.mode != "myopic" or not torch.is_grad_enabled():
+        if not state.cut.needs_past_kv or not torch.is_grad_enabled():
             return original(*args, **kwargs)
         d_args, d_kwargs = _detached_call(args, kwargs)
         state.x_live = args[0] if args else kwargs["hidden_states"]
@@ -207,36 +205,51 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def make_myopic(model: nn.Module, mode: str = "myopic", beta: float = 0.0, backend: str = "auto") -> nn.Module:
-    """Switch a transformers causal LM to ``mode`` in place and return it.
+def make_myopic(
+    model: nn.Module, cut: Cut | str = "myopic", beta: float | None = None, backend: str = "auto"
+) -> nn.Module:
+    """Switch a transformers causal LM to gradient cut ``cut`` in place and return it.
 
-    ``mode``: ``myopic`` (the paper's cut; default) | ``myopic_kv`` | ``bigram`` | ``vanilla``
-    (restores the model's original attention implementation).
+    ``cut``: a :class:`~myopia.attention.cut.Cut` or its text: ``myopic`` (the paper's; default) |
+    ``myopic_kv`` | ``bigram`` | ``vanilla`` (restores the model's original attention implementation),
+    with ``@BETA``, ``:h=W`` and ``:layers=A-B`` as in ``myopic:h=8:layers=0-3``. ``beta`` (optional)
+    sets the cut's beta, as ``myopic@BETA`` does.
     """
-    check_mode(mode, beta)
+    cut = Cut.parse(cut)
+    if beta is not None and float(beta) != cut.beta:
+        if cut.beta:
+            raise ValueError(f"make_myopic: cut {cut.spec!r} already sets beta; drop beta={beta} or the @BETA")
+        cut = Cut(mode=cut.mode, beta=beta, horizon=cut.horizon, layers=cut.layers, name=cut.name)
     check_backend(backend)
-    config = model.config
     modules = attention_modules(model)
-    if mode == "vanilla":
+    cut.check_layers(len(modules), f"{type(model).__name__} with {len(modules)} attention layers")
+    if cut.is_vanilla:
         original = getattr(model, "_myopia_original_attn", None)
         for m in modules:
             _unwrap_forward(m)
         if original is not None:
             _set_implementation(model, original)
             model._myopia_original_attn = None
+        model._myopia_cut = None
         return model
     if getattr(model, "_myopia_original_attn", None) is None:
-        model._myopia_original_attn = config._attn_implementation or "sdpa"
+        model._myopia_original_attn = model.config._attn_implementation or "sdpa"
     _register()
     _set_implementation(model, ATTENTION_NAME)
-    for m in modules:
-        m._myopia_state = _LayerState(mode=mode, beta=float(beta), backend=backend)
-        if mode == "myopic":
+    for position, m in enumerate(modules):
+        layer_cut = cut.for_layer(_layer_index(m, position))
+        if layer_cut.needs_past_kv:
             _wrap_forward(m)
         else:
             _unwrap_forward(m)
-            m._myopia_state = _LayerState(mode=mode, beta=float(beta), backend=backend)
+        m._myopia_state = _LayerState(cut=layer_cut, backend=backend)
+    model._myopia_cut = cut
     return model
+
+
+def _layer_index(module: nn.Module, position: int) -> int:
+    index = getattr(module, "layer_idx", None)
+    return position if index is None else int(index)
 
 
 def _set_implementation(model: nn.Module, name: str) -> None:
@@ -252,22 +265,9 @@ def _set_implementation(model: nn.Module, name: str) -> None:
         model.config._attn_implementation = name
 
 
-def _first_state(model: nn.Module) -> _LayerState | None:
-    """The state ``make_myopic`` left on the model's first attention module (None if never set)."""
-    return next((s for m in model.modules() if (s := getattr(m, "_myopia_state", None)) is not None), None)
+def current_cut(model: nn.Module) -> Cut:
+    """The cut ``make_myopic`` last set (vanilla if never)."""
+    return getattr(model, "_myopia_cut", None) or VANILLA
 
 
-def current_mode(model: nn.Module) -> str:
-    """The mode ``make_myopic`` last set (``vanilla`` if never)."""
-    state = _first_state(model)
-    return state.mode if state is not None else "vanilla"
-
-
-def current_beta(model: nn.Module) -> float:
-    """The ``beta`` ``make_myopic`` last set (0.0 if never)."""
-    state = _first_state(model)
-    return state.beta if state is not None else 0.0
-
-
-__all__ = ["MYOPIC_MODES", "attention_modules", "current_beta", "current_mode", "make_myopic",
-           "myopia_attention_forward"]
+__all__ = ["MYOPIC_MODES", "attention_modules", "current_cut", "make_myopic", "myopia_attention_forward"]

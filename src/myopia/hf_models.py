@@ -98,18 +98,18 @@ class HFCausalLM(nn.Module):
         out = self.hf(input_ids=x, use_cache=False, output_hidden_states=return_hidden_states)
         return (out.logits, list(out.hidden_states)) if return_hidden_states else out.logits
 
-    def set_attention(self, mode: str, beta: float = 0.0) -> HFCausalLM:
-        """Switch the attention mode in place (as ``GPT.set_attention``), through ``make_myopic``."""
+    def set_attention(self, cut) -> HFCausalLM:
+        """Switch the gradient cut in place (as ``GPT.set_attention``), through ``make_myopic``."""
         from myopia.hf import make_myopic
 
-        make_myopic(self.hf, mode, beta=beta)
+        make_myopic(self.hf, cut)
         return self
 
-    def attention_mode(self) -> tuple[str, float]:
-        """``(mode, beta)`` as ``make_myopic`` last set them (``("vanilla", 0.0)`` if never)."""
-        from myopia.hf import current_beta, current_mode
+    def attention_cut(self):
+        """The cut ``make_myopic`` last set (vanilla if never)."""
+        from myopia.hf import current_cut
 
-        return current_mode(self.hf), current_beta(self.hf)
+        return current_cut(self.hf)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -176,7 +176,7 @@ def _from_smollm2() -> nn.Module:
                                                                  attn_implementation="sdpa")
 
 
-def build_hf_model(spec: str, mode: str, beta: float, vocab_size: int, seed: int) -> HFCausalLM:
+def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
     """The arm's model (identical initial weights in every arm: same seed or same checkpoint)."""
     from myopia.hf import make_myopic
 
@@ -189,8 +189,7 @@ def build_hf_model(spec: str, mode: str, beta: float, vocab_size: int, seed: int
         model = _from_pretrained(spec)
         _check_vocab(spec, model.config.vocab_size, vocab_size, "the tokenizer the model was trained with")
     model.config._attn_implementation = model.config._attn_implementation or "sdpa"
-    if mode != "vanilla":
-        make_myopic(model, mode, beta=beta)
+    make_myopic(model, cut)
     return HFCausalLM(model.train(), spec)
 
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from myopia.attention import ATTENTION_MODES, BACKENDS, attention, reference_attention
-from myopia.attention.modes import check_backend, check_mode
+from myopia.attention import ATTENTION_MODES, BACKENDS, VANILLA, Cut, attention, reference_attention
+from myopia.attention.cut import check_backend
 from myopia.attention.projection import project_with_weight_only_copy
 
 
@@ -35,9 +35,8 @@ class GPTConfig:
     block_size: int = 64
     """Longest sequence the model accepts (size of the learned position table)."""
     attention: str = "vanilla"
-    """Attention mode: vanilla | myopic | myopic_kv | bigram."""
-    beta: float = 0.0
-    """Myopic modes: weight of the gradient that crosses positions (0 = myopic, 1 = vanilla)."""
+    """Gradient cut: vanilla | myopic | myopic_kv | bigram, with @BETA, :h=W (horizon), :layers=A-B
+    (e.g. myopic@0.5, myopic:h=8, myopic:layers=0); see myopia.attention.cut."""
     dropout: float = 0.0
     """Dropout on embeddings and residual branches (attention probabilities are never dropped)."""
     n_kv_head: int | None = None
@@ -66,7 +65,7 @@ class GPTConfig:
     """LayerNorm epsilon."""
 
     def __post_init__(self) -> None:
-        check_mode(self.attention, self.beta)
+        self.attention = str(Cut.parse(self.attention).check_layers(self.n_layer, f"GPT with n_layer={self.n_layer}"))
         check_backend(self.backend)
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "mlp_ratio"):
             if getattr(self, name) < 1:
@@ -92,8 +91,16 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def cut(self) -> Cut:
+        return Cut.parse(self.attention)
+
     @classmethod
     def from_dict(cls, data: dict) -> GPTConfig:
+        data = dict(data)
+        beta = data.pop("beta", 0.0)  # checkpoints before the cut spec kept beta apart
+        if beta:
+            data["attention"] = str(Cut.parse(f"{data.get('attention', 'vanilla')}@{beta}"))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -136,7 +143,8 @@ class CausalSelfAttention(nn.Module):
             else None
         )
         self.hook_q, self.hook_k, self.hook_v = nn.Identity(), nn.Identity(), nn.Identity()
-        self.mode, self.beta, self.backend = config.attention, config.beta, config.backend
+        self.cut: Cut = VANILLA  # this block's cut; GPT sets it per layer
+        self.backend = config.backend
 
     def _split(self, qkv: torch.Tensor):
         B, T, _ = qkv.shape
@@ -157,17 +165,17 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             return self._forward_external_past(x, past.detach())
         k_past = v_past = None
-        if self.mode == "myopic" and torch.is_grad_enabled():
+        cut = self.cut.at_length(T)
+        if cut.needs_past_kv and torch.is_grad_enabled():
             qkv, qkv_weight_only = project_with_weight_only_copy(x, self.c_attn.weight, self.c_attn.bias)
             _, k_past, v_past = self._split(qkv_weight_only)
         else:
             qkv = self.c_attn(x)
+            if cut.needs_past_kv:
+                cut = VANILLA  # no gradient: the forward value is the ordinary one
         q, k, v = self._split(qkv)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        mode = self.mode if k_past is not None or self.mode != "myopic" else "vanilla"
-        y = attention(
-            q, k, v, mode=mode, beta=self.beta, k_past=k_past, v_past=v_past, backend=self.backend
-        )
+        y = attention(q, k, v, cut=cut, k_past=k_past, v_past=v_past, backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -179,7 +187,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._split(self.c_attn(x))
         _, k_past, v_past = self._split(self.c_attn(past))
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        y = reference_attention(q, k, v, mode="myopic", beta=0.0, scale=1.0 / math.sqrt(self.head_dim),
+        y = reference_attention(q, k, v, cut="myopic", scale=1.0 / math.sqrt(self.head_dim),
                                 mask=None, k_past=k_past, v_past=v_past)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -237,6 +245,7 @@ class GPT(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=residual_std)
         if config.tie_embeddings and config.input_dim is None and config.output_dim is None:
             self.head.weight = self.wte.weight
+        self.set_attention(config.attention)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -244,21 +253,21 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def set_attention(self, mode: str | None = None, beta: float | None = None, backend: str | None = None) -> GPT:
-        """Switch every layer's attention mode/beta/backend in place (the config follows)."""
-        mode = self.config.attention if mode is None else mode
-        beta = self.config.beta if beta is None else beta
+    def set_attention(self, cut: Cut | str | None = None, backend: str | None = None) -> GPT:
+        """Switch the model to another gradient cut (a :class:`Cut` or its text, e.g. ``myopic:h=8``)
+        and/or backend in place; every block gets ``cut.for_layer(i)`` and the config follows."""
+        cut = self.config.cut if cut is None else Cut.parse(cut)
+        cut.check_layers(len(self.blocks), f"GPT with n_layer={len(self.blocks)}")
         backend = self.config.backend if backend is None else backend
-        check_mode(mode, beta)
         check_backend(backend)
-        self.config.attention, self.config.beta, self.config.backend = mode, beta, backend
-        for block in self.blocks:
-            block.attn.mode, block.attn.beta, block.attn.backend = mode, beta, backend
+        self.config.attention, self.config.backend = str(cut), backend
+        for i, block in enumerate(self.blocks):
+            block.attn.cut, block.attn.backend = cut.for_layer(i), backend
         return self
 
-    def attention_mode(self) -> tuple[str, float]:
-        """``(mode, beta)`` as ``set_attention`` last set them."""
-        return self.config.attention, self.config.beta
+    def attention_cut(self) -> Cut:
+        """The cut ``set_attention`` last set."""
+        return self.config.cut
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -32,7 +32,7 @@ PAPER_GEOMETRY = {"model": "Pythia-410m-deduped checkpoints, 1,000 Pile rows",
 def splittable(model: nn.Module) -> bool:
     """Whether ``model`` can be switched between attention modes in place (myopia's GPT, a Hugging
     Face model behind ``HFCausalLM``); the local-myopic wrapper cannot."""
-    return callable(getattr(model, "set_attention", None)) and callable(getattr(model, "attention_mode", None))
+    return callable(getattr(model, "set_attention", None)) and callable(getattr(model, "attention_cut", None))
 
 
 def body_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -79,20 +79,20 @@ def gradient_split(model: nn.Module, task, n_batches: int, batch_size: int, devi
     the model's attention mode is restored afterwards."""
     if not splittable(model):
         raise TypeError(f"{type(model).__name__} cannot switch attention modes; gradient_split needs "
-                        "set_attention and attention_mode (myopia.GPT or HFCausalLM)")
+                        "set_attention and attention_cut (myopia.GPT or HFCausalLM)")
     named = body_parameters(model)
     params = [p for _, p in named]
     batches = [task.heldout_batch(i, batch_size) for i in range(n_batches)]
-    mode, beta = model.attention_mode()
+    cut = model.attention_cut()
     was_training = model.training
     model.eval()
     try:
-        model.set_attention("vanilla", beta=0.0)
+        model.set_attention("vanilla")
         g_total = _gradients(model, params, batches, device, precision, task.loss_per_position)
-        model.set_attention("myopic", beta=0.0)
+        model.set_attention("myopic")
         g_myopic = _gradients(model, params, batches, device, precision, task.loss_per_position)
     finally:
-        model.set_attention(mode, beta=beta)
+        model.set_attention(cut)
         model.train(was_training)
     sums: dict[int | None, list[float]] = {}
     for (name, _), t, m in zip(named, g_total, g_myopic):

@@ -1,6 +1,10 @@
 """Causal self-attention in every mode myopia studies, behind one function.
 
->>> out = attention(q, k, v, mode="myopic", k_past=k_of_detached_input, v_past=v_of_detached_input)
+>>> out = attention(q, k, v, cut="myopic", k_past=k_of_detached_input, v_past=v_of_detached_input)
+>>> out = attention(q, k, v, cut=Cut.parse("myopic_kv:h=8"))
+
+The gradient cut is a :class:`~myopia.attention.cut.Cut` (or its text form) for *one* layer: a model
+resolves per-layer cuts with ``cut.for_layer(i)`` before calling.
 
 Shapes are SDPA's, ``(batch, heads, time, head_dim)``; keys and values may have fewer heads than
 queries (grouped-query attention). See :mod:`myopia.attention.fused` for the gradient each mode gives.
@@ -16,14 +20,14 @@ import torch.nn.functional as F
 
 from myopia.attention import kernels
 from myopia.attention.fused import fused_attention_with_lse, fused_myopic_attention
-from myopia.attention.modes import (
+from myopia.attention.cut import (
     ATTENTION_MODES,
     BACKENDS,
     MYOPIC_MODES,
-    AttentionMode,
-    Backend,
+    VANILLA,
+    Cut,
+    CutError,
     check_backend,
-    check_mode,
 )
 from myopia.attention.reference import (
     causal_additive_mask,
@@ -35,8 +39,9 @@ __all__ = [
     "ATTENTION_MODES",
     "BACKENDS",
     "MYOPIC_MODES",
-    "AttentionMode",
-    "Backend",
+    "VANILLA",
+    "Cut",
+    "CutError",
     "additive_mask",
     "attention",
     "causal_additive_mask",
@@ -74,8 +79,7 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    mode: str = "vanilla",
-    beta: float = 0.0,
+    cut: Cut | str = VANILLA,
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
     k_past: torch.Tensor | None = None,
@@ -83,50 +87,50 @@ def attention(
     backend: str = "auto",
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Causal self-attention with the gradient of ``mode``.
+    """Causal self-attention with the gradient of one layer's ``cut``.
 
     Args:
         q, k, v: live queries, keys and values (after projection and rotary).
-        mode: ``vanilla`` | ``myopic`` | ``myopic_kv`` | ``bigram``.
-        beta: for the myopic modes, the weight of the gradient that crosses positions
-            (0 = myopic, 1 = vanilla). The forward value does not depend on it.
+        cut: a :class:`Cut` or its text (``vanilla``, ``myopic``, ``myopic_kv:h=8``, ``myopic@0.5``, ...)
+            without ``layers``. The forward value depends on its mode only (bigram differs).
         attn_mask: ``None`` for plain causal attention, else a boolean (True = may attend) or
             additive mask broadcastable to ``(B, H, T, T)`` that already contains causality.
-        k_past, v_past: ``myopic`` only: the same keys/values computed from the *detached*
-            attention input through the live projection weights. They carry the off-diagonal
-            gradient to the weights.
+        k_past, v_past: when ``cut.needs_past_kv`` (mode ``myopic``): the same keys/values computed
+            from the *detached* attention input through the live projection weights. They carry the
+            gradient of cut edges to the weights.
         backend: ``fused`` (O(n) memory; needs a kernel that returns the log-sum-exp),
             ``reference`` (the eager n×n recipe) or ``auto`` (fused where available).
         dropout_p: attention-probability dropout; the fused myopic path has none, so ``auto``
             falls back to the reference for myopic modes when it is non-zero.
     """
-    check_mode(mode, beta)
+    cut = Cut.parse(cut)
     check_backend(backend)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if mode == "myopic" and (k_past is None or v_past is None):
-        raise ValueError(
-            "attention mode 'myopic' needs k_past and v_past (the keys/values of the detached "
-            "attention input through the live projection weights); for constant past keys and "
-            "values use mode='myopic_kv'"
-        )
-    if mode == "bigram":
+    if cut.changes_forward:
         return expand_kv(v, q.shape[1] // k.shape[1])
     if k.shape[-2] != q.shape[-2]:
         raise ValueError(
             f"attention expects self-attention over one window: {q.shape[-2]} queries but "
             f"{k.shape[-2]} keys (decode with a KV cache through the model's own path)"
         )
+    cut = cut.at_length(q.shape[-2])  # horizon 0 = the mode's cut; horizon >= T - 1 = vanilla
+    if cut.needs_past_kv and (k_past is None or v_past is None):
+        raise ValueError(
+            f"attention cut {cut.spec!r} needs k_past and v_past (the keys/values of the detached "
+            "attention input through the live projection weights); for constant past keys and "
+            "values use myopic_kv"
+        )
     mask = additive_mask(attn_mask, q.dtype)
     fused_ok = kernels.fused_available(q)
     if backend == "fused" and not fused_ok:
         raise ValueError(f"attention backend 'fused' has no kernel for device {q.device.type!r}")
-    if backend == "fused" and dropout_p > 0.0 and mode in MYOPIC_MODES:
+    if backend == "fused" and dropout_p > 0.0 and cut.cuts_gradient:
         raise ValueError("attention backend 'fused' does not support attention dropout; use 'reference'")
     use_reference = backend == "reference"
-    if mode in MYOPIC_MODES and not use_reference:
+    if cut.mode in MYOPIC_MODES and not use_reference:
         if not _needs_grad(q, k, v, k_past, v_past):
-            mode = "vanilla"  # identical forward value; no gradient to shape
+            cut = VANILLA  # identical forward value; no gradient to shape
         elif dropout_p > 0.0:
             _warn_once("dropout", "myopic attention with attention dropout runs the eager n×n reference")
             use_reference = True
@@ -137,18 +141,12 @@ def attention(
                 "attention falls back to the eager n×n reference (memory grows as T²)",
             )
             use_reference = True
+    past = dict(k_past=k_past, v_past=v_past) if cut.needs_past_kv else dict(k_past=None, v_past=None)
     if use_reference:
-        return reference_attention(
-            q, k, v, mode=mode, beta=beta, scale=scale, mask=mask, k_past=k_past, v_past=v_past,
-            dropout_p=dropout_p,
-        )
-    if mode == "vanilla":
+        return reference_attention(q, k, v, cut=cut, scale=scale, mask=mask, dropout_p=dropout_p, **past)
+    if cut.mode == "vanilla":
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
-    return fused_myopic_attention(
-        q, k, v, scale=scale, beta=beta, mask=mask,
-        k_past=k_past if mode == "myopic" else None,
-        v_past=v_past if mode == "myopic" else None,
-    )
+    return fused_myopic_attention(q, k, v, scale=scale, beta=cut.beta, horizon=cut.horizon, mask=mask, **past)

@@ -143,7 +143,7 @@ def _eager_backward(dout, q, k, v, *, scale, mask):
 
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = reference_attention(qq, kk, vv, mode="vanilla", scale=scale, mask=mask)
+        out = reference_attention(qq, kk, vv, cut="vanilla", scale=scale, mask=mask)
         return torch.autograd.grad(out, (qq, kk, vv), dout)
 
 

@@ -1,10 +1,11 @@
 """Eager reference attention: the n×n recipe of the paper's code, kept for tests and fallbacks.
 
-Myopic scores are ``q_i·k̄_j`` off the diagonal and ``q_i·k_i`` on it; the output is
-``Σ_{j≠i} a_ij v̄_j + a_ii v_i``, where ``k̄, v̄`` are the past keys/values: the projection of the
-detached attention input through live weights (``myopic``), or the detached keys/values themselves
-(``myopic_kv``). ``beta`` blends ``k̄ ← (1-β)·k̄ + β·k`` as in the paper's code. It materialises the
-full score matrix, so memory grows as n².
+Myopic scores are ``q_i·k̄_j`` on cut edges and ``q_i·k_j`` inside the band ``0 ≤ i − j ≤ w`` (the
+cut's horizon; w = 0, the paper's myopia, keeps the diagonal only); the output is
+``Σ_{cut} a_ij v̄_j + Σ_{band} a_ij v_j``, where ``k̄, v̄`` are the past keys/values: the projection of
+the detached attention input through live weights (``myopic``), or the detached keys/values
+themselves (``myopic_kv``). ``beta`` blends ``k̄ ← (1-β)·k̄ + β·k`` as in the paper's code. It
+materialises the full score matrix, so memory grows as n².
 """
 
 from __future__ import annotations
@@ -40,19 +41,24 @@ def reference_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    mode: str,
-    beta: float = 0.0,
+    cut,
     scale: float,
     mask: torch.Tensor | None = None,
     k_past: torch.Tensor | None = None,
     v_past: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Attention with a materialised score matrix. ``mask``: additive, containing causality."""
+    """Attention with a materialised score matrix. ``cut``: one layer's :class:`~myopia.attention.cut.Cut`
+    (or its text); ``mask``: additive, containing causality."""
+    from myopia.attention.cut import MYOPIC_MODES, Cut
+
+    cut = Cut.parse(cut)
     groups = q.shape[1] // k.shape[1]
-    if mode == "bigram":
+    if cut.changes_forward:
         return expand_kv(v, groups)
     T = q.shape[-2]
+    cut = cut.at_length(T)
+    mode, beta = cut.mode, cut.beta
     if mask is None:
         mask = causal_additive_mask(T, q.dtype, q.device)
     k_e, v_e = expand_kv(k, groups), expand_kv(v, groups)
@@ -67,10 +73,16 @@ def reference_attention(
     if beta > 0.0:
         k_bar = (1.0 - beta) * k_bar + beta * k_e
         v_bar = (1.0 - beta) * v_bar + beta * v_e
-    eye = torch.eye(T, dtype=torch.bool, device=q.device)
-    own_scores = (q * k_e).sum(-1)
-    scores = torch.where(eye, own_scores.unsqueeze(-1), q @ k_bar.transpose(-1, -2))
-    weights = _softmax(scores * scale + mask)
-    weights = F.dropout(weights, dropout_p)
-    own_weight = weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-    return weights.masked_fill(eye, 0.0) @ v_bar + own_weight * v_e
+    assert mode in MYOPIC_MODES
+    if cut.horizon is None:  # the diagonal only: the paper's recipe
+        eye = torch.eye(T, dtype=torch.bool, device=q.device)
+        own_scores = (q * k_e).sum(-1)
+        scores = torch.where(eye, own_scores.unsqueeze(-1), q @ k_bar.transpose(-1, -2))
+        weights = F.dropout(_softmax(scores * scale + mask), dropout_p)
+        own_weight = weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+        return weights.masked_fill(eye, 0.0) @ v_bar + own_weight * v_e
+    offset = torch.arange(T, device=q.device).view(T, 1) - torch.arange(T, device=q.device).view(1, T)
+    band = (offset >= 0) & (offset <= cut.horizon)  # query i reads key j live
+    scores = torch.where(band, q @ k_e.transpose(-1, -2), q @ k_bar.transpose(-1, -2))
+    weights = F.dropout(_softmax(scores * scale + mask), dropout_p)
+    return weights.masked_fill(~band, 0.0) @ v_e + weights.masked_fill(band, 0.0) @ v_bar

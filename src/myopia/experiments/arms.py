@@ -1,5 +1,6 @@
-"""Arms of an experiment: the same model, data, optimiser, schedule and seed, trained in different
-attention modes. An arm is named by its mode, optionally with a beta: ``myopic@0.5``."""
+"""Arms of an experiment: the same model, data, optimiser, schedule and seed, trained under different
+gradient cuts. An arm is written as its cut (:mod:`myopia.attention.cut`: ``myopic``, ``myopic@0.5``,
+``myopic:h=8``, ``myopic:layers=0-1:name=early``) and named by its display name or that text."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from myopia.attention.modes import check_mode
+from myopia.attention.cut import GRAMMAR, Cut, CutError
 from myopia.config import ConfigError
 from myopia.model import GPT, GPTConfig
 
@@ -17,28 +18,28 @@ LOCAL_ARM = "local-myopic"
 @dataclass(frozen=True)
 class Arm:
     name: str
-    mode: str
-    beta: float = 0.0
+    cut: Cut
     local: bool = False
     """The local-myopic arm: starts from the trained vanilla model and reads its frozen past states."""
 
 
 def parse_arm(spec: str) -> Arm:
     if spec in (LOCAL_ARM, "local"):
-        return Arm(name=LOCAL_ARM, mode="myopic", local=True)
-    mode, _, beta = spec.partition("@")
+        return Arm(name=LOCAL_ARM, cut=Cut("myopic"), local=True)
     try:
-        value = float(beta) if beta else 0.0
-        check_mode(mode, value)
-    except ValueError as exc:
-        raise ConfigError(f"arm {spec!r}: {exc} (write arms as MODE or MODE@BETA, e.g. myopic@0.5, "
-                          f"or {LOCAL_ARM})") from None
-    return Arm(name=spec, mode=mode, beta=value)
+        cut = Cut.parse(spec)
+    except CutError as exc:
+        raise ConfigError(f"arm {spec!r}: {str(exc).split(': ', 1)[-1] if str(exc).startswith('cut') else exc} "
+                          f"(or {LOCAL_ARM})") from None
+    name = cut.name or spec
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(f"arm {spec!r}: its name {name!r} cannot be a folder name; give it :name=NAME")
+    return Arm(name=name, cut=cut)
 
 
 def parse_arms(specs: list[str], allow_local: bool = False) -> list[Arm]:
     if not specs:
-        raise ConfigError("arms: name at least one arm (vanilla, myopic, myopic_kv, bigram or MODE@BETA)")
+        raise ConfigError(f"arms: name at least one arm ({GRAMMAR})")
     arms = [parse_arm(s) for s in specs]
     if len({a.name for a in arms}) != len(arms):
         raise ConfigError(f"arms: {specs} names an arm twice")
@@ -84,7 +85,10 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
         raise CheckpointError(f"init_from: checkpoint {folder} does not record its model configuration")
     cfg = GPTConfig.from_dict(state["model_config"])
     check_fits(cfg, overrides, folder)
-    model = GPT(replace(cfg, attention=arm.mode, beta=arm.beta))
+    try:
+        model = GPT(replace(cfg, attention=str(arm.cut)))
+    except CutError as exc:
+        raise ConfigError(f"arm {arm.name!r}: {exc}") from None
     model.load_state_dict(weights)
     return model
 
@@ -92,7 +96,9 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
 def build_model(base: GPTConfig, arm: Arm, overrides: dict, seed: int) -> GPT:
     """The arm's model: identical initial weights in every arm (same seed, same shapes)."""
     try:
-        cfg = replace(base, **overrides, attention=arm.mode, beta=arm.beta)
+        cfg = replace(base, **overrides, attention=str(arm.cut))
+    except CutError as exc:
+        raise ConfigError(f"arm {arm.name!r}: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
     torch.manual_seed(seed)

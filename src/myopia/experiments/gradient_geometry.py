@@ -10,8 +10,6 @@ from myopia.analysis import plots
 from myopia.analysis.gradients import PAPER_GEOMETRY, split_monitor, splittable
 from myopia.train.config import TrainConfig
 
-# Arms whose forward is the vanilla one, so that switching modes to measure changes only the backward.
-MEASURED_MODES = ("vanilla", "myopic", "myopic_kv")
 
 
 def monitor_factory(task, n_batches: int, train: TrainConfig) -> Callable | None:
@@ -22,7 +20,8 @@ def monitor_factory(task, n_batches: int, train: TrainConfig) -> Callable | None
         return None
 
     def monitor_for(arm, model):
-        if arm.local or arm.mode not in MEASURED_MODES or not splittable(model):
+        # Only arms whose forward is the vanilla one: switching cuts to measure changes the backward only.
+        if arm.local or arm.cut.changes_forward or not splittable(model):
             return None
         return split_monitor(task, n_batches, train.batch_size, train.precision, train.eval_every, train.steps)
 

@@ -22,6 +22,7 @@ from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci, format_ci, mean_ci
 from myopia.config import ConfigError, merge
 from myopia.experiments import gradient_geometry
+from myopia.attention.cut import VANILLA
 from myopia.experiments.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
 from myopia.experiments.runner import environment, run_arms, write_results
 from myopia.hf_models import build_hf_model
@@ -197,7 +198,7 @@ def run(cfg: LMExperiment) -> dict:
                     raise ConfigError(f"arms: {LOCAL_ARM} is implemented for myopia's GPT, not for hf_model")
                 return LocalMyopicGPT(models["vanilla"])
             if start is not None:
-                return copy.deepcopy(start).set_attention(arm.mode, beta=arm.beta)
+                return copy.deepcopy(start).set_attention(arm.cut)
             return fresh_model(cfg, arm, task, overrides, seed)
 
         train = replace(cfg.train, seed=seed)
@@ -230,7 +231,7 @@ def run(cfg: LMExperiment) -> dict:
 def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
     """The arm's model with the seed's initial weights: myopia's GPT or the ``hf_model``."""
     if cfg.hf_model:
-        return build_hf_model(cfg.hf_model, arm.mode, arm.beta, task.tokenizer.vocab_size, seed)
+        return build_hf_model(cfg.hf_model, arm.cut, task.tokenizer.vocab_size, seed)
     return build_model(cfg.model, arm, overrides, seed)
 
 
@@ -240,7 +241,7 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[
     ``pretrain.steps`` in ``<out>/pretrain/vanilla`` (resumable like the arms)."""
     if cfg.init_from and cfg.pretrain.steps:
         raise ConfigError("init_from and pretrain.steps both choose the arms' starting model; set only one")
-    vanilla = Arm(name="vanilla", mode="vanilla")
+    vanilla = Arm(name="vanilla", cut=VANILLA)
     if cfg.init_from:
         if cfg.hf_model:
             raise ConfigError("init_from: takes a myopia GPT checkpoint; for a Hugging Face model pass its "

@@ -20,6 +20,7 @@ from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import mean_ci
 from myopia.config import ConfigError
 from myopia.experiments import gradient_geometry
+from myopia.attention.cut import Cut
 from myopia.experiments.arms import Arm, build_model, parse_arms
 from myopia.experiments.runner import environment, run_arms, write_results
 from myopia.model import GPTConfig
@@ -195,7 +196,7 @@ def estimate_seconds_per_step(cfg: SyntheticExperiment, task: SyntheticConfig, d
     from myopia.train.loop import autocast_for
 
     tsk = SyntheticTask(task, 0)
-    model = build_model(cfg.model, Arm("myopic", "myopic"), tsk.model_overrides(), 0).to(device)
+    model = build_model(cfg.model, Arm("myopic", Cut("myopic")), tsk.model_overrides(), 0).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for step in range(9):  # the first steps pay for allocation and kernel set-up: time the last six
