@@ -25,10 +25,10 @@ from _measure import in_subprocess, measure, print_table
 from myopia.attention import attention
 
 VARIANTS = {
-    "vanilla": dict(mode="vanilla", backend="fused"),
-    "myopic": dict(mode="myopic", backend="fused"),
-    "myopic_kv": dict(mode="myopic_kv", backend="fused"),
-    "eager (paper)": dict(mode="myopic_kv", backend="reference"),
+    "vanilla": dict(cut="vanilla", backend="fused"),
+    "myopic": dict(cut="myopic", backend="fused"),
+    "myopic_kv": dict(cut="myopic_kv", backend="fused"),
+    "eager (paper)": dict(cut="myopic_kv", backend="reference"),
 }
 
 
@@ -42,7 +42,7 @@ def run_one(variant: str, T: int, args) -> dict:
     q, k, v = make(args.heads), make(args.kv_heads), make(args.kv_heads)
     do = torch.randn(args.batch, args.heads, T, args.head_dim, generator=g).to(device, dtype)
     spec = VARIANTS[variant]
-    past = dict(k_past=k, v_past=v) if spec["mode"] == "myopic" else {}
+    past = dict(k_past=k, v_past=v) if spec["cut"] == "myopic" else {}
 
     def step():
         out = attention(q, k, v, **spec, **past)

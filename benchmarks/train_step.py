@@ -6,8 +6,8 @@
     python benchmarks/train_step.py --device cuda --model gpt2-small --compile   # torch.compile
 
 Variants: ``vanilla``, ``myopic`` (the paper's cut), ``myopic_kv`` (both through the fused O(n)
-backend) and ``eager (paper)``: the myopic mode through the eager n×n reference, i.e. the paper's
-recipe. Every variant runs the same model, data and optimiser. On CUDA all variants run in this
+backend), ``eager (paper)``: the myopic mode through the eager n×n reference, i.e. the paper's
+recipe, and the horizon cuts ``myopic:h=8`` and ``myopic:h=64`` (fused). Every variant runs the same model, data and optimiser. On CUDA all variants run in this
 process one after another (bf16 autocast, peak = ``max_memory_allocated`` of the step, weights and
 optimiser state included); on the CPU each runs in a fresh process, so that the peak resident set
 is its own, and the step times (hence the ratios) come from one more process that runs the variants'
@@ -35,11 +35,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _measure import in_subprocess, measure, print_table
 
 VARIANTS = {
-    "vanilla": dict(mode="vanilla", backend="auto"),
-    "myopic": dict(mode="myopic", backend="fused"),
-    "myopic_kv": dict(mode="myopic_kv", backend="fused"),
-    "eager (paper)": dict(mode="myopic", backend="reference"),
+    "vanilla": dict(cut="vanilla", backend="auto"),
+    "myopic": dict(cut="myopic", backend="fused"),
+    "myopic_kv": dict(cut="myopic_kv", backend="fused"),
+    "eager (paper)": dict(cut="myopic", backend="reference"),
+    "myopic:h=8": dict(cut="myopic:h=8", backend="fused"),
+    "myopic:h=64": dict(cut="myopic:h=64", backend="fused"),
 }
+DEFAULT_VARIANTS = ["vanilla", "myopic", "myopic_kv", "eager (paper)", "myopic:h=8", "myopic:h=64"]
 
 MODELS = {
     # name: (family, config) -- our GPT or a transformers model built from a config (no download)
@@ -63,7 +66,7 @@ def build(model_name: str, T: int, variant: str, device: str) -> tuple[torch.nn.
     if family == "ours":
         from myopia import GPT, GPTConfig
 
-        config = GPTConfig(block_size=T, dropout=0.0, attention=spec["mode"], backend=spec["backend"], **cfg)
+        config = GPTConfig(block_size=T, dropout=0.0, attention=spec["cut"], backend=spec["backend"], **cfg)
         model = GPT(config)
         n = model.num_parameters(exclude_embeddings=True)
         layers, width = config.n_layer, config.n_embd
@@ -83,8 +86,7 @@ def build(model_name: str, T: int, variant: str, device: str) -> tuple[torch.nn.
             layers, width = config.num_hidden_layers, config.hidden_size
             n = sum(p.numel() for p in model.parameters())
         model.config._attn_implementation = "sdpa"
-        if spec["mode"] != "vanilla":
-            make_myopic(model, spec["mode"], backend=spec["backend"])
+        make_myopic(model, spec["cut"], backend=spec["backend"])
     return model.to(device).train(), n, layers, width
 
 
@@ -151,7 +153,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default=None, choices=sorted(MODELS), help="default: small on CPU, gpt2-small on CUDA")
     p.add_argument("--shapes", nargs="+", default=None, help="BATCHxT, e.g. 16x1024 (default: 8x512 2x2048 on CPU)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default inductor)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=8)

@@ -3,7 +3,15 @@
 The myopic gradient of Σ_i L_i is Σ_i ∂L_i/∂θ with, for the loss at position i, every other
 position's attention input (``hidden``: the normalised hidden states entering attention) or its
 keys/values (``kv``: after projection and rotary) treated as constants. We compute it literally: one
-forward/backward per position i, with everything at positions j ≠ i detached at the cut.
+forward/backward per position i, with everything at positions j ≠ i detached at the cut
+(:func:`per_position_gradient`).
+
+A cut with a horizon w is a property of each attention layer's edges: the query at position i reads
+the cut input at positions j with i − j > w as constants, and at i − w ≤ j ≤ i live. We compute it
+literally too (:func:`rows_with_window`): the layer's output row i is computed from a copy of its
+input that is live in the window and detached before it, one forward per row, and the gradient of
+Σ_i L_i then flows through exactly the edges the definition keeps. With w = 0 in every layer it is
+the per-position definition above (a test checks that the two agree).
 """
 
 from __future__ import annotations
@@ -19,6 +27,23 @@ def mix_position(t: torch.Tensor, i: int, dim: int) -> torch.Tensor:
     shape[dim] = t.shape[dim]
     keep = (torch.arange(t.shape[dim], device=t.device) == i).view(shape)
     return torch.where(keep, t, t.detach())
+
+
+def mix_window(t: torch.Tensor, i: int, horizon: int, dim: int) -> torch.Tensor:
+    """``t`` live at indices ``j ≥ i − horizon`` along ``dim`` and detached before them."""
+    shape = [1] * t.dim()
+    shape[dim] = t.shape[dim]
+    keep = (torch.arange(t.shape[dim], device=t.device) >= i - horizon).view(shape)
+    return torch.where(keep, t, t.detach())
+
+
+def rows_with_window(
+    compute: Callable[[int], torch.Tensor], T: int, dim: int
+) -> torch.Tensor:
+    """Stack ``compute(i)``'s row ``i`` along ``dim`` for every ``i``: ``compute(i)`` is the layer's
+    output computed with row i's window cut (e.g. its input mixed by :func:`mix_window`)."""
+    rows = [compute(i).select(dim, i) for i in range(T)]
+    return torch.stack(rows, dim)
 
 
 def per_position_gradient(

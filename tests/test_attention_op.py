@@ -21,12 +21,12 @@ def inputs(dtype, seed=0, kv_heads=HKV):
     return q, k, v, kp, vp, do
 
 
-def run(mode, backend, dtype, beta=0.0, mask=None, kv_heads=HKV):
+def run(mode, backend, dtype, beta=0.0, mask=None, kv_heads=HKV, horizon=None):
     q, k, v, kp, vp, do = inputs(dtype, kv_heads=kv_heads)
     past = dict(k_past=kp, v_past=vp) if mode == "myopic" else {}
-    out = attention(q, k, v, cut=Cut(mode, beta=beta), backend=backend, attn_mask=mask, **past)
+    out = attention(q, k, v, cut=Cut(mode, beta=beta, horizon=horizon), backend=backend, attn_mask=mask, **past)
     tensors = [q, k, v] + ([kp, vp] if past else [])
-    grads = torch.autograd.grad(out, tensors, do)
+    grads = torch.autograd.grad(out, tensors, do, allow_unused=True)
     return out, grads
 
 
@@ -44,13 +44,54 @@ def test_fused_matches_reference(dtype, tol, mode, beta):
         assert (a.double() - b.double()).abs().max() / scale < tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("mode,beta", [("myopic", 0.0), ("myopic", 0.4), ("myopic_kv", 0.0), ("myopic_kv", 0.4)])
+@pytest.mark.parametrize("horizon", [1, 5, 31])
+def test_fused_horizon_matches_reference(dtype, tol, mode, beta, horizon):
+    """The band's key/value gradient recomputed blockwise (fused) against the band mask (reference);
+    T = 33 spans one full block of 64 keys and a partial one, horizon 31 reaches across."""
+    out_f, g_f = run(mode, "fused", dtype, beta, horizon=horizon)
+    out_r, g_r = run(mode, "reference", dtype, beta, horizon=horizon)
+    torch.testing.assert_close(out_f.double(), out_r.double(), rtol=tol, atol=tol)
+    myopic = run(mode, "reference", dtype, beta)[1]
+    for a, b, c in zip(g_f, g_r, myopic):
+        scale = b.double().abs().max().clamp_min(1.0)
+        assert (a.double() - b.double()).abs().max() / scale < tol
+    assert any((b.double() - c.double()).abs().max() > 1e-3 for b, c in zip(g_r, myopic)), "horizon must matter"
+
+
+def test_fused_horizon_spans_several_blocks():
+    """T = 150 keys in three blocks of 64; horizon 70 crosses a block boundary."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v, do = (torch.randn(1, 2, 150, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    kp, vp = k.clone(), v.clone()  # the past keys/values have the live ones' values
+    grads = {}
+    for backend in ("fused", "reference"):
+        t = [x.clone().requires_grad_() for x in (q, k, v, kp, vp)]
+        out = attention(t[0], t[1], t[2], cut="myopic:h=70", backend=backend, k_past=t[3], v_past=t[4])
+        grads[backend] = torch.autograd.grad(out, t, do)
+    for a, b in zip(grads["fused"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_horizon_endpoints_are_the_myopic_and_vanilla_gradients_exactly():
+    for backend in ("fused", "reference"):
+        for mode in ("myopic", "myopic_kv"):
+            assert all(torch.equal(a, b) for a, b in zip(run(mode, backend, torch.float64, horizon=0)[1],
+                                                          run(mode, backend, torch.float64)[1]))
+            vanilla = run("vanilla", backend, torch.float64)[1]
+            for horizon in (T - 1, 1000):
+                got = run(mode, backend, torch.float64, horizon=horizon)[1]
+                assert all(torch.equal(a, b) for a, b in zip(got[:3], vanilla)), (backend, mode, horizon)
+
+
 def test_padding_mask_fused_matches_reference():
     keep = torch.ones(B, 1, T, T, dtype=torch.bool).tril()
     keep[0, :, :, :5] = False  # left padding of 5 keys in the first sequence
     keep[0, :, torch.arange(5), torch.arange(5)] = True  # padded queries still see themselves
-    for mode in ("myopic", "myopic_kv"):
-        out_f, g_f = run(mode, "fused", torch.float64, mask=keep)
-        out_r, g_r = run(mode, "reference", torch.float64, mask=keep)
+    for mode, horizon in (("myopic", None), ("myopic_kv", None), ("myopic", 3), ("myopic_kv", 7)):
+        out_f, g_f = run(mode, "fused", torch.float64, mask=keep, horizon=horizon)
+        out_r, g_r = run(mode, "reference", torch.float64, mask=keep, horizon=horizon)
         torch.testing.assert_close(out_f, out_r, rtol=1e-12, atol=1e-12)
         for a, b in zip(g_f, g_r):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from definition import gradients, mix_position, per_position_gradient, relative_error
+from definition import gradients, mix_position, mix_window, per_position_gradient, relative_error, rows_with_window
 
 from myopia import GPT, GPTConfig
 from myopia.attention import Cut
@@ -51,8 +51,46 @@ def definition(model, x, y, cut):
     return per_position_gradient(params, T, lambda i: loss_per_position(model, x, y, i), install)
 
 
+def window_definition(model, x, y, cut):
+    """The gradient of Σ_i L_i when, in every layer ``cut`` applies to, attention row i reads the cut
+    input (attention input for ``myopic``, keys/values for ``myopic_kv``) at positions before
+    i − horizon as constants (definition.py, ``rows_with_window``)."""
+    cut = Cut.parse(cut)
+    model.set_attention("vanilla")
+    w = cut.effective_horizon
+    patched = []
+    for index, block in enumerate(model.blocks):
+        if cut.for_layer(index).is_vanilla:
+            continue
+        attn, forward = block.attn, block.attn.forward
+
+        def windowed(x, past=None, attn=attn, forward=forward):
+            def row(i):
+                if cut.needs_past_kv:
+                    return forward(mix_window(x, i, w, dim=1))
+                hooks = [h.register_forward_hook(lambda m, a, out: mix_window(out, i, w, dim=2))
+                         for h in (attn.hook_k, attn.hook_v)]
+                try:
+                    return forward(x)
+                finally:
+                    for h in hooks:
+                        h.remove()
+            return rows_with_window(row, x.shape[1], dim=1)
+
+        attn.forward = windowed
+        patched.append(attn)
+    try:
+        return gradients(loss_per_position(model, x, y), list(model.parameters()))
+    finally:
+        for attn in patched:
+            del attn.forward
+
+
 def implementation(model, x, y, mode, backend, beta=0.0):
-    model.set_attention(Cut(mode, beta=beta), backend=backend)
+    cut = Cut.parse(mode)
+    if beta:
+        cut = Cut(cut.mode, beta=beta, horizon=cut.horizon, layers=cut.layers)
+    model.set_attention(cut, backend=backend)
     return gradients(loss_per_position(model, x, y), list(model.parameters()))
 
 
@@ -135,3 +173,65 @@ def test_bigram_ignores_the_past(backend):
         out = model(changed)
         torch.testing.assert_close(out[:, i:], base[:, i:], rtol=0, atol=0)
         assert not torch.allclose(out[:, :i], base[:, :i])
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("shape", [CASES[0], CASES[2]], ids=["learned", "rotary-gqa"])
+@pytest.mark.parametrize("cut", ["myopic:h=1", "myopic:h=3", "myopic_kv:h=1", "myopic_kv:h=3"])
+def test_horizon_gradient_equals_definition(cut, shape, backend):
+    model = tiny(**shape)
+    x, y = batch()
+    want = window_definition(model, x, y, cut)
+    got = implementation(model, x, y, cut, backend)
+    assert relative_error(got, want) < 1e-10
+    for other in ("vanilla", cut.split(":")[0]):  # the horizon must matter both ways
+        assert relative_error(implementation(model, x, y, other, backend), want) > 1e-3, other
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("cut", ["myopic:layers=0", "myopic:layers=2", "myopic:layers=0+2",
+                                 "myopic_kv:layers=1", "myopic_kv:h=2:layers=1-2", "myopic:h=1:layers=0"])
+def test_per_layer_cut_equals_definition(cut, backend):
+    model = tiny(position="rotary", n_kv_head=2, n_layer=3)
+    x, y = batch()
+    want = window_definition(model, x, y, cut)
+    got = implementation(model, x, y, cut, backend)
+    assert relative_error(got, want) < 1e-10
+    everywhere = Cut.parse(cut).spec.split(":layers")[0]
+    for other in ("vanilla", everywhere):
+        assert relative_error(implementation(model, x, y, other, backend), want) > 1e-3, other
+
+
+@pytest.mark.parametrize("mode,cut", [("myopic", "hidden"), ("myopic_kv", "kv")])
+def test_window_definition_at_horizon_zero_is_the_per_position_definition(mode, cut):
+    """The two literal definitions (per loss position, per attention row) agree where they must."""
+    model = tiny(position="rotary", n_kv_head=2)
+    x, y = batch()
+    assert relative_error(window_definition(model, x, y, f"{mode}:h=0"), definition(model, x, y, cut)) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_horizon_endpoints_are_exact(backend):
+    model = tiny(position="rotary", n_kv_head=2)
+    x, y = batch()
+    for mode in ("myopic", "myopic_kv"):
+        plain = implementation(model, x, y, mode, backend)
+        assert all(torch.equal(a, b) for a, b in zip(implementation(model, x, y, f"{mode}:h=0", backend), plain))
+        vanilla = implementation(model, x, y, "vanilla", backend)
+        for horizon in (T - 1, 50):
+            got = implementation(model, x, y, f"{mode}:h={horizon}", backend)
+            assert all(torch.equal(a, b) for a, b in zip(got, vanilla)), (mode, horizon)
+
+
+def test_bad_cuts_are_one_line_errors():
+    from myopia.attention import CutError
+
+    with pytest.raises(CutError, match="layer 5 does not exist"):
+        tiny(attention="myopic:layers=5")
+    model = tiny()
+    for bad, message in (("myopic:h=-2", "horizon -2"), ("myopic:depth=3", "unknown option 'depth=3'"),
+                         ("bigram:h=2", "a horizon needs a myopic mode"), ("myopic@1.5", "beta=1.5"),
+                         ("myopic:layers=9", "does not exist")):
+        with pytest.raises(CutError, match=message) as info:
+            model.set_attention(bad)
+        assert "\n" not in str(info.value)

@@ -3,13 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from definition import gradients, mix_position, per_position_gradient, relative_error
+from definition import gradients, mix_position, mix_window, per_position_gradient, relative_error, rows_with_window
 
 transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from myopia.attention import Cut
 from myopia.hf import attention_modules, make_myopic
 
 V, T = 23, 7
@@ -87,6 +88,54 @@ def definition(model, x, y, cut):
 FAMILIES = ["gpt2", "neox", "llama-gqa", "qwen2"]
 
 
+def window_definition(model, x, y, cut):
+    """Σ_i L_i's gradient when, in the layers ``cut`` applies to, attention row i reads the cut input
+    (hidden states for myopic, keys/values for myopic_kv) before i − horizon as constants: each
+    row of the attention module's output is computed by its own forward (definition.py)."""
+    cut = Cut.parse(cut)
+    make_myopic(model, "vanilla")
+    w = cut.effective_horizon
+    row_now = {}
+
+    def kv_window(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        i = row_now.get(id(module))
+        if i is not None:
+            key, value = mix_window(key, i, w, 2), mix_window(value, i, w, 2)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+    AttentionInterface.register("kvwindow", kv_window)
+    AttentionMaskInterface.register("kvwindow", sdpa_mask)
+    model.set_attn_implementation("kvwindow")
+    patched = []
+    for m in attention_modules(model):
+        if cut.for_layer(m.layer_idx).is_vanilla:
+            continue
+        forward = m.forward
+
+        def windowed(*args, m=m, forward=forward, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            rest = args[1:]
+
+            def row(i):
+                if cut.needs_past_kv:
+                    return forward(mix_window(hidden, i, w, 1), *rest, **kwargs)[0]
+                row_now[id(m)] = i
+                try:
+                    return forward(hidden, *rest, **kwargs)[0]
+                finally:
+                    row_now.pop(id(m))
+            return rows_with_window(row, hidden.shape[1], dim=1), None
+
+        m.forward = windowed
+        patched.append(m)
+    try:
+        return gradients(losses(model, x, y).sum(), list(model.parameters()))
+    finally:
+        for m in patched:
+            del m.forward
+        model.set_attn_implementation("sdpa")
+
+
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode,cut", [("myopic", "hidden"), ("myopic_kv", "kv")])
@@ -160,3 +209,34 @@ def test_hf_padding_mask_fused_matches_reference():
         loss = F.cross_entropy(logits[:, 2:].transpose(1, 2), y[:, 2:])
         grads[backend] = gradients(loss, list(model.parameters()))
     assert relative_error(grads["fused"], grads["reference"]) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cut", ["myopic:h=2", "myopic_kv:h=2", "myopic:layers=1", "myopic_kv:h=1:layers=0"])
+def test_hf_horizon_and_layer_cuts_equal_definition(family, cut, backend):
+    model = build(family)
+    x, y = data()
+    want = window_definition(model, x, y, cut)
+    make_myopic(model, cut, backend=backend)
+    got = gradients(losses(model, x, y).sum(), list(model.parameters()))
+    assert relative_error(got, want) < 1e-10
+    parsed = Cut.parse(cut)
+    for other in ("vanilla", parsed.mode):
+        make_myopic(model, other, backend=backend)
+        assert relative_error(gradients(losses(model, x, y).sum(), list(model.parameters())), want) > 1e-3, other
+    make_myopic(model, "vanilla")
+
+
+def test_hf_window_definition_at_zero_is_the_per_position_definition():
+    model = build("llama-gqa")
+    x, y = data()
+    for mode, cut in (("myopic", "hidden"), ("myopic_kv", "kv")):
+        assert relative_error(window_definition(model, x, y, f"{mode}:h=0"), definition(model, x, y, cut)) < 1e-10
+
+
+def test_hf_cut_naming_a_missing_layer_is_a_one_line_error():
+    from myopia.attention import CutError
+
+    with pytest.raises(CutError, match="LlamaForCausalLM with 2 attention layers.*layer 4 does not exist"):
+        make_myopic(build("llama-gqa"), "myopic:layers=4")

@@ -189,7 +189,12 @@ def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
         model = _from_pretrained(spec)
         _check_vocab(spec, model.config.vocab_size, vocab_size, "the tokenizer the model was trained with")
     model.config._attn_implementation = model.config._attn_implementation or "sdpa"
-    make_myopic(model, cut)
+    from myopia.attention import CutError
+
+    try:
+        make_myopic(model, cut)
+    except CutError as exc:
+        raise ConfigError(f"hf_model {spec!r}: {exc}") from None
     return HFCausalLM(model.train(), spec)
 
 
