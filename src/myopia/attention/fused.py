@@ -14,9 +14,9 @@ tensor exists at any point. Backward, per head, with ``p_ii = exp(c·q_i·k_i + 
   position while the input learns only from its own.
 
 With a horizon w > 0 the "own" terms become the band's: every edge ``0 ≤ i − j ≤ w`` keeps its full
-gradient. :func:`band_kv_grads` recomputes the band's key/value gradient blockwise from the forward's
-log-sum-exp (probabilities ``exp(s − lse)`` inside the band only): extra memory O(n·(w + 64)) per head,
-extra time O(n·(w + 64)·d), no n×n tensor.
+gradient. :func:`band_kv_grads` recomputes the band's key/value gradient chunk by chunk from the
+forward's log-sum-exp (probabilities ``exp(s − lse)`` near the band only): extra time
+O(n·(w + 128)·d), temporary memory O(128·(w + 128)) per head, no n×n tensor.
 
 Because the forward values of ``k_past`` and ``k`` are equal, the caller may pass the same tensor
 values twice; only the gradient routing differs.
@@ -69,7 +69,7 @@ def own_position_kv_grads(
     return dk.to(k.dtype), dv.to(v.dtype)
 
 
-_BAND_BLOCK = 64  # keys per block in band_kv_grads
+_BAND_KEYS = 128  # keys per chunk in band_kv_grads
 
 
 def band_kv_grads(
@@ -85,44 +85,32 @@ def band_kv_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys' and values' gradient from the edges ``0 ≤ i − j ≤ horizon`` (all heads expanded).
 
-    Keys go in blocks of ``S`` = 64; block ``n`` meets the queries ``[nS, nS + S + horizon)``, gathered
-    as overlapping windows (``unfold``), so scores exist only for a band of width ``S + horizon``.
+    Keys go in chunks of ``C`` = 128; chunk ``[j0, j0 + C)`` meets only the queries
+    ``[j0, j0 + C + horizon)``, whose probabilities ``exp(c·q·k − lse)`` are recomputed from the
+    forward's log-sum-exp. Time O(n·(C + w)·d), temporary memory O(C·(C + w)) per head.
     """
     compute = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
-    B, H, T, D = q.shape
-    S = min(_BAND_BLOCK, T)
-    nb = -(-T // S)
-    W = S + horizon
-    pad_k, pad_q = nb * S - T, nb * S + horizon - T
-
-    def windows(t: torch.Tensor) -> torch.Tensor:  # (B, H, T, *) -> (B, H, nb, W, *)
-        t = t.to(compute)
-        if t.dim() == 3:
-            return torch.nn.functional.pad(t, (0, pad_q)).unfold(2, W, S)
-        return torch.nn.functional.pad(t, (0, 0, 0, pad_q)).unfold(2, W, S).transpose(-1, -2)
-
-    def blocks(t: torch.Tensor) -> torch.Tensor:  # (B, H, T, d) -> (B, H, nb, S, d)
-        t = torch.nn.functional.pad(t.to(compute), (0, 0, 0, pad_k))
-        return t.view(*t.shape[:2], nb, S, t.shape[-1])
-
-    q_w, do_w = windows(q), windows(dout)
-    lse_w = windows(lse).unsqueeze(-2)  # (B, H, nb, 1, W)
-    delta_w = windows((dout.to(compute) * out.to(compute)).sum(-1)).unsqueeze(-2)
-    k_b, v_b = blocks(k), blocks(v)
-    key = (torch.arange(nb, device=q.device).view(nb, 1, 1) * S + torch.arange(S, device=q.device).view(1, S, 1))
-    query = key - torch.arange(S, device=q.device).view(1, S, 1) + torch.arange(W, device=q.device).view(1, 1, W)
-    inside = (query - key >= 0) & (query - key <= horizon) & (query < T) & (key < T)  # (nb, S, W)
-    scores = torch.einsum("bhnkd,bhnqd->bhnkq", k_b, q_w) * scale
-    if mask is not None:
-        m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        scores = scores + m4[:, :, query.clamp(max=T - 1), key.clamp(max=T - 1)].to(compute)
-    finite = torch.isfinite(lse_w)  # a fully masked query row attends to nothing
-    p = torch.where(inside & finite, torch.exp(scores - torch.where(finite, lse_w, 0.0)), 0.0)
-    ds = p * (torch.einsum("bhnqd,bhnkd->bhnkq", do_w, v_b) - delta_w)
-    dv = torch.einsum("bhnkq,bhnqd->bhnkd", p, do_w)
-    dk = torch.einsum("bhnkq,bhnqd->bhnkd", ds, q_w) * scale
-    dk = dk.reshape(B, H, nb * S, D)[:, :, :T]
-    dv = dv.reshape(B, H, nb * S, v.shape[-1])[:, :, :T]
+    T = q.shape[-2]
+    qf, kf, vf, dof = (t.to(compute) for t in (q, k, v, dout))
+    lse = lse.to(compute)
+    delta = (dof * out.to(compute)).sum(-1)
+    m4 = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    dk = torch.empty(k.shape, dtype=compute, device=k.device)
+    dv = torch.empty(v.shape, dtype=compute, device=v.device)
+    for j0 in range(0, T, _BAND_KEYS):
+        j1 = min(T, j0 + _BAND_KEYS)
+        i1 = min(T, j1 + horizon)
+        q_c, do_c = qf[:, :, j0:i1], dof[:, :, j0:i1]
+        lse_c, delta_c = lse[:, :, None, j0:i1], delta[:, :, None, j0:i1]
+        offset = torch.arange(j0, i1, device=q.device).view(1, -1) - torch.arange(j0, j1, device=q.device).view(-1, 1)
+        scores = kf[:, :, j0:j1] @ q_c.transpose(-1, -2) * scale  # (B, H, keys, queries)
+        if m4 is not None:
+            scores = scores + m4[:, :, j0:i1, j0:j1].transpose(-1, -2).to(compute)
+        keep = (offset >= 0) & (offset <= horizon) & torch.isfinite(lse_c)  # a fully masked row reads nothing
+        p = torch.where(keep, torch.exp(scores - torch.where(torch.isfinite(lse_c), lse_c, 0.0)), 0.0)
+        ds = p * (vf[:, :, j0:j1] @ do_c.transpose(-1, -2) - delta_c)
+        dv[:, :, j0:j1] = p @ do_c
+        dk[:, :, j0:j1] = (ds @ q_c) * scale
     return dk.to(k.dtype), dv.to(v.dtype)
 
 
