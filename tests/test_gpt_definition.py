@@ -87,10 +87,7 @@ def window_definition(model, x, y, cut):
 
 
 def implementation(model, x, y, mode, backend, beta=0.0):
-    cut = Cut.parse(mode)
-    if beta:
-        cut = Cut(cut.mode, beta=beta, horizon=cut.horizon, layers=cut.layers)
-    model.set_attention(cut, backend=backend)
+    model.set_attention(Cut.parse(mode).with_beta(beta), backend=backend)
     return gradients(loss_per_position(model, x, y), list(model.parameters()))
 
 

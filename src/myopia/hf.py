@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from myopia.attention import MYOPIC_MODES, VANILLA, Cut, attention, expand_kv
+from myopia.attention import VANILLA, Cut, attention, expand_kv
 from myopia.attention.cut import check_backend
 from myopia.attention.projection import project_with_weight_only_copy
 
@@ -216,10 +216,8 @@ def make_myopic(
     sets the cut's beta, as ``myopic@BETA`` does.
     """
     cut = Cut.parse(cut)
-    if beta is not None and float(beta) != cut.beta:
-        if cut.beta:
-            raise ValueError(f"make_myopic: cut {cut.spec!r} already sets beta; drop beta={beta} or the @BETA")
-        cut = Cut(mode=cut.mode, beta=beta, horizon=cut.horizon, layers=cut.layers, name=cut.name)
+    if beta is not None:
+        cut = cut.with_beta(beta)
     check_backend(backend)
     modules = attention_modules(model)
     cut.check_layers(len(modules), f"{type(model).__name__} with {len(modules)} attention layers")
@@ -270,4 +268,4 @@ def current_cut(model: nn.Module) -> Cut:
     return getattr(model, "_myopia_cut", None) or VANILLA
 
 
-__all__ = ["MYOPIC_MODES", "attention_modules", "current_cut", "make_myopic", "myopia_attention_forward"]
+__all__ = ["attention_modules", "current_cut", "make_myopic", "myopia_attention_forward"]

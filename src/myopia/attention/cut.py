@@ -153,6 +153,14 @@ class Cut:
         return self.horizon or 0
 
     # -- resolution per layer and per sequence length ---------------------------------------------------
+    def with_beta(self, beta: float) -> Cut:
+        """This cut with ``beta`` (a one-line error if it already sets another)."""
+        if float(beta) == self.beta:
+            return self
+        if self.beta:
+            raise CutError(f"cut {self.spec!r} already sets beta; drop beta={beta} or the @BETA")
+        return replace(self, beta=beta)
+
     def check_layers(self, n_layer: int, model: str = "the model") -> Cut:
         """Raise a one-line error if ``layers`` names a block ``model`` (with ``n_layer`` blocks) lacks."""
         if self.layers is not None and self.layers[-1] >= n_layer:
