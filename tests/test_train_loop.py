@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from myopia.attention.cut import Cut
 from myopia.experiments.arms import Arm, build_model
 from myopia.model import GPTConfig
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
