@@ -41,11 +41,17 @@ def test_results_envelope_records_status_and_failure(tmp_path):
     assert list(data)[:4] == ["experiment", "status", "config", "environment"]
     assert json.loads((tmp_path / "results.json").read_text()) == data and data["status"] == "completed"
     assert {"torch", "device", "threads", "date"} <= set(data["environment"])
-    failing = Results("demo", {"x": 1})
-    with pytest.raises(ZeroDivisionError), recording(failing, str(tmp_path)):
+    failing, fail = Results("demo", {"x": 1}), tmp_path / "fail"
+    fail.mkdir()
+    with pytest.raises(ZeroDivisionError), recording(failing, str(fail)):
         1 / 0
-    written = json.loads((tmp_path / "results.json").read_text())
+    written = json.loads((fail / "results.json").read_text())
     assert written["status"] == "failed" and written["error"].startswith("ZeroDivisionError")
+    done = tmp_path / "done"
+    Results("demo", {"x": 1}).write(str(done), Status.COMPLETED)
+    with pytest.raises(RuntimeError), recording(Results("demo", {"x": 2}), str(done)):
+        raise RuntimeError("refused: the folder holds another run")  # e.g. no --resume
+    assert json.loads((done / "results.json").read_text())["status"] == "completed"  # not overwritten
 
 
 def test_train_takes_horizon_and_per_layer_arms(tmp_path):

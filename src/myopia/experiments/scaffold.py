@@ -62,6 +62,8 @@ class Results:
     status: Status = Status.RUNNING
     environment: dict = field(default_factory=environment)
     body: dict = field(default_factory=dict)
+    written: bool = field(default=False, repr=False)
+    """Whether this run has written its results.json yet."""
 
     def __getitem__(self, key: str):
         return self.body[key]
@@ -90,17 +92,21 @@ class Results:
         data = self.to_dict()
         os.makedirs(out, exist_ok=True)
         atomic_write_text(os.path.join(out, "results.json"), json.dumps(data, indent=1, default=float))
+        self.written = True
         return data
 
 
 @contextmanager
 def recording(results: Results, out: str, write: bool = True) -> Iterator[Results]:
     """Run the body; if it raises, record the run as ``interrupted`` (Ctrl-C) or ``failed`` (with the
-    error's one line) in ``out/results.json`` when ``out`` exists, and re-raise."""
+    error's one line) in ``out/results.json`` and re-raise. Another run's results.json (e.g. a completed
+    run in the same ``out``, refused without --resume) is never overwritten: the failure is written
+    only where this run has written before, or where there is none."""
     try:
         yield results
     except BaseException as exc:
-        if write and os.path.isdir(out) and results.status == Status.RUNNING:
+        mine = results.written or not os.path.exists(os.path.join(out, "results.json"))
+        if write and os.path.isdir(out) and mine and results.status == Status.RUNNING:
             if isinstance(exc, KeyboardInterrupt):
                 results.write(out, Status.INTERRUPTED)
             elif isinstance(exc, Exception):
