@@ -73,6 +73,7 @@ def test_sweep_end_to_end(tmp_path):
     assert [r["model"] for r in results["models"]] == ["pythia-14m", "llama-tiny"]
     assert all(r["parameters"] > 1e6 for r in results["models"])
     assert results["models"][0]["paper_gap"] == 0.157
+    assert all(list(r["comparisons"]) == ["myopic vs vanilla"] for r in results["models"])
     report = (out / "report.md").read_text()
     assert "Myopia gap across model sizes" in report and "pretrained for 2 steps" in report
     assert (out / "pythia-14m" / "pretrain" / "vanilla").is_dir()

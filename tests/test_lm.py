@@ -18,19 +18,27 @@ def test_lm_experiment_end_to_end(tmp_path):
                      "--arms", "vanilla,myopic,bigram,local-myopic"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["experiment"] == "lm" and results["status"] == "completed"
     assert set(results["arms"]) == {"vanilla", "myopic", "bigram", "local-myopic"}
     bonus = results["local_myopia_bonus"]
     assert bonus["low"] <= bonus["mean"] <= bonus["high"]
-    gap = results["myopia_gap"]
+    # every arm against vanilla; local-myopic's comparison is the bonus
+    assert list(results["comparisons"]) == ["myopic vs vanilla", "bigram vs vanilla"]
+    paper = results["comparisons"]["myopic vs vanilla"]
+    gap = paper["gap"]
     assert gap["low"] <= gap["mean"] <= gap["high"] and gap["clusters"] > 1
-    assert len(results["gap_per_position"]) == 16
-    assert len(results["top_kl"]) == 5 and results["top_kl"][0]["kl"] >= results["top_kl"][-1]["kl"]
+    assert len(paper["gap_per_position"]) == 16
+    assert len(paper["top_kl"]) == 5 and paper["top_kl"][0]["kl"] >= paper["top_kl"][-1]["kl"]
     assert len(results["probes"]["vanilla"]) == 3  # embeddings + 2 blocks
-    first = results["first_position_gap"]
+    assert "bigram" not in results["probes"]  # its state at t sees token t only
+    bigram = results["comparisons"]["bigram vs vanilla"]
+    assert bigram["gap"]["mean"] > 0 and len(bigram["top_kl"]) == 5
+    first = paper["first_position_gap"]
     assert first["low"] <= first["mean"] <= first["high"] and first["n"] > 16 * results["heldout"]["windows"] // 16
     assert results["ci_over"] == "documents" and list(results["per_seed"]) == ["0"]
     report = (out / "report.md").read_text()
     assert "Myopia gap" in report and "3.28" in report and "Local myopia bonus" in report
+    assert "| bigram − vanilla |" in report and "KL(vanilla ‖ bigram)" in report
     assert "run-to-run variance is not included" in report
     geometry = results["gradient_geometry"]["runs"]  # measured in the arms whose forward is vanilla's
     assert set(geometry) == {"seed 0 vanilla", "seed 0 myopic"}
@@ -47,9 +55,9 @@ def test_lm_several_seeds_give_intervals_over_seeds(tmp_path):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [3, 4] and results["ci_over"] == "seeds"
-    per_seed = [results["per_seed"][s]["myopia_gap"]["mean"] for s in ("3", "4")]
+    per_seed = [results["per_seed"][s]["comparisons"]["myopic vs vanilla"]["gap"]["mean"] for s in ("3", "4")]
     assert per_seed[0] != per_seed[1]  # different initial weights and data order
-    gap = results["myopia_gap"]
+    gap = results["comparisons"]["myopic vs vanilla"]["gap"]
     assert gap["n"] == 2 and gap["mean"] == pytest.approx(sum(per_seed) / 2)
     assert gap["low"] < gap["mean"] < gap["high"]
     assert (out / "seed3" / "vanilla").is_dir() and (out / "seed4" / "myopic").is_dir()
@@ -61,7 +69,7 @@ def test_lm_several_seeds_give_intervals_over_seeds(tmp_path):
 @pytest.mark.parametrize("family", ["ours", "hf"])
 def test_one_token_contexts_give_the_windows_position_0_losses(tmp_path, family):
     """The position-0 gap over all held-out tokens rests on this: position 0 sees only its own token."""
-    from myopia.experiments.lm import first_position_losses
+    from myopia.experiments.lm.analysis import first_position_losses
     from myopia.hf_models import build_hf_model
     from myopia.tasks.text import TextConfig, TextTask
 
@@ -84,6 +92,42 @@ def test_one_token_contexts_give_the_windows_position_0_losses(tmp_path, family)
     starts = task.scored_windows()[:8, 0]
     index = [int(pairs_before[d] + s - off[d]) for s, d in zip(starts, doc.tolist())]
     torch.testing.assert_close(torch.from_numpy(losses["m"][index]).float(), window_pos0, rtol=1e-5, atol=1e-5)
+
+
+def test_every_arm_is_compared_with_vanilla_or_as_the_pairs_say(tmp_path, capsys):
+    """New arm kinds (horizon, per-layer cuts) get a gap, KL tokens and probes against vanilla by
+    default; --analysis.pairs picks other pairs; a pair naming an arm that is not trained is a
+    one-line error naming the option and the fix."""
+    folder = write_word_corpus(tmp_path / "corpus", 40, 200)
+    common = ["lm", "--preset", "tiny", "--data.corpus", str(folder), "--arms", "vanilla,myopic,myopic:h=2,myopic:layers=0",
+              "--train.steps", "3", "--analysis.heldout_windows", "16", "--analysis.bootstrap", "20",
+              "--analysis.probe_train_windows", "16", "--analysis.probe_classes", "8", "--analysis.top_kl", "2",
+              "--analysis.first_position_tokens", "50", "--analysis.gradient_split_batches", "0"]
+    out = tmp_path / "default"
+    assert cli.main([*common, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    treatments = ["myopic", "myopic:h=2", "myopic:layers=0"]
+    assert list(results["comparisons"]) == [f"{t} vs vanilla" for t in treatments]
+    for t in treatments:
+        c = results["comparisons"][f"{t} vs vanilla"]
+        assert (c["treatment"], c["baseline"]) == (t, "vanilla")
+        assert c["gap"]["mean"] == pytest.approx(results["arms"][t]["loss"]["mean"]
+                                                 - results["arms"]["vanilla"]["loss"]["mean"], abs=1e-9)
+        assert len(c["gap_per_position"]) == 16 and len(c["top_kl"]) == 2 and c["first_position_gap"]["n"] == 50
+        assert len(results["probes"][t]) == 3
+    report = (out / "report.md").read_text()
+    assert all(f"| {t} − vanilla |" in report for t in treatments) and "KL(vanilla ‖ myopic:layers=0)" in report
+    out = tmp_path / "pairs"
+    assert cli.main([*common, "--out", str(out), "--analysis.pairs", "myopic:h=2/myopic,myopic/vanilla"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["comparisons"]) == ["myopic:h=2 vs myopic", "myopic vs vanilla"]
+    assert set(results["probes"]) >= {"myopic:h=2", "myopic", "vanilla"} and "myopic:layers=0" not in results["probes"]
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert cli.main([*common, "--out", str(bad), "--analysis.pairs", "myopic:h=8/vanilla"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "analysis.pairs" in err and "'myopic:h=8'" in err and "--arms" in err
+    assert not bad.exists()  # refused before anything ran
 
 
 def test_local_myopic_arm_needs_vanilla_first(tmp_path, capsys):
@@ -142,7 +186,8 @@ def test_local_myopic_past_goes_through_the_layers_own_norm():
 def test_top_kl_tokens_are_the_largest(tmp_path):
     """The reported top-KL tokens are exactly the largest KL(vanilla || myopic) over every held-out
     position (checked by brute force), and top_kl = 0 turns the search off."""
-    from myopia.experiments.lm import LMExperiment, analyse
+    from myopia.experiments.lm.analysis import analyse
+    from myopia.experiments.lm.config import LMExperiment
     from myopia.tasks.text import TextConfig, TextTask
 
     folder = write_word_corpus(tmp_path / "corpus", 40, 200)
@@ -155,7 +200,7 @@ def test_top_kl_tokens_are_the_largest(tmp_path):
                                      block_size=16)).eval()
     cfg = LMExperiment(data=data)
     cfg.analysis.top_kl, cfg.analysis.probe_train_windows, cfg.analysis.first_position_tokens = 4, 16, -1
-    top = analyse(cfg, task, models, torch.device("cpu"))["top_kl"]
+    top = analyse(cfg, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"]
     kls = []
     with torch.no_grad():
         for x, _, _ in task.heldout_all(64):
@@ -167,7 +212,7 @@ def test_top_kl_tokens_are_the_largest(tmp_path):
     for r in top:  # (ties between identical contexts make the positions themselves ambiguous)
         assert float(kl[r["window"], r["position"]]) == pytest.approx(r["kl"], rel=1e-5)
     cfg.analysis.top_kl = 0
-    assert analyse(cfg, task, models, torch.device("cpu"))["top_kl"] == []
+    assert analyse(cfg, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"] == []
 
 
 def _latest_weights(arm_dir):

@@ -14,6 +14,15 @@ def test_reproduce_command_writes_a_report(tmp_path):
     assert "vanilla (shift 1, p = 1)" in top and "myopic (shift-0 control)" in top and "× trivial" in top
     results = json.loads((out / "synthetic" / "results.json").read_text())
     assert set(results["conditions"]) == {"shift1_p1", "shift0_p1"}
+    # the control has no vanilla arm, so only the task compares myopic with vanilla
+    assert list(results["comparisons"]) == ["shift1_p1"]
+    c = results["comparisons"]["shift1_p1"]["myopic vs vanilla"]
+    summary = results["summary"]["shift1_p1"]
+    assert c["ratio_to_trivial"]["mean"] == summary["myopic"]["ratio_to_trivial"]["mean"] - summary["vanilla"]["ratio_to_trivial"]["mean"]
+    assert "| shift1_p1 | myopic − vanilla |" in (out / "synthetic" / "report.md").read_text()
+    top_results = json.loads((out / "results.json").read_text())
+    assert top_results["experiment"] == "reproduce" and top_results["status"] == "completed"
+    assert top_results["stages"] == {"synthetic": {"status": "completed", "results": "synthetic/results.json"}}
 
 
 def test_short_run_myopic_probe_gain_far_below_vanilla(tmp_path):

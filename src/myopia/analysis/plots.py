@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 
 def _pyplot():
     try:
@@ -16,13 +13,6 @@ def _pyplot():
         print("matplotlib is not installed: skipping plots (pip install 'myopia[plot]')")
         return None
     return plt
-
-
-def read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
 
 
 def loss_curves(series: dict[str, list[tuple[list[int], list[float]]]], path: str, title: str,

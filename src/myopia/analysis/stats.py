@@ -28,20 +28,6 @@ def mean_ci(values: Sequence[float]) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean and percentile-bootstrap interval over independent units (e.g. held-out documents).
-
-    For a paired comparison pass the per-unit differences.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
-    means = x[idx].mean(axis=1)
-    alpha = (1 - level) / 2
-    return {"mean": float(x.mean()), "low": float(np.quantile(means, alpha)),
-            "high": float(np.quantile(means, 1 - alpha)), "n": len(x)}
-
-
 def format_ci(ci: dict, digits: int = 3) -> str:
     if ci.get("low") is None:
         return f"{ci['mean']:.{digits}f}"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from myopia.analysis import plots
 from myopia.analysis.gradients import PAPER_GEOMETRY, split_monitor, splittable
 from myopia.train.config import TrainConfig
-
+from myopia.train.loop import MetricsLog
 
 
 def monitor_factory(task, n_batches: int, train: TrainConfig) -> Callable | None:
@@ -31,7 +31,8 @@ def monitor_factory(task, n_batches: int, train: TrainConfig) -> Callable | None
 def read_trajectory(arm_dir: str) -> list[dict]:
     """``[{"step": s, **split}, ...]`` from an arm's metrics (empty if it was not measured)."""
     return [{"step": r["step"], **r["gradient_split"]}
-            for r in plots.read_metrics(os.path.join(arm_dir, "metrics.jsonl")) if "gradient_split" in r]
+            for r in MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), enabled=False).read()  # read only
+            if "gradient_split" in r]
 
 
 def collect(run_dirs: dict[str, str]) -> dict | None:
@@ -98,4 +99,4 @@ def report_lines(geometry: dict) -> list[str]:
     return lines + [""]
 
 
-__all__ = ["MEASURED_MODES", "collect", "monitor_factory", "plot", "read_trajectory", "report_lines"]
+__all__ = ["collect", "monitor_factory", "plot", "read_trajectory", "report_lines"]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from myopia.analysis.stats import format_ci
 from myopia.config import from_dict, merge
 from myopia.experiments import lm, synthetic, synthetic_report
+from myopia.experiments.pairs import PAPER_PAIR
+from myopia.experiments.scaffold import Results, Status, recording, write_report
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ReproduceConfig:
 
 
 def run(cfg: ReproduceConfig) -> dict:
+    """Run the stages; ``results.json`` records each stage's status and where its own results are."""
     parts = 2 if cfg.language else 1
     seeds = {"seeds": list(cfg.seeds)} if cfg.seeds else {}
     overrides: dict = {"out": os.path.join(cfg.out, "synthetic"), **seeds, "resume": cfg.resume,
@@ -44,31 +47,39 @@ def run(cfg: ReproduceConfig) -> dict:
     if cfg.synthetic_steps is not None:
         overrides["train"]["steps"] = cfg.synthetic_steps
     syn_cfg = from_dict(synthetic.SyntheticExperiment, merge(synthetic.PRESETS["cpu"], overrides))
-    print(f"== 1/{parts} synthetic pre-caching task (paper §4), with the shift-0 breadcrumbs control ==", flush=True)
-    out = {"synthetic": synthetic.run(syn_cfg)}
-    if out["synthetic"].get("status") == "interrupted":
-        return out  # Ctrl-C: stop here; --resume continues
-    lines = ["# myopia: laptop-scale reproduction of Wu, Morris & Levine (2024)", "",
-             "- [Synthetic pre-caching task (§4)](synthetic/report.md): " + _synthetic_line(out["synthetic"])]
-    if cfg.language:
-        lm_over: dict = {"out": os.path.join(cfg.out, "lm"), **seeds, "resume": cfg.resume,
-                         "train": {"progress": cfg.progress}}
-        if cfg.lm_steps is not None:
-            lm_over["train"]["steps"] = cfg.lm_steps
-        lm_cfg = from_dict(lm.LMExperiment, merge(lm.PRESETS["cpu"], lm_over))
-        print(f"== 2/{parts} natural-language myopia gap (paper §4.1) on the built-in corpus ==", flush=True)
-        res = out["lm"] = lm.run(lm_cfg)
-        line = "- [Natural-language myopia gap (§4.1)](lm/report.md)"
-        if "myopia_gap" in res:
-            line += (f": gap {format_ci(res['myopia_gap'])} nats (paper, GPT-2 124M: {lm.paper_number('gap')}); "
-                     f"at position 0 {format_ci(res.get('first_position_gap', res['gap_per_position'][0]))} "
-                     f"(paper: {lm.paper_number('position0_gap')}); 95% CI {lm.ci_text(len(res['seeds']))}")
-        lines.append(line)
+    results = Results("reproduce", cfg, body={"stages": {}})
+    stages = results["stages"]
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    with recording(results, cfg.out):
+        print(f"== 1/{parts} synthetic pre-caching task (paper §4), with the shift-0 breadcrumbs control ==", flush=True)
+        res = synthetic.run(syn_cfg)
+        stages["synthetic"] = {"status": res["status"], "results": "synthetic/results.json"}
+        if res["status"] != Status.COMPLETED:
+            return results.write(cfg.out, Status(res["status"]))  # Ctrl-C: stop here; --resume continues
+        lines = ["# myopia: laptop-scale reproduction of Wu, Morris & Levine (2024)", "",
+                 "- [Synthetic pre-caching task (§4)](synthetic/report.md): " + _synthetic_line(res)]
+        if cfg.language:
+            lm_over: dict = {"out": os.path.join(cfg.out, "lm"), **seeds, "resume": cfg.resume,
+                             "train": {"progress": cfg.progress}}
+            if cfg.lm_steps is not None:
+                lm_over["train"]["steps"] = cfg.lm_steps
+            lm_cfg = from_dict(lm.LMExperiment, merge(lm.PRESETS["cpu"], lm_over))
+            print(f"== 2/{parts} natural-language myopia gap (paper §4.1) on the built-in corpus ==", flush=True)
+            res = lm.run(lm_cfg)
+            stages["lm"] = {"status": res["status"], "results": "lm/results.json"}
+            if res["status"] != Status.COMPLETED:
+                return results.write(cfg.out, Status(res["status"]))
+            line = "- [Natural-language myopia gap (§4.1)](lm/report.md)"
+            c = res.get("comparisons", {}).get(PAPER_PAIR.label)
+            if c is not None:
+                line += (f": gap {format_ci(c['gap'])} nats (paper, GPT-2 124M: {lm.paper_number('gap')}); "
+                         f"at position 0 {format_ci(c.get('first_position_gap', c['gap_per_position'][0]))} "
+                         f"(paper: {lm.paper_number('position0_gap')}); 95% CI {lm.ci_text(len(res['seeds']))}")
+            lines.append(line)
+        data = results.write(cfg.out, Status.COMPLETED)
+    write_report(cfg.out, lines)
     print(f"reproduction report: {os.path.join(cfg.out, 'report.md')}")
-    return out
+    return data
 
 
 def _synthetic_line(res: dict) -> str:

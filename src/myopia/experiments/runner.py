@@ -2,42 +2,19 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import platform
 from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-import myopia
 from myopia.config import dump_yaml
 from myopia.experiments.arms import Arm
+from myopia.experiments.scaffold import Results, Status
 from myopia.tasks.base import Task
-from myopia.train.checkpoint import atomic_write_text
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import setup
-from myopia.train.loop import (
-    ArmResult,
-    StopSignal,
-    graceful_interrupt,
-    resolve_device,
-    train_arm,
-)
-
-
-def environment() -> dict:
-    device = resolve_device("auto")
-    return {
-        "myopia": myopia.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+from myopia.train.loop import ArmResult, StopSignal, graceful_interrupt, train_arm
 
 
 def run_arms(
@@ -51,17 +28,20 @@ def run_arms(
     resume: bool = False,
     on_arm_done: Callable[[Arm, torch.nn.Module, ArmResult], None] | None = None,
     monitor_for: Callable[[Arm, torch.nn.Module], Callable | None] | None = None,
+    experiment: str = "arms",
 ) -> dict:
     """Train every arm in ``out_dir/<arm>/`` and return (and write) the results dict.
 
     Under torchrun every process runs this; only rank 0 writes files and prints.
     ``monitor_for(arm, model)`` may give each arm's training loop a monitor (``train_arm``).
+    ``experiment`` names the results (``train`` for ``myopia train``; ``arms`` for the sub-runs of
+    other experiments).
     """
     dist = setup(train_cfg.device)
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
         dump_yaml(config, os.path.join(out_dir, "config.yaml"))
-    results = {"config": _plain(config), "environment": environment(), "arms": {}}
+    results = Results(experiment, config, body={"arms": {}})
     stop = StopSignal()
     with graceful_interrupt(stop):
         for arm in arms:
@@ -73,9 +53,9 @@ def run_arms(
             summary.pop("history")
             results["arms"][arm.name] = summary
             if dist.is_main:
-                write_results(out_dir, results)
-            if result.status != "completed":
-                results["status"] = "interrupted"
+                results.write(out_dir)
+            if result.status != Status.COMPLETED:
+                results.status = Status.INTERRUPTED
                 break
             if on_arm_done is not None:
                 on_arm_done(arm, model, result)
@@ -83,17 +63,8 @@ def run_arms(
             if dist.is_main:
                 tqdm.write(f"[{arm.name}] held-out loss {ev:.4f}  (train {result.final_train_loss:.4f}, "
                            f"{result.seconds:.0f} s)")
-    results.setdefault("status", "completed")
+    if results.status == Status.RUNNING:
+        results.status = Status.COMPLETED
     if dist.is_main:
-        write_results(out_dir, results)
-    return results
-
-
-def _plain(config: object) -> dict:
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(config) if is_dataclass(config) else dict(config)
-
-
-def write_results(out_dir: str, results: dict) -> None:
-    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1, default=float))
+        results.write(out_dir)
+    return results.to_dict()

@@ -1,20 +1,23 @@
 """``myopia sweep``: the language-modelling protocol over model sizes (paper §4.2, Pythia scaling).
 
-Runs ``myopia lm`` once per model (same data, arms, optimiser settings in both arms, schedule and
-seed) into ``out/<model>/`` and gathers the myopia gap with its CI against the parameter count:
-``results.json``, ``gap_vs_params.png`` and ``report.md`` beside the paper's Pythia gaps.
+Runs ``myopia lm`` once per model (same data, arms, optimiser settings in every arm, schedule and
+seed) into ``out/<model>/`` and gathers every compared pair's gap (default: each arm against vanilla)
+with its CI against the parameter count: ``results.json``, ``gap_vs_params.png`` and ``report.md``
+beside the paper's Pythia gaps (for its myopic − vanilla pair).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
 from myopia.config import ConfigError
 from myopia.experiments import lm
-from myopia.experiments.runner import environment, write_results
+from myopia.experiments.arms import parse_arms
+from myopia.experiments.pairs import PAPER_PAIR, parse_pairs
+from myopia.experiments.scaffold import Results, Status, recording, write_report
 from myopia.hf_models import HF_PRESETS
 
 # Held-out myopia gap per Pythia size in the paper (one 32-sequence batch; §4.2 of our notes).
@@ -74,48 +77,57 @@ def _lm_config(cfg: SweepExperiment, model: str) -> lm.LMExperiment:
 def run(cfg: SweepExperiment) -> dict:
     if not cfg.models:
         raise ConfigError("models: name at least one model (e.g. pythia-14m,pythia-70m)")
-    if {"vanilla", "myopic"} - set(cfg.arms):
-        raise ConfigError("arms: the sweep measures the myopia gap; include vanilla and myopic")
-    rows = []
-    for model in cfg.models:
-        sub = _lm_config(cfg, model)
-        print(f"myopia sweep: {model} (lr {sub.optim.lr:g}) -> {sub.out}", flush=True)
-        res = lm.run(sub)
-        if res.get("status") != "completed":
-            print("myopia sweep: interrupted; rerun with --resume to continue", flush=True)
-            break
-        rows.append({"model": model, "parameters": res["parameters"], "lr": sub.optim.lr, "myopia_gap": res["myopia_gap"],
-                     "position0_gap": res.get("first_position_gap", res["gap_per_position"][0]),
-                     "arms": {k: v["loss"] for k, v in res["arms"].items()}, "paper_gap": PAPER_GAPS.get(model)})
-    results = {"experiment": "sweep", "config": asdict(cfg), "environment": environment(), "seeds": cfg.seed_list(),
-               "models": rows,
-               "status": "completed" if len(rows) == len(cfg.models) else "interrupted"}
-    write_results(cfg.out, results)
-    _write_report(cfg.out, results)
+    arms = parse_arms(cfg.arms, allow_local=True)
+    if not parse_pairs(cfg.analysis.pairs, [a.name for a in arms], "analysis.pairs"):
+        raise ConfigError("arms: the sweep measures gaps between arms; include vanilla in --arms (every arm is "
+                          "compared with it) or name pairs with --analysis.pairs TREATMENT/BASELINE")
+    results = Results("sweep", cfg, body={"seeds": cfg.seed_list(), "models": []})
+    rows = results["models"]
+    with recording(results, cfg.out):
+        for model in cfg.models:
+            sub = _lm_config(cfg, model)
+            print(f"myopia sweep: {model} (lr {sub.optim.lr:g}) -> {sub.out}", flush=True)
+            res = lm.run(sub)
+            if res["status"] != Status.COMPLETED:
+                print("myopia sweep: interrupted; rerun with --resume to continue", flush=True)
+                break
+            rows.append({"model": model, "parameters": res["parameters"], "lr": sub.optim.lr,
+                         "arms": {k: v["loss"] for k, v in res["arms"].items()},
+                         "comparisons": {label: {"treatment": c["treatment"], "baseline": c["baseline"],
+                                                 "gap": c["gap"],
+                                                 "position0_gap": c.get("first_position_gap", c["gap_per_position"][0])}
+                                         for label, c in res["comparisons"].items()},
+                         "paper_gap": PAPER_GAPS.get(model)})
+        data = results.write(cfg.out, Status.COMPLETED if len(rows) == len(cfg.models) else Status.INTERRUPTED)
+    _write_report(cfg.out, data)
     for r in rows:
-        print(f"  {r['model']:>14} ({r['parameters'] / 1e6:.1f}M): gap {format_ci(r['myopia_gap'])}", flush=True)
-    return results
+        for label, c in r["comparisons"].items():
+            print(f"  {r['model']:>14} ({r['parameters'] / 1e6:.1f}M): gap {label} {format_ci(c['gap'])}", flush=True)
+    return data
 
 
 def _write_report(out: str, results: dict) -> None:
     rows = results["models"]
+    labels = list(dict.fromkeys(label for r in rows for label in r["comparisons"]))
     made = None
     plt = plots._pyplot() if rows else None
     if plt is not None:
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        x = [r["parameters"] for r in rows]
-        y = [r["myopia_gap"]["mean"] for r in rows]
-        err = [[r["myopia_gap"]["mean"] - r["myopia_gap"]["low"] for r in rows],
-               [r["myopia_gap"]["high"] - r["myopia_gap"]["mean"] for r in rows]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="myopia (95% CI)")
+        for label in labels:
+            points = [(r["parameters"], r["comparisons"][label]["gap"]) for r in rows if label in r["comparisons"]]
+            x = [p for p, _ in points]
+            y = [g["mean"] for _, g in points]
+            err = [[g["mean"] - (g["low"] if g["low"] is not None else g["mean"]) for _, g in points],
+                   [(g["high"] if g["high"] is not None else g["mean"]) - g["mean"] for _, g in points]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{label} (95% CI)")
         paper = [(r["parameters"], r["paper_gap"]) for r in rows if r["paper_gap"] is not None]
-        if paper:
-            ax.plot(*zip(*paper), "s--", color="grey", label="paper (Pythia, fine-tuned on the Pile)")
+        if paper and PAPER_PAIR.label in labels:
+            ax.plot(*zip(*paper), "s--", color="grey", label="paper, myopic vs vanilla (Pythia, fine-tuned on the Pile)")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
-        ax.set_ylabel("myopia gap (nats)")
-        ax.set_title("Myopia gap vs model size")
+        ax.set_ylabel("gap, treatment - baseline (nats)")
+        ax.set_title("Gap vs model size")
         ax.legend(frameon=False, fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -126,22 +138,26 @@ def _write_report(out: str, results: dict) -> None:
     text = ["# Myopia gap across model sizes (Wu et al. 2024, §4.2)", "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token windows, "
             f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} windows per arm{lm.start_text(cfg)}; "
-            "both arms of a model share "
+            "every arm of a model shares "
             "every optimiser setting (the paper's myopic Pythia arm silently ran another learning rate). "
             f"Intervals: 95% CI {lm.ci_text(len(results['seeds']))}"
             + (" (`--seeds 0,1,2` for intervals over seeds)." if len(results["seeds"]) == 1 else ".")
             + " A preset name with fresh weights is the published shape; its parameter count includes the "
-            "embedding sized to this tokenizer, and the paper's gaps are for the released, fully trained models.", "",
-            "| model | parameters | lr | vanilla CE | myopic CE | myopia gap [95% CI] | position-0 gap | paper gap |",
-            "|---|---|---|---|---|---|---|---|"]
+            "embedding sized to this tokenizer, and the paper's gaps are for the released, fully trained models "
+            "(myopic − vanilla only).", "",
+            "| model | parameters | lr | treatment − baseline | treatment CE | baseline CE | gap [95% CI] | "
+            "position-0 gap | paper gap |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        text.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['lr']:g} | {format_ci(r['arms']['vanilla'])} | "
-                    f"{format_ci(r['arms']['myopic'])} | {format_ci(r['myopia_gap'])} | {format_ci(r['position0_gap'])} | "
-                    f"{r['paper_gap'] if r['paper_gap'] is not None else '-'} |")
+        for label, c in r["comparisons"].items():
+            paper = r["paper_gap"] if r["paper_gap"] is not None and label == PAPER_PAIR.label else "-"
+            text.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['lr']:g} | {c['treatment']} − "
+                        f"{c['baseline']} | {format_ci(r['arms'][c['treatment']])} | "
+                        f"{format_ci(r['arms'][c['baseline']])} | {format_ci(c['gap'])} | "
+                        f"{format_ci(c['position0_gap'])} | {paper} |")
     if made:
         text += ["", "![gap vs parameters](gap_vs_params.png)"]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(text) + "\n")
+    write_report(out, text)
 
 
 __all__ = ["PAPER_GAPS", "PRESETS", "SweepExperiment", "run"]

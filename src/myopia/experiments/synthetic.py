@@ -22,7 +22,9 @@ from myopia.config import ConfigError
 from myopia.experiments import gradient_geometry
 from myopia.attention.cut import Cut
 from myopia.experiments.arms import Arm, build_model, parse_arms
-from myopia.experiments.runner import environment, run_arms, write_results
+from myopia.experiments.pairs import Pair, parse_pairs
+from myopia.experiments.runner import run_arms
+from myopia.experiments.scaffold import Results, Status, recording
 from myopia.model import GPTConfig
 from myopia.tasks.base import PROBE_STREAM, batch_generator
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask, generate
@@ -69,6 +71,10 @@ class SyntheticExperiment:
     """Arms trained on the task: vanilla, myopic, myopic_kv, bigram, MODE@BETA."""
     control_arms: list[str] = field(default_factory=lambda: ["myopic"])
     """Arms also trained on the shift-0 breadcrumbs control (empty = no control)."""
+    pairs: list[str] = field(default_factory=list)
+    """Comparisons, TREATMENT/BASELINE by arm name (e.g. myopic:h=2/vanilla): per condition, the
+    treatment's loss and layer-1 R² gain minus the baseline's, paired by seed. Empty = every arm
+    against vanilla."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds (initialisation and data); results carry a 95% CI over them."""
     p_values: list[float] = field(default_factory=list)
@@ -216,6 +222,7 @@ def estimate_seconds_per_step(cfg: SyntheticExperiment, task: SyntheticConfig, d
 
 def run(cfg: SyntheticExperiment) -> dict:
     conds = conditions(cfg)
+    pairs = parse_pairs(cfg.pairs, [a.name for a in conds[0].arms], "pairs")
     device = resolve_device(cfg.train.device)
     n_arms = len(cfg.seeds) * sum(len(c.arms) for c in conds)
     per_step = estimate_seconds_per_step(cfg, conds[0].task, device)
@@ -224,68 +231,71 @@ def run(cfg: SyntheticExperiment) -> dict:
           f"{device.type}: about {total_min:.0f} min in all (plus probes). Results print as each arm finishes.",
           flush=True)
     os.makedirs(cfg.out, exist_ok=True)
-    results: dict = {"experiment": "synthetic", "config": _asdict(cfg), "environment": environment(),
-                     "paper": {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()})
-                               for k, v in PAPER.items()},
-                     "conditions": {}, "status": "running"}
-    for cond in conds:
-        trivial = task_trivial_loss(cond.task, 10**6 + 7)
-        results["conditions"][cond.label] = {"task": _asdict(cond.task), "control": cond.control,
-                                             "trivial_loss": trivial, "runs": {}}
-    for seed in cfg.seeds:
+    results = Results("synthetic", cfg, body={
+        "paper": {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()}) for k, v in PAPER.items()},
+        "conditions": {}})
+    with recording(results, cfg.out):
         for cond in conds:
-            entry = results["conditions"][cond.label]
-            task = SyntheticTask(cond.task, seed)
-            overrides = task.model_overrides()
-            train_cfg = replace(cfg.train, seed=seed)
-            seed_runs: dict = {}
-
-            def after_arm(arm, model, result, cond=cond, seed=seed, seed_runs=seed_runs, overrides=overrides):
-                loss = result.eval["loss"]
-                normalised = loss / cond.task.p
-                probes = probe_model(model, cond.task, cfg.probe, seed, device)
-                untrained = build_model(cfg.model, arm, overrides, seed).to(device)
-                probes_untrained = probe_model(untrained, cond.task, cfg.probe, seed, device)
-                seed_runs[arm.name] = {
-                    "eval_loss": loss, "normalised_loss": normalised,
-                    "ratio_to_trivial": normalised / results["conditions"][cond.label]["trivial_loss"],
-                    "per_position_loss": result.eval["per_position"],
-                    "train_seconds": result.seconds, "steps": result.steps,
-                    "probe": probes, "probe_untrained": probes_untrained,
-                    "metrics": os.path.relpath(os.path.join(arm_root, arm.name, "metrics.jsonl"), cfg.out),
-                }
-                r2 = probes["r2"][1][0] if len(probes["r2"]) > 1 else float("nan")
-                r2u = probes_untrained["r2"][1][0] if len(probes_untrained["r2"]) > 1 else float("nan")
-                print(f"  -> {cond.label} seed {seed} {arm.name}: normalised loss {normalised:.4f} "
-                      f"({seed_runs[arm.name]['ratio_to_trivial']:.3f} x trivial); layer-1 R² for f(x_n) "
-                      f"{r2:.3f} (untrained {r2u:.3f})", flush=True)
-
-            arm_root = os.path.join(cfg.out, f"seed{seed}", cond.label)
-            run_result = run_arms(arm_root, cfg, list(cond.arms), task,
-                                  lambda arm, seed=seed, overrides=overrides: build_model(cfg.model, arm, overrides, seed),
-                                  cfg.optim, train_cfg, resume=cfg.resume, on_arm_done=after_arm,
-                                  monitor_for=gradient_geometry.monitor_factory(task, cfg.gradient_split_batches,
-                                                                                train_cfg))
-            entry["runs"][str(seed)] = seed_runs
-            if run_result.get("status") != "completed":
-                results["status"] = "interrupted"
-                write_results(cfg.out, results)
-                print(f"interrupted; rerun with --resume --out {cfg.out} to continue", flush=True)
-                return results
-    results["summary"] = summarise(results)
-    geometry = gradient_geometry.collect({f"{cond.label} {arm.name}": os.path.join(cfg.out, f"seed{cfg.seeds[0]}",
-                                                                                 cond.label, arm.name)
-                                          for cond in conds for arm in cond.arms})
-    if geometry is not None:
-        results["gradient_geometry"] = geometry
-    results["status"] = "completed"
-    write_results(cfg.out, results)
+            trivial = task_trivial_loss(cond.task, 10**6 + 7)
+            results["conditions"][cond.label] = {"task": _asdict(cond.task), "control": cond.control,
+                                                 "trivial_loss": trivial, "runs": {}}
+        for seed in cfg.seeds:
+            for cond in conds:
+                if not _train_condition(cfg, results, cond, seed, device):
+                    print(f"interrupted; rerun with --resume --out {cfg.out} to continue", flush=True)
+                    return results.write(cfg.out, Status.INTERRUPTED)
+        results["summary"] = summarise(results.body)
+        results["comparisons"] = compare(results.body, pairs)
+        geometry = gradient_geometry.collect({f"{cond.label} {arm.name}": os.path.join(cfg.out, f"seed{cfg.seeds[0]}",
+                                                                                     cond.label, arm.name)
+                                              for cond in conds for arm in cond.arms})
+        if geometry is not None:
+            results["gradient_geometry"] = geometry
+        data = results.write(cfg.out, Status.COMPLETED)
     from myopia.experiments import synthetic_report
 
-    synthetic_report.write(cfg.out, results)
-    print(synthetic_report.summary_text(results), flush=True)
+    synthetic_report.write(cfg.out, data)
+    print(synthetic_report.summary_text(data), flush=True)
     print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
-    return results
+    return data
+
+
+def _train_condition(cfg: SyntheticExperiment, results: Results, cond: Condition, seed: int,
+                     device: torch.device) -> bool:
+    """Train and probe one condition's arms for one seed into ``results``; False if interrupted."""
+    entry = results["conditions"][cond.label]
+    task = SyntheticTask(cond.task, seed)
+    overrides = task.model_overrides()
+    train_cfg = replace(cfg.train, seed=seed)
+    seed_runs: dict = {}
+    arm_root = os.path.join(cfg.out, f"seed{seed}", cond.label)
+
+    def after_arm(arm, model, result):
+        loss = result.eval["loss"]
+        normalised = loss / cond.task.p
+        probes = probe_model(model, cond.task, cfg.probe, seed, device)
+        untrained = build_model(cfg.model, arm, overrides, seed).to(device)
+        probes_untrained = probe_model(untrained, cond.task, cfg.probe, seed, device)
+        seed_runs[arm.name] = {
+            "eval_loss": loss, "normalised_loss": normalised,
+            "ratio_to_trivial": normalised / entry["trivial_loss"],
+            "per_position_loss": result.eval["per_position"],
+            "train_seconds": result.seconds, "steps": result.steps,
+            "probe": probes, "probe_untrained": probes_untrained,
+            "metrics": os.path.relpath(os.path.join(arm_root, arm.name, "metrics.jsonl"), cfg.out),
+        }
+        r2 = probes["r2"][1][0] if len(probes["r2"]) > 1 else float("nan")
+        r2u = probes_untrained["r2"][1][0] if len(probes_untrained["r2"]) > 1 else float("nan")
+        print(f"  -> {cond.label} seed {seed} {arm.name}: normalised loss {normalised:.4f} "
+              f"({seed_runs[arm.name]['ratio_to_trivial']:.3f} x trivial); layer-1 R² for f(x_n) "
+              f"{r2:.3f} (untrained {r2u:.3f})", flush=True)
+
+    run_result = run_arms(arm_root, cfg, list(cond.arms), task,
+                          lambda arm: build_model(cfg.model, arm, overrides, seed),
+                          cfg.optim, train_cfg, resume=cfg.resume, on_arm_done=after_arm,
+                          monitor_for=gradient_geometry.monitor_factory(task, cfg.gradient_split_batches, train_cfg))
+    entry["runs"][str(seed)] = seed_runs
+    return run_result["status"] == Status.COMPLETED
 
 
 def summarise(results: dict) -> dict:
@@ -312,10 +322,33 @@ def summarise(results: dict) -> dict:
     return summary
 
 
+def compare(results: dict, pairs: list[Pair]) -> dict:
+    """Per condition and pair (both arms trained there): the treatment's ratio to trivial and layer-1 R²
+    gain minus the baseline's, seed by seed, with a 95% t-interval over seeds."""
+    out: dict = {}
+    for label, entry in results["conditions"].items():
+        for pair in pairs:
+            runs = [r for r in entry["runs"].values() if pair.treatment in r and pair.baseline in r]
+            if not runs:
+                continue
+
+            def gain(r):
+                return r["probe"]["r2"][1][0] - r["probe_untrained"]["r2"][1][0]
+
+            t, b = pair.treatment, pair.baseline
+            out.setdefault(label, {})[pair.label] = {
+                "treatment": t, "baseline": b,
+                "ratio_to_trivial": mean_ci([r[t]["ratio_to_trivial"] - r[b]["ratio_to_trivial"] for r in runs]),
+                "r2_layer1_fx_gain": mean_ci([gain(r[t]) - gain(r[b]) for r in runs]),
+                "seeds": len(runs),
+            }
+    return out
+
+
 def _asdict(obj) -> dict:
     from dataclasses import asdict
 
     return asdict(obj)
 
 
-__all__ = ["PRESETS", "ProbeConfig", "SyntheticExperiment", "probe_model", "run", "summarise"]
+__all__ = ["PRESETS", "ProbeConfig", "SyntheticExperiment", "compare", "probe_model", "run", "summarise"]

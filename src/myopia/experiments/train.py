@@ -62,4 +62,4 @@ def run(cfg: TrainExperiment) -> dict:
     else:
         def make(arm):
             return build_model(cfg.model, arm, overrides, cfg.train.seed)
-    return run_arms(cfg.out, cfg, arms, task, make, cfg.optim, cfg.train, resume=cfg.resume)
+    return run_arms(cfg.out, cfg, arms, task, make, cfg.optim, cfg.train, resume=cfg.resume, experiment="train")

