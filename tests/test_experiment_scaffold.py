@@ -68,3 +68,14 @@ def test_train_takes_horizon_and_per_layer_arms(tmp_path):
     # the cuts are real: after identical starts, the arms' held-out losses differ from vanilla's
     losses = [r["eval"]["loss"] for r in results["arms"].values()]
     assert all(loss != losses[0] for loss in losses[1:])
+
+
+def test_a_cut_naming_a_missing_block_fails_before_anything_trains(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--arms", "vanilla,myopic:layers=7", "--train.steps", "3", "--train.batch_size", "4",
+                     "--train.progress", "false", "--model.n_embd", "16", "--model.n_head", "2",
+                     "--data.synthetic.seq_len", "8", "--data.synthetic.window", "3", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+    assert "arm 'myopic:layers=7'" in err[0] and "layer 7 does not exist" in err[0]
+    assert not (out / "vanilla" / "metrics.jsonl").exists()

@@ -51,6 +51,31 @@ def parse_arms(specs: list[str], allow_local: bool = False) -> list[Arm]:
     return arms
 
 
+def cut_layers(model: torch.nn.Module) -> tuple[int, str] | None:
+    """``(number of blocks a cut can name, the model's name)`` for myopia's GPT or an HF model."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        return len(blocks), f"GPT with n_layer={len(blocks)}"
+    hf = getattr(model, "hf", None)
+    if hf is not None:
+        from myopia.hf import attention_modules
+
+        return len(attention_modules(hf)), f"{type(hf).__name__} with {len(attention_modules(hf))} attention layers"
+    return None
+
+
+def check_arms_fit(arms: list[Arm], model: torch.nn.Module) -> None:
+    """One-line error, before anything trains, if an arm's cut names a block ``model`` lacks."""
+    found = cut_layers(model)
+    if found is None:
+        return
+    for arm in arms:
+        try:
+            arm.cut.check_layers(*found)
+        except CutError as exc:
+            raise ConfigError(f"arm {arm.name!r}: {str(exc).split(': ', 1)[-1]}") from None
+
+
 def check_fits(model_cfg: GPTConfig, overrides: dict, source: str) -> None:
     """One-line errors when the data do not fit a model whose shape is fixed (e.g. loaded)."""
     if (model_cfg.input_dim is None) != (overrides.get("input_dim") is None):
@@ -88,7 +113,7 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
     try:
         model = GPT(replace(cfg, attention=str(arm.cut)))
     except CutError as exc:
-        raise ConfigError(f"arm {arm.name!r}: {exc}") from None
+        raise ConfigError(f"arm {arm.name!r}: {str(exc).split(': ', 1)[-1]}") from None
     model.load_state_dict(weights)
     return model
 
@@ -98,7 +123,7 @@ def build_model(base: GPTConfig, arm: Arm, overrides: dict, seed: int) -> GPT:
     try:
         cfg = replace(base, **overrides, attention=str(arm.cut))
     except CutError as exc:
-        raise ConfigError(f"arm {arm.name!r}: {exc}") from None
+        raise ConfigError(f"arm {arm.name!r}: {str(exc).split(': ', 1)[-1]}") from None
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from myopia.config import dump_yaml
-from myopia.experiments.arms import Arm
+from myopia.experiments.arms import Arm, check_arms_fit
 from myopia.experiments.scaffold import Results, Status
 from myopia.tasks.base import Task
 from myopia.train.config import OptimConfig, TrainConfig
@@ -44,8 +44,10 @@ def run_arms(
     results = Results(experiment, config, body={"arms": {}})
     stop = StopSignal()
     with graceful_interrupt(stop):
-        for arm in arms:
+        for index, arm in enumerate(arms):
             model = make_model(arm)
+            if index == 0:
+                check_arms_fit(arms, model)  # a cut naming a missing block fails before anything trains
             result = train_arm(model, task, optim_cfg, train_cfg, os.path.join(out_dir, arm.name), arm.name,
                                resume=resume, stop=stop, dist=dist,
                                monitor=monitor_for(arm, model) if monitor_for is not None else None)
