@@ -202,13 +202,14 @@ def test_hf_padding_mask_fused_matches_reference():
     x, y = data()
     mask = torch.ones_like(x)
     mask[0, :2] = 0
-    grads = {}
-    for backend in ("fused", "reference"):
-        make_myopic(model, "myopic", backend=backend)
-        logits = model(input_ids=x, attention_mask=mask).logits
-        loss = F.cross_entropy(logits[:, 2:].transpose(1, 2), y[:, 2:])
-        grads[backend] = gradients(loss, list(model.parameters()))
-    assert relative_error(grads["fused"], grads["reference"]) < 1e-10
+    for cut in ("myopic", "myopic:h=2", "myopic_kv:h=3"):
+        grads = {}
+        for backend in ("fused", "reference"):
+            make_myopic(model, cut, backend=backend)
+            logits = model(input_ids=x, attention_mask=mask).logits
+            loss = F.cross_entropy(logits[:, 2:].transpose(1, 2), y[:, 2:])
+            grads[backend] = gradients(loss, list(model.parameters()))
+        assert relative_error(grads["fused"], grads["reference"]) < 1e-10, cut
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
