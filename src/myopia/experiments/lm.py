@@ -26,6 +26,7 @@ from myopia.experiments.arms import LOCAL_ARM, Arm, build_model, load_model, par
 from myopia.experiments.runner import environment, run_arms, write_results
 from myopia.hf_models import build_hf_model
 from myopia.local_myopia import LocalMyopicGPT
+from myopia.lora import LoraConfig, with_lora
 from myopia.model import GPTConfig
 from myopia.tasks.text import TextConfig, TextTask
 from myopia.train.config import OptimConfig, TrainConfig
@@ -122,6 +123,7 @@ class LMExperiment:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32))
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) or [self.train.seed]
@@ -230,8 +232,10 @@ def run(cfg: LMExperiment) -> dict:
 def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
     """The arm's model with the seed's initial weights: myopia's GPT or the ``hf_model``."""
     if cfg.hf_model:
-        return build_hf_model(cfg.hf_model, arm.mode, arm.beta, task.tokenizer.vocab_size, seed)
-    return build_model(cfg.model, arm, overrides, seed)
+        model = build_hf_model(cfg.hf_model, arm.mode, arm.beta, task.tokenizer.vocab_size, seed)
+    else:
+        model = build_model(cfg.model, arm, overrides, seed)
+    return with_lora(model, cfg.lora)  # LoRA adapters when --lora.r > 0 (Hugging Face models)
 
 
 def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[torch.nn.Module | None, dict | None]:

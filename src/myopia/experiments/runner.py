@@ -18,6 +18,7 @@ from myopia.tasks.base import Task
 from myopia.train.checkpoint import atomic_write_text
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import setup
+from myopia.train.trackers import build_sinks
 from myopia.train.loop import (
     ArmResult,
     StopSignal,
@@ -66,9 +67,15 @@ def run_arms(
     with graceful_interrupt(stop):
         for arm in arms:
             model = make_model(arm)
-            result = train_arm(model, task, optim_cfg, train_cfg, os.path.join(out_dir, arm.name), arm.name,
-                               resume=resume, stop=stop, dist=dist,
-                               monitor=monitor_for(arm, model) if monitor_for is not None else None)
+            arm_dir = os.path.join(out_dir, arm.name)
+            sink = build_sinks(train_cfg.log_to, arm_dir, arm.name, results["config"]) if dist.is_main else None
+            try:
+                result = train_arm(model, task, optim_cfg, train_cfg, arm_dir, arm.name,
+                                   resume=resume, stop=stop, dist=dist,
+                                   monitor=monitor_for(arm, model) if monitor_for is not None else None, sink=sink)
+            finally:
+                if sink is not None:
+                    sink.close()
             summary = result.to_dict()
             summary.pop("history")
             results["arms"][arm.name] = summary
