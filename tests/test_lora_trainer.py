@@ -174,3 +174,42 @@ def test_lora_base_projections_run_once_and_unwrap(order):
     assert all(getattr(b, "_myopia_original_forward", None) is not None for b in bases)
     make_myopic(model, "vanilla")
     assert all(getattr(b, "_myopia_original_forward", None) is None and "forward" not in vars(b) for b in bases)
+
+
+def test_lm_hf_model_with_lora_trains_adapters_and_exports(tmp_path):
+    """myopia lm --hf_model DIR --lora.r 4: only the adapters train (in every arm), and myopia export
+    writes the arm with LoRA merged: plain transformers gives the trained model's logits."""
+    from conftest import write_word_corpus
+
+    from myopia.cli import main
+    from myopia.export import load_arm_model, resolve_arm, run_config
+    from myopia.hf_models import build_hf_model
+    from myopia.lora import with_lora
+    from myopia.train.checkpoint import read_checkpoint
+
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=320, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0))
+    base.save_pretrained(tmp_path / "base")
+    corpus = write_word_corpus(tmp_path / "corpus", 30, 100)
+    out = tmp_path / "run"
+    assert main(["lm", "--preset", "tiny", "--out", str(out), "--hf_model", str(tmp_path / "base"),
+                 "--lora.r", "4", "--arms", "vanilla,myopic", "--data.corpus", str(corpus),
+                 "--data.vocab_size", "300", "--train.steps", "3", "--analysis.first_position_tokens", "-1",
+                 "--analysis.gradient_split_batches", "0", "--analysis.heldout_windows", "16",
+                 "--analysis.probe_train_windows", "8", "--analysis.probe_classes", "4"]) == 0
+    arm_dir, ckpt = resolve_arm(str(out / "myopic"))
+    weights = read_checkpoint(ckpt)[0]
+    frozen = weights["hf.base_model.model.transformer.h.0.attn.c_attn.base_layer.weight"]
+    assert torch.equal(frozen, base.transformer.h[0].attn.c_attn.weight.detach())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # the adapters moved
+    assert main(["export", str(out / "myopic"), str(tmp_path / "hf")]) == 0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    config = run_config(arm_dir)
+    trained = with_lora(build_hf_model(config["hf_model"], "vanilla", 0.0, 300, 0), LoraConfig(**config["lora"]))
+    trained.load_state_dict(weights)
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (loaded(input_ids=x).logits - trained.eval()(x)).abs().max().item() < 1e-5
+    assert type(load_arm_model(arm_dir, ckpt, config, 300)).__name__ == "GPT2LMHeadModel"
