@@ -256,6 +256,9 @@ def load_arm_model(arm_dir: str, ckpt: str, config: dict, vocab_size: int) -> to
         return hf.eval()
     from myopia.model import GPT, GPTConfig
 
+    if any(k.startswith("frozen.") for k in weights):
+        raise ExportError(f"{arm_dir} is a local-myopic arm: it reads a frozen model's past states, which no "
+                          "transformers class computes")
     if "model_config" not in state or state["model_config"] is None:
         raise ExportError(f"checkpoint {ckpt} does not record its model configuration")
     cfg = GPTConfig.from_dict({**state["model_config"], "attention": "vanilla", "beta": 0.0})
