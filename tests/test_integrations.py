@@ -2,8 +2,10 @@
 W&B (offline). One tiny text run (two arms, streamed to both trackers) serves every test here."""
 
 import glob
+import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -205,6 +207,25 @@ print(json.dumps({{"ids": ids, "decoded": tok.decode(ids), "generated": gen.shap
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["ids"] == ids and got["decoded"] == text and got["generated"] == 9
     assert (torch.load(tmp_path / "logits.pt") - want).abs().max().item() < 1e-5
+
+
+def test_export_refuses_bigram_arm(run, tmp_path, capsys):
+    """A bigram arm's forward attends only to itself: exported as causal attention it would silently
+    compute something else, so export refuses (its checkpoint, relabelled bigram, stands in)."""
+    out, _, _ = run
+    fake = tmp_path / "run"
+    shutil.copytree(out / "myopic", fake / "bigram")
+    shutil.copy(out / "config.yaml", fake / "config.yaml")
+    ckpt = sorted((fake / "bigram" / "checkpoints").glob("step_*"))[-1]
+    state = json.loads((ckpt / "state.json").read_text())
+    state["model_config"]["attention"] = "bigram"
+    (ckpt / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["state.json"] = hashlib.sha256((ckpt / "state.json").read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["export", str(fake / "bigram"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "attention=bigram" in err and "\n" not in err
 
 
 def test_export_refusal_cli(tmp_path, capsys):

@@ -241,6 +241,14 @@ def load_arm_model(arm_dir: str, ckpt: str, config: dict, vocab_size: int) -> to
     from myopia.train.checkpoint import read_checkpoint
 
     weights, _, state, _ = read_checkpoint(ckpt)
+    mode = (state.get("model_config") or {}).get("attention")
+    if mode is None and state.get("arm"):
+        from myopia.experiments.arms import parse_arm
+
+        mode = parse_arm(state["arm"]).mode
+    if mode == "bigram":
+        raise ExportError(f"{arm_dir} was trained with attention=bigram (each position attends only to itself): "
+                          "a transformers model would compute ordinary causal attention, a different forward")
     if config.get("hf_model"):
         from myopia.hf_models import build_hf_model
 
