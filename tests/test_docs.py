@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Options of other programs the docs show: torchrun, accelerate, pip and the benchmark scripts.
 FOREIGN = {"--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--num_processes", "--no-deps",
-           "--device", "--compile"}
+           "--device", "--compile", "--logdir"}
 
 
 def _code_lines(path: Path) -> list[str]:

@@ -10,12 +10,14 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import get_origin, get_type_hints
 
 import yaml
 
 from myopia.config import (
     ConfigError,
     add_dataclass_arguments,
+    field_docs,
     from_dict,
     load_file,
     merge,
@@ -32,9 +34,12 @@ class Command:
     run: Callable
     presets: dict | None = None
     default_preset: str | None = None
+    positionals: tuple[str, ...] = ()
+    """Config fields that may also be given as positional arguments, in this order."""
 
 
 def _commands() -> list[Command]:
+    from myopia import evaluation, export
     from myopia.experiments import lm, reproduce, sweep, synthetic, train
 
     return [
@@ -48,6 +53,10 @@ def _commands() -> list[Command]:
                 sweep.SweepExperiment, sweep.run, sweep.PRESETS, "cpu"),
         Command("reproduce", "laptop-scale reproduction of the paper's headline results, with a report",
                 reproduce.ReproduceConfig, reproduce.run),
+        Command("export", "write a trained arm as a transformers checkpoint (model, config, tokenizer)",
+                export.ExportConfig, export.run, positionals=("arm", "out")),
+        Command("eval", "zero-shot benchmarks (lm-evaluation-harness) on every arm of runs or on checkpoints",
+                evaluation.EvalConfig, evaluation.run, positionals=("paths",)),
     ]
 
 
@@ -91,6 +100,10 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
             p.add_argument("--preset", choices=sorted(cmd.presets), default=cmd.default_preset,
                            help="named settings to start from")
         defaults = from_dict(cmd.config_cls, cmd.presets[cmd.default_preset]) if cmd.presets else None
+        for name in cmd.positionals:
+            many = get_origin(get_type_hints(cmd.config_cls)[name]) is list
+            p.add_argument(name, nargs="*" if many else "?", default=argparse.SUPPRESS, metavar=name.upper(),
+                           help=f"{field_docs(cmd.config_cls).get(name, '')} (or --{name})")
         add_dataclass_arguments(p, cmd.config_cls, defaults=defaults)
     return parser
 

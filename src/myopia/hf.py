@@ -121,6 +121,20 @@ def _is_projection(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"  # transformers' GPT-2 Conv1D
 
 
+def _projections(module: nn.Module) -> list[nn.Module]:
+    """The input/output projections among ``module``'s children; for a PEFT (LoRA) layer, its base
+    layer: it receives the layer's input unchanged, and the low-rank branch beside it then runs on
+    the input each pass gives it (detached in the record pass), so it gets the myopic gradient too."""
+    found = []
+    for child in module.children():
+        base = getattr(child, "base_layer", None)
+        if _is_projection(child):
+            found.append(child)
+        elif isinstance(base, nn.Module) and _is_projection(base):
+            found.append(base)
+    return found
+
+
 def _weight_and_bias(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(m, nn.Linear):
         return m.weight, m.bias
@@ -156,9 +170,8 @@ def _wrap_forward(module: nn.Module) -> None:
     if getattr(module, "_myopia_original_forward", None) is not None:
         return
     original = module.forward
-    for child in module.children():
-        if _is_projection(child):
-            _wrap_projection(child, module)
+    for child in _projections(module):
+        _wrap_projection(child, module)
 
     def forward(*args, **kwargs):
         state: _LayerState = module._myopia_state
@@ -181,7 +194,7 @@ def _wrap_forward(module: nn.Module) -> None:
 
 
 def _unwrap_forward(module: nn.Module) -> None:
-    for m in [module, *module.children()]:
+    for m in [module, *module.children(), *_projections(module)]:
         original = getattr(m, "_myopia_original_forward", None)
         if original is not None:
             del m.forward  # the instance attribute; the class's forward shows through again

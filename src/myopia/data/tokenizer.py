@@ -23,6 +23,8 @@ class TextTokenizer:
     fingerprint: str
     encode_batch: Callable[[list[str]], list[list[int]]]
     decode: Callable[[list[int]], str]
+    backend: object = None
+    """The `tokenizers.Tokenizer` or transformers tokenizer behind it (None for bytes), for export."""
 
 
 def byte_tokenizer() -> TextTokenizer:
@@ -39,7 +41,7 @@ def _wrap(name: str, tok) -> TextTokenizer:
     return TextTokenizer(
         name=name, vocab_size=tok.get_vocab_size(), fingerprint=fingerprint,
         encode_batch=lambda texts: [e.ids for e in tok.encode_batch(texts)],
-        decode=lambda ids: tok.decode([int(i) for i in ids]),
+        decode=lambda ids: tok.decode([int(i) for i in ids]), backend=tok,
     )
 
 
@@ -103,7 +105,7 @@ def hf_tokenizer(name: str, label: str | None = None, **kwargs) -> TextTokenizer
     return TextTokenizer(
         name=label or f"hf:{name}", vocab_size=len(tok), fingerprint=fingerprint,
         encode_batch=lambda texts: tok(texts, add_special_tokens=False)["input_ids"],
-        decode=lambda ids: tok.decode([int(i) for i in ids]),
+        decode=lambda ids: tok.decode([int(i) for i in ids]), backend=tok,
     )
 
 

@@ -15,6 +15,7 @@ from myopia.tasks.base import Task
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import setup
 from myopia.train.loop import ArmResult, StopSignal, graceful_interrupt, train_arm
+from myopia.train.trackers import build_sinks
 
 
 def run_arms(
@@ -48,9 +49,15 @@ def run_arms(
             model = make_model(arm)
             if index == 0:
                 check_arms_fit(arms, model)  # a cut naming a missing block fails before anything trains
-            result = train_arm(model, task, optim_cfg, train_cfg, os.path.join(out_dir, arm.name), arm.name,
-                               resume=resume, stop=stop, dist=dist,
-                               monitor=monitor_for(arm, model) if monitor_for is not None else None)
+            arm_dir = os.path.join(out_dir, arm.name)
+            sink = build_sinks(train_cfg.log_to, arm_dir, arm.name, results.to_dict()["config"]) if dist.is_main else None
+            try:
+                result = train_arm(model, task, optim_cfg, train_cfg, arm_dir, arm.name,
+                                   resume=resume, stop=stop, dist=dist,
+                                   monitor=monitor_for(arm, model) if monitor_for is not None else None, sink=sink)
+            finally:
+                if sink is not None:
+                    sink.close()
             summary = result.to_dict()
             summary.pop("history")
             results["arms"][arm.name] = summary

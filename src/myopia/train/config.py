@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -75,6 +75,8 @@ class TrainConfig:
     gradient-exact comparisons on GPU; slower. Kernels without a deterministic version warn."""
     parallel: str = "ddp"
     """Under torchrun with several processes: ddp (replicated) | fsdp (FSDP2 fully_shard per block)."""
+    log_to: list[str] = field(default_factory=list)
+    """Also stream metrics to trackers: tensorboard, wandb (optional extras; empty = metrics.jsonl only)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
@@ -83,6 +85,9 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        unknown = [t for t in self.log_to if t not in ("tensorboard", "wandb")]
+        if unknown:
+            raise ValueError(f"log_to={unknown[0]!r} is not one of tensorboard, wandb")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel={self.parallel!r} is not one of ddp, fsdp")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -117,8 +117,8 @@ def evaluate(model: torch.nn.Module, task: Task, n_batches: int, batch_size: int
 class MetricsLog:
     """Metrics as JSON lines (one object per line), flushed at every write."""
 
-    def __init__(self, path: str, keep_through_step: int | None = None, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: str, keep_through_step: int | None = None, enabled: bool = True, sink=None):
+        self.path, self.enabled, self.sink = path, enabled, sink  # sink: trackers (train.trackers)
         if not enabled:
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -135,6 +135,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.sink is not None:
+            self.sink.log(record)
 
     def read(self) -> list[dict]:
         if not os.path.exists(self.path):
@@ -184,6 +186,7 @@ def train_arm(
     on_step: Callable[[int, dict], None] | None = None,
     dist: Dist | None = None,
     monitor: Callable[[torch.nn.Module, int], dict | None] | None = None,
+    sink=None,
 ) -> ArmResult:
     """Train ``model`` on ``task`` for ``cfg.steps`` optimiser steps; write metrics and checkpoints
     under ``arm_dir`` (rank 0 only). Returns when done or when ``stop`` is requested (after saving).
@@ -192,6 +195,7 @@ def train_arm(
     ``monitor(model, step)`` runs at step 0 of a fresh run and after every step, on the bare model;
     a dict it returns is written to ``metrics.jsonl`` with the step. It must leave the weights,
     ``.grad`` and the RNG as it found them (an exact resume depends on it).
+    ``sink.log(record)`` (trackers: :mod:`myopia.train.trackers`) gets every record ``metrics.jsonl`` gets.
     """
     dist = dist or Dist()
     device = resolve_device(cfg.device)
@@ -218,7 +222,7 @@ def train_arm(
         if dist.is_main:
             tqdm.write(f"[{arm}] resuming from {latest} (step {start_step}/{cfg.steps})")
     log = MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), keep_through_step=start_step if latest else None,
-                     enabled=dist.is_main)
+                     enabled=dist.is_main, sink=sink)
     stop = stop or StopSignal()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * task.seq_len
     last_loss, last_ckpt = None, latest

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from myopia.config import merge
+from myopia.lora import LoraConfig
 from myopia.model import GPTConfig
 from myopia.tasks.text import TextConfig
 from myopia.train.config import OptimConfig, TrainConfig
@@ -106,6 +107,7 @@ class LMExperiment:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32))
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) or [self.train.seed]

@@ -20,6 +20,7 @@ from myopia.experiments.pairs import parse_pairs
 from myopia.experiments.runner import run_arms
 from myopia.experiments.scaffold import Results, Status, recording
 from myopia.hf_models import build_hf_model
+from myopia.lora import with_lora
 from myopia.local_myopia import LocalMyopicGPT
 from myopia.tasks.text import TextTask
 from myopia.train.loop import resolve_device
@@ -92,8 +93,10 @@ def run(cfg: LMExperiment) -> dict:
 def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
     """The arm's model with the seed's initial weights: myopia's GPT or the ``hf_model``."""
     if cfg.hf_model:
-        return build_hf_model(cfg.hf_model, arm.cut, task.tokenizer.vocab_size, seed)
-    return build_model(cfg.model, arm, overrides, seed)
+        model = build_hf_model(cfg.hf_model, arm.cut, task.tokenizer.vocab_size, seed)
+    else:
+        model = build_model(cfg.model, arm, overrides, seed)
+    return with_lora(model, cfg.lora)  # LoRA adapters when --lora.r > 0 (Hugging Face models)
 
 
 def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[torch.nn.Module | None, dict | None]:
