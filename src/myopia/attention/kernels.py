@@ -247,12 +247,17 @@ def kernel_unavailable(exc: BaseException) -> bool:
 
 
 def _eager_backward(dout, q, k, v, *, scale, mask):
-    from myopia.attention.reference import reference_attention
+    """Vanilla attention's ``(dq, dk, dv)`` in closed form (no autograd: this runs inside a custom
+    op's backward, below the autograd dispatch key): with ``P = softmax(c·q kᵀ + mask)``,
+    ``dv = Pᵀ do``, ``dS = P ∘ (do vᵀ − rowsum(do ∘ o))``, ``dq = c·dS k``, ``dk = c·dSᵀ q``."""
+    from myopia.attention.reference import _softmax, causal_additive_mask
 
-    with torch.enable_grad():
-        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = reference_attention(qq, kk, vv, mode="vanilla", scale=scale, mask=mask)
-        return torch.autograd.grad(out, (qq, kk, vv), dout)
+    if mask is None:
+        mask = causal_additive_mask(q.shape[-2], q.dtype, q.device)
+    p = _softmax(q @ k.transpose(-1, -2) * scale + mask)
+    out = p @ v
+    ds = p * (dout @ v.transpose(-1, -2) - (dout * out).sum(-1, keepdim=True))
+    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, p.transpose(-1, -2) @ dout
 
 
 def _fused_backward(dout, q, k, v, out, lse, extras, *, scale, mask):
