@@ -101,12 +101,15 @@ def test_gradient_split_under_ddp_matches_one_process(tmp_path):
                        [(r["step"], r["gradient_split"]) for r in rows if "gradient_split" in r])
     assert [s for s, _ in runs[1][1]] == [0, 1, 2, 4, 8, 9]
     assert runs[1][0] == pytest.approx(runs[2][0], rel=1e-5)
-    # The future part is the difference of two nearly equal gradients, and the weights it is measured
-    # at differ between 1 and 2 processes by reduction order (~1e-7): compare every part relative to
-    # the total gradient's norm, the scale its rounding lives on.
-    for (_, one), (_, two) in zip(runs[1][1], runs[2][1]):
+    # At step 0 (the same weights) the split is the same computation in every process. Later, the
+    # weights it is measured at differ between 1 and 2 processes by the all-reduce's summation order,
+    # which moves the gradient norms by up to ~8e-5 of the total norm (measured), and the future part,
+    # a difference of two nearly equal gradients, by 3e-4 of itself: compare every part relative to
+    # the total gradient's norm. A monitor that all-reduced or saw a shard would be off by O(1).
+    for (step, one), (_, two) in zip(runs[1][1], runs[2][1]):
+        tol = 1e-6 if step == 0 else 1e-3
         for part in ("total_norm", "myopic_norm", "future_norm"):
-            assert abs(one[part] - two[part]) <= 1e-4 * one["total_norm"], (part, one, two)
+            assert abs(one[part] - two[part]) <= tol * one["total_norm"], (step, part, one, two)
 
 
 def _hf_fsdp_worker(out: str) -> None:
