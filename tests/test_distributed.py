@@ -126,7 +126,7 @@ def _hf_fsdp_worker(out: str) -> None:
     dist_ = setup("cpu")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=31, n_positions=16, n_embd=16, n_layer=2, n_head=2, attn_pdrop=0.0,
-                                  resid_pdrop=0.0, embd_pdrop=0.0)
+                                  resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=1)
     model = HFCausalLM(make_myopic(transformers.GPT2LMHeadModel(cfg), "myopic"), "gpt2")
     wrapped = parallelize(model, dist_, "fsdp", torch.device("cpu"))
     sharded = [type(m).__name__ for m in wrapped.modules() if isinstance(m, FSDPModule)]
