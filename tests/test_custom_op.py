@@ -59,30 +59,48 @@ def test_compiled_model_has_no_graph_break_and_same_gradient(mode):
     assert relative_error(traced, eager) < 1e-12
 
 
-def _check_triton_kernel() -> None:
-    """Run by the test below in a process with TRITON_INTERPRET=1 (read when triton compiles)."""
+def _triton_vs_torch(q, k, v, v_dim_note=""):
+    """The kernel's four outputs against the unfused PyTorch formulas, with and without full grads."""
     from myopia.attention import kernels
 
+    groups = q.shape[1] // k.shape[1]
+    k_e, v_e = expand_kv(k, groups), expand_kv(v, groups)
+    q_c = q.contiguous()
+    out, lse, extras = kernels.fused_forward(q_c, k_e, v_e, scale=0.3, mask=None)
+    do = torch.randn_like(out)
+    _, dk_full, dv_full = kernels.fused_backward(do, q_c, k_e, v_e, out, lse, extras, scale=0.3, mask=None)
+    for beta, full in ((0.0, False), (0.25, True)):
+        got = triton_diag.split_kv_grads(q, k, v, out, do, lse, dk_full if full else None,
+                                         dv_full if full else None, scale=0.3, beta=beta,
+                                         want_past_k=full, want_past_v=full)
+        want = fused._split_kv_grads_torch(q_c, k_e, v_e, out, do, lse, dk_full, dv_full, scale=0.3, beta=beta,
+                                           mask=None, horizon=0, groups=groups, need_cross=full,
+                                           want_past_k=full, want_past_v=full)
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None
+            else:  # the kernel computes in float32
+                assert a.shape == b.shape, (a.shape, b.shape, v_dim_note)
+                assert (a - b).abs().max() / b.abs().max() < 1e-5, (tuple(q.shape), tuple(v.shape), beta)
+
+
+def _check_triton_kernel() -> None:
+    """Run by the test below in a process with TRITON_INTERPRET=1 (read when triton compiles)."""
     assert triton_diag.available(torch.empty(1, 1, 1, 8))
-    for H, HKV, D in ((4, 2, 16), (2, 2, 24), (6, 1, 64)):
+    for H, HKV, D, DV in ((4, 2, 16, 16), (2, 2, 24, 8), (3, 1, 8, 40)):
         q, k, v = (t.detach() for t in _inputs(H=H, HKV=HKV, T=37, D=D))
-        groups = H // HKV
-        k_e, v_e = expand_kv(k, groups), expand_kv(v, groups)
-        out, lse, extras = kernels.fused_forward(q, k_e, v_e, scale=0.3, mask=None)
-        do = torch.randn_like(out)
-        _, dk_full, dv_full = kernels.fused_backward(do, q, k_e, v_e, out, lse, extras, scale=0.3, mask=None)
-        for beta, full in ((0.0, False), (0.25, True)):
-            got = triton_diag.split_kv_grads(q, k, v, out, do, lse, dk_full if full else None,
-                                             dv_full if full else None, scale=0.3, beta=beta,
-                                             want_past_k=full, want_past_v=full)
-            want = fused._split_kv_grads_torch(q, k_e, v_e, out, do, lse, dk_full, dv_full, scale=0.3, beta=beta,
-                                               mask=None, horizon=0, groups=groups, need_cross=full,
-                                               want_past_k=full, want_past_v=full)
-            for a, b in zip(got, want):
-                if b is None:
-                    assert a is None
-                else:  # the kernel computes in float32
-                    assert (a - b).abs().max() / b.abs().max() < 1e-5, (H, HKV, D, beta)
+        v = torch.randn(*v.shape[:-1], DV, dtype=v.dtype)  # a value head size of its own
+        _triton_vs_torch(q, k, v, f"DV={DV}")
+    # int64 offsets: batch b=2 of a query tensor whose batch stride is 2**30 elements starts at element
+    # 2**31, past int32. The buffer is 8 GB of address space; only the three touched rows are ever mapped.
+    B, H, T, D = 3, 2, 5, 8
+    g = torch.Generator().manual_seed(1)
+    q_small = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    big = torch.empty(2 * 2**30 + H * T * D, dtype=torch.float32)
+    q = big.as_strided((B, H, T, D), (2**30, T * D, D, 1))
+    q.copy_(q_small)
+    k, v = (torch.randn(B, 1, T, D, generator=g) for _ in range(2))
+    _triton_vs_torch(q, k, v, "int64")
     print("triton kernel ok")
 
 

@@ -36,6 +36,62 @@ def test_cuda_fused_matches_float64_reference(dtype, tol, mode):
         assert (a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6) < tol
 
 
+def _masks(T, B=2, window=5):
+    causal = torch.ones(T, T, dtype=torch.bool, device="cuda").tril()
+    padding = causal.expand(B, 1, T, T).clone()
+    padding[0, :, :, :3] = False  # left padding of 3 keys in the first sequence
+    padding[0, :, torch.arange(3), torch.arange(3)] = True
+    sliding = causal & ~torch.ones(T, T, dtype=torch.bool, device="cuda").tril(-window)
+    return {"padding": padding, "sliding": sliding, "additive": torch.zeros(B, 1, T, T, device="cuda").masked_fill(
+        ~padding, float("-inf"))}
+
+
+@pytest.mark.parametrize("T", [257, 64])  # a mask row length that is, and one that is not, a multiple of 8
+@pytest.mark.parametrize("kind", ["padding", "sliding", "additive"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("mode", ["myopic", "myopic_kv"])
+def test_cuda_masked_fused_matches_float64_reference(mode, dtype, tol, kind, T):
+    """The masked path runs the memory-efficient kernel with the mask prepared as SDPA prepares it."""
+    q, k, v, do = _inputs(dtype, T=T)
+    mask = _masks(T)[kind]
+    if mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    kp, vp = k.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    past = dict(k_past=kp, v_past=vp) if mode == "myopic" else {}
+    out = attention(q, k, v, cut=mode, backend="fused", attn_mask=mask, **past)
+    tensors = [q, k, v] + ([kp, vp] if past else [])
+    grads = torch.autograd.grad(out, tensors, do)
+    ref_t = [t.detach().double().requires_grad_() for t in tensors]
+    ref_past = dict(k_past=ref_t[3], v_past=ref_t[4]) if past else {}
+    ref_mask = mask if mask.dtype == torch.bool else mask.double()
+    ref = attention(*ref_t[:3], cut=mode, backend="reference", attn_mask=ref_mask, **ref_past)
+    ref_grads = torch.autograd.grad(ref, ref_t, do.double())
+    assert (out.double() - ref).abs().max() / ref.abs().max() < tol
+    for a, b in zip(grads, ref_grads):
+        assert (a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6) < tol
+
+
+def test_cuda_float64_and_odd_head_sizes_route_to_a_kernel_that_takes_them():
+    """float64 (no fused CUDA kernel) goes to the reference with a warning; head size 20 in
+    float16 (not flash) and unequal value head sizes take the memory-efficient kernel."""
+    from myopia.attention import kernels
+
+    q, k, v, do = _inputs(torch.float64, T=33)
+    assert kernels.select_kernel(q, k, v)[0] is None
+    with pytest.warns(RuntimeWarning, match="float64"):
+        out = attention(q, k, v, cut="myopic_kv")
+    ref = attention(q, k, v, cut="myopic_kv", backend="reference")
+    assert torch.equal(out, ref)
+    q, k, v, do = _inputs(torch.float16, T=33, D=24)
+    assert kernels.select_kernel(q, k, v)[0] == "efficient"
+    v16 = torch.randn(*v.shape[:-1], 16, device="cuda", dtype=torch.float16).requires_grad_()
+    assert kernels.select_kernel(q, k, v16)[0] == "efficient"
+    out = attention(q, k, v16, cut="myopic_kv", backend="fused")
+    ref_t = [t.detach().double().requires_grad_() for t in (q, k, v16)]
+    ref = attention(*ref_t, cut="myopic_kv", backend="reference")
+    assert (out.double() - ref).abs().max() / ref.abs().max() < 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_lse_matches_logsumexp(dtype):
     q, k, v, _ = _inputs(dtype, HKV=4)

@@ -92,3 +92,24 @@ def test_fresh_presets_size_their_embedding_to_the_tokenizer():
     model = build_hf_model("pythia-14m", "vanilla", vocab_size=4096, seed=0)
     assert model.hf.get_input_embeddings().weight.shape[0] == 4096
     assert model(torch.randint(0, 4096, (1, 8))).shape == (1, 8, 4096)
+
+
+def test_attention_dropout_is_off_in_every_arm_and_said_in_the_log(tmp_path, capsys):
+    """A GPT-2 checkpoint ships attn_pdrop 0.1: every arm (vanilla and myopic alike) trains without
+    it, so the arms run the same kernels; the run's log says so once."""
+    import transformers
+
+    from myopia.hf import attention_modules
+
+    cfg = transformers.GPT2Config(vocab_size=300, n_positions=16, n_embd=16, n_layer=2, n_head=2, attn_pdrop=0.1,
+                                  resid_pdrop=0.0, embd_pdrop=0.0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    seen = []
+    for mode in ("vanilla", "myopic"):
+        model = build_hf_model(str(tmp_path / "gpt2"), mode, vocab_size=256, seed=0)
+        assert model.config.attn_pdrop == 0.0
+        seen += [m.attn_dropout.p for m in attention_modules(model.hf)]
+        x = torch.randint(0, 256, (2, 16))
+        torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)  # train mode, nothing random left
+    assert seen == [0.0] * 4
+    assert capsys.readouterr().out.count("attention-probability dropout (attn_pdrop=0.1) set to 0 in every arm") == 1

@@ -1,7 +1,11 @@
 """Myopic training for Hugging Face causal LMs: ``make_myopic(model, mode)``.
 
-Works for every family whose attention goes through transformers' ``AttentionInterface`` (GPT-2,
-GPT-NeoX/Pythia, Llama, Mistral, Qwen2, ...). No HF forward code is copied: myopia registers an
+Checked exact (forward equal, gradient = definition, float64; ``tests/test_families.py``) for GPT-2,
+GPT-NeoX/Pythia, Llama, Mistral (sliding windows), Qwen2, Qwen3, Gemma-2 (logit soft-capping), GPT-OSS
+(attention sinks), DeepSeek-V2/V3 and MiniCPM3 (two-stage latent projections); other families whose
+attention goes through transformers' ``AttentionInterface`` run with a warning. An attention keyword
+myopia does not apply, bidirectional attention, a position bias and training through a KV-cache
+prefix are one-line errors. No HF forward code is copied: myopia registers an
 attention function named ``"myopia"`` and selects it through the model's attention implementation.
 
 - ``myopic_kv`` and ``bigram`` need nothing more: the attention function sees the live, projected
@@ -28,9 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from myopia.attention import VANILLA, Cut, attention, expand_kv
+from myopia.attention import VANILLA, Cut, additive_mask, attention, expand_kv
 from myopia.attention.cut import check_backend
 from myopia.attention.projection import project_with_weight_only_copy
+from myopia.attention.reference import reference_attention
 
 try:
     from transformers import AttentionInterface
@@ -55,6 +60,7 @@ class _LayerState:
     x_live: torch.Tensor | None = None  # the attention input of the current call
     x_detached: torch.Tensor | None = None  # its detached copy, given to the record pass
     projected: dict[int, torch.Tensor] | None = None  # live projection outputs from the record pass
+    record_output: torch.Tensor | None = None  # the record pass's (all-zero) attention output
 
 
 def myopia_attention_forward(
@@ -71,18 +77,33 @@ def myopia_attention_forward(
     state: _LayerState | None = getattr(module, "_myopia_state", None)
     if state is None or state.cut.is_vanilla:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    softcap, sinks = _score_terms(module, key, attention_mask, kwargs)
     if state.phase == "record":
         state.k_past, state.v_past = key, value
         B, H, T, D = query.shape
-        return query.new_zeros(B, T, H, value.shape[-1]), None
+        state.record_output = query.new_zeros(B, T, H, value.shape[-1])
+        return state.record_output, None
     q_len, k_len = query.shape[2], key.shape[2]
     if state.cut.changes_forward:
         out = expand_kv(value[:, :, k_len - q_len :], query.shape[1] // key.shape[1])
         return out.transpose(1, 2).contiguous(), None
     k_past, v_past = state.k_past, state.v_past
     state.k_past = state.v_past = None
-    if q_len != k_len or not torch.is_grad_enabled():
-        # Decoding with a cache, or no gradient: the forward value is the ordinary one.
+    if q_len != k_len and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise ValueError(
+            f"make_myopic({type(module).__name__}, {state.cut.spec!r}): training with a KV-cache prefix "
+            "(past_key_values with gradients on) is not supported: the cached positions' hidden states are "
+            "gone, so their keys/values cannot be cut as the definition asks; train on whole windows "
+            "(use_cache=False) or run the cached forward under torch.no_grad()")
+    plain = q_len != k_len or not torch.is_grad_enabled()  # decoding, or no gradient: the ordinary forward
+    if softcap is not None or sinks is not None:
+        cut = VANILLA if plain else state.cut
+        if cut.needs_past_kv and k_past is None:
+            raise RuntimeError(f"{type(module).__name__} was called with cut {cut.spec!r} without its detached pass")
+        out = _attention_with_score_terms(module, state, cut, query, key, value, attention_mask, dropout, scaling,
+                                          softcap, sinks, k_past, v_past)
+        return out.transpose(1, 2).contiguous(), None
+    if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     cut = state.cut
     if cut.needs_past_kv and k_past is None:
@@ -97,6 +118,87 @@ def myopia_attention_forward(
         backend=state.backend, dropout_p=dropout,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+# Keywords transformers (5.x) passes to attention functions that do not change attention values:
+# rotary is applied before the call (position_ids), packed sequences and sliding windows reach the
+# "myopia" function through its (sdpa) mask, flash-attention's varlen metadata is what sdpa ignores
+# too, and the rest are cache and output flags or the loss's token count.
+_HARMLESS_KEYWORDS = frozenset({
+    "position_ids", "use_cache", "cache_position", "output_attentions", "output_hidden_states",
+    "output_router_logits", "num_items_in_batch", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+    "max_length_k", "seq_idx",
+})
+_UNDERSTOOD_KEYWORDS = _HARMLESS_KEYWORDS | {"sliding_window", "is_causal", "softcap", "s_aux", "position_bias"}
+
+
+def _score_terms(
+    module: nn.Module, key: torch.Tensor, mask: torch.Tensor | None, kwargs: dict
+) -> tuple[float | None, torch.Tensor | None]:
+    """``(softcap, sinks)`` from the attention keywords, after checking that every keyword is one
+    myopia applies exactly; anything else is a one-line error, never silently dropped."""
+    name = type(module).__name__
+    unknown = sorted(set(kwargs) - _UNDERSTOOD_KEYWORDS)
+    if unknown:
+        raise ValueError(
+            f"make_myopic: {name} passes attention keyword(s) {', '.join(unknown)} that myopia does not apply; "
+            "ignoring them could change the forward pass, so myopia refuses. Use make_myopic(model, 'vanilla')")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(f"make_myopic: {name} adds a position_bias (relative attention bias) to its scores, which "
+                         "myopia does not support; use make_myopic(model, 'vanilla')")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if not is_causal:
+        raise ValueError(f"make_myopic: {name} runs bidirectional attention (is_causal=False), which has no myopic "
+                         "reading (the cut is between a position and its past); use make_myopic(model, 'vanilla')")
+    window = kwargs.get("sliding_window")
+    k_len = key.shape[-2]
+    if window is not None and k_len > window and not _mask_holds_window(mask, window, k_len):
+        raise ValueError(f"make_myopic: {name} asks for a sliding window of {window} that its attention mask does "
+                         "not contain; myopia applies windows through the mask only. Use make_myopic(model, 'vanilla')")
+    return kwargs.get("softcap"), kwargs.get("s_aux")
+
+
+def _mask_holds_window(mask: torch.Tensor | None, window: int, k_len: int) -> bool:
+    """Whether ``mask`` (bool or additive; queries are the last of ``k_len`` positions) excludes the
+    key ``window`` positions back from every query: that diagonal bounds the band, so it is masked
+    exactly when the window is in the mask."""
+    if mask is None:
+        return False
+    mask = mask[..., :k_len]
+    band = mask.diagonal(offset=k_len - mask.shape[-2] - window, dim1=-2, dim2=-1)
+    if mask.dtype == torch.bool:
+        return not bool(band.any())
+    return bool((band <= torch.finfo(mask.dtype).min / 2).all())
+
+
+_memory_warned: set[str] = set()
+
+
+def _attention_with_score_terms(module, state, cut, query, key, value, mask, dropout, scaling, softcap, sinks,
+                                k_past, v_past) -> torch.Tensor:
+    """Attention with Gemma-2's logit soft-capping and/or GPT-OSS's sinks, through the eager
+    reference (exact for every cut; memory grows as T²)."""
+    name = type(module).__name__
+    if state.backend == "fused":
+        raise ValueError(f"make_myopic(backend='fused'): {name}'s attention has score terms (softcap/sinks) that "
+                         "only the reference backend computes; use backend='auto' or 'reference'")
+    if name not in _memory_warned:
+        _memory_warned.add(name)
+        import warnings
+
+        warnings.warn(f"{name}: attention with logit soft-capping or sinks runs myopia's eager n×n reference in "
+                      "every mode (exact; memory grows as T²)", RuntimeWarning, stacklevel=3)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if mask is None:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return reference_attention(
+        query, key, value, cut=cut, scale=scale, mask=additive_mask(mask[..., :k_len], query.dtype),
+        k_past=k_past if cut.needs_past_kv else None, v_past=v_past if cut.needs_past_kv else None,
+        dropout_p=dropout, softcap=softcap, sinks=sinks,
+    )
 
 
 def _register() -> None:
@@ -156,14 +258,25 @@ def _wrap_projection(proj: nn.Module, owner: nn.Module) -> None:
                 y_live, y_weight_only = project_with_weight_only_copy(state.x_live, weight, bias)
                 state.projected[id(proj)] = y_live
                 return y_weight_only
-            out_features = _weight_and_bias(proj)[0].shape[0]
-            return x.new_zeros(*x.shape[:-1], out_features)  # the output projection of zeros
+            if _is_record_output(x, state):
+                out_features = _weight_and_bias(proj)[0].shape[0]
+                return x.new_zeros(*x.shape[:-1], out_features)  # the output projection of zeros
+            # Any other input, e.g. a second-stage projection (DeepSeek MLA's kv_b_proj, MiniCPM3) of
+            # the first stage's output: run it, so the record pass computes the detached input's
+            # keys/values through every live weight.
+            return original(x, *args, **kwargs)
         if state.phase == "live" and x is state.x_live and id(proj) in state.projected:
             return state.projected.pop(id(proj))
         return original(x, *args, **kwargs)
 
     proj._myopia_original_forward = original
     proj.forward = forward
+
+
+def _is_record_output(x: torch.Tensor, state: _LayerState) -> bool:
+    """Whether ``x`` is (a view of) the record pass's zero attention output."""
+    out = state.record_output
+    return out is not None and x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
 
 
 def _wrap_forward(module: nn.Module) -> None:
@@ -187,7 +300,7 @@ def _wrap_forward(module: nn.Module) -> None:
             state.phase = "live"
             return original(*args, **kwargs)
         finally:
-            state.phase = state.x_live = state.x_detached = state.projected = None
+            state.phase = state.x_live = state.x_detached = state.projected = state.record_output = None
 
     module._myopia_original_forward = original
     module.forward = forward
@@ -243,6 +356,7 @@ def make_myopic(
             model._myopia_original_attn = None
         model._myopia_cut = None
         return model
+    _warn_if_untested(model.config)
     if getattr(model, "_myopia_original_attn", None) is None:
         model._myopia_original_attn = model.config._attn_implementation or "sdpa"
     _register()
@@ -261,6 +375,22 @@ def make_myopic(
 def _layer_index(module: nn.Module, position: int) -> int:
     index = getattr(module, "layer_idx", None)
     return position if index is None else int(index)
+
+
+TESTED_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt_oss", "deepseek_v2",
+                   "deepseek_v3", "minicpm3")  # config.model_type of every family tests/test_families.py checks
+_untested_warned: set[str] = set()
+
+
+def _warn_if_untested(config) -> None:
+    family = getattr(config, "model_type", "?")
+    if family not in TESTED_FAMILIES and family not in _untested_warned:
+        _untested_warned.add(family)
+        import warnings
+
+        warnings.warn(f"make_myopic: model family {family!r} is not among those tested exact against the definition "
+                      f"({', '.join(TESTED_FAMILIES)}); check a tiny config of it as tests/test_families.py does",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _set_implementation(model: nn.Module, name: str) -> None:

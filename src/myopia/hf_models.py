@@ -176,6 +176,32 @@ def _from_smollm2() -> nn.Module:
                                                                  attn_implementation="sdpa")
 
 
+_ATTENTION_DROPOUT_FIELDS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")
+_DROPOUT_REPORTED: set[str] = set()
+
+
+def zero_attention_dropout(model: nn.Module) -> str:
+    """Set the attention-probability dropout of a transformers model to 0 (config and attention
+    modules, as the families store it: a float ``attention_dropout`` or an ``attn_dropout`` module);
+    return what was non-zero (``"attn_pdrop=0.1"``), or ``""``."""
+    from myopia.hf import attention_modules
+
+    config = model.config
+    found = [f"{f}={getattr(config, f):g}" for f in _ATTENTION_DROPOUT_FIELDS
+             if isinstance(getattr(config, f, None), (int, float)) and getattr(config, f) > 0]
+    for f in _ATTENTION_DROPOUT_FIELDS:
+        if isinstance(getattr(config, f, None), (int, float)):
+            setattr(config, f, 0.0)
+    for m in attention_modules(model):
+        for name in ("attention_dropout", "attn_dropout"):
+            value = getattr(m, name, None)
+            if isinstance(value, nn.Dropout):
+                value.p = 0.0
+            elif isinstance(value, float):
+                setattr(m, name, 0.0)
+    return ", ".join(found)
+
+
 def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
     """The arm's model (identical initial weights in every arm: same seed or same checkpoint)."""
     from myopia.hf import make_myopic
@@ -189,6 +215,11 @@ def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
         model = _from_pretrained(spec)
         _check_vocab(spec, model.config.vocab_size, vocab_size, "the tokenizer the model was trained with")
     model.config._attn_implementation = model.config._attn_implementation or "sdpa"
+    dropped = zero_attention_dropout(model)
+    if dropped and spec not in _DROPOUT_REPORTED:
+        _DROPOUT_REPORTED.add(spec)
+        print(f"hf_model {spec}: attention-probability dropout ({dropped}) set to 0 in every arm: the fused myopic "
+              "kernels have none, so every arm runs the same kernels without it", flush=True)
     from myopia.attention import CutError
 
     try:
@@ -198,4 +229,5 @@ def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
     return HFCausalLM(model.train(), spec)
 
 
-__all__ = ["HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "preset_vocab_size", "smollm2_gguf"]
+__all__ = ["HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "preset_vocab_size", "smollm2_gguf",
+           "zero_attention_dropout"]

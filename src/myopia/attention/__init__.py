@@ -122,9 +122,11 @@ def attention(
             "values use myopic_kv"
         )
     mask = additive_mask(attn_mask, q.dtype)
-    fused_ok = kernels.fused_available(q)
+    kernel, no_kernel_reason = kernels.select_kernel(q, k, v, mask)
+    fused_ok = kernel is not None
     if backend == "fused" and not fused_ok:
-        raise ValueError(f"attention backend 'fused' has no kernel for device {q.device.type!r}")
+        raise ValueError(f"attention backend 'fused' has no kernel for these inputs ({no_kernel_reason}); "
+                         "use backend='auto' or 'reference'")
     if backend == "fused" and dropout_p > 0.0 and cut.cuts_gradient:
         raise ValueError("attention backend 'fused' does not support attention dropout; use 'reference'")
     use_reference = backend == "reference"
@@ -136,9 +138,9 @@ def attention(
             use_reference = True
         elif not fused_ok:
             _warn_once(
-                f"nofused-{q.device.type}",
-                f"no fused attention kernel returning the log-sum-exp on {q.device.type!r}: myopic "
-                "attention falls back to the eager n×n reference (memory grows as T²)",
+                f"nofused-{no_kernel_reason}",
+                f"no fused attention kernel returning the log-sum-exp takes these inputs ({no_kernel_reason}): "
+                "myopic attention falls back to the eager n×n reference (memory grows as T²)",
             )
             use_reference = True
     past = dict(k_past=k_past, v_past=v_past) if cut.needs_past_kv else dict(k_past=None, v_past=None)

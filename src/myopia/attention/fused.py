@@ -126,7 +126,7 @@ def _kv_mask_diag(mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
 def _fused_backward(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale):
     """``(lse, dq, dk_full, dv_full)``: the fused (vanilla) backward over expanded keys/values."""
     groups = q.shape[1] // k.shape[1]
-    lse, extras = kernels.unpack_extras(lse_store, aux0, aux1, q, mask)
+    lse, extras = kernels.unpack_extras(lse_store, aux0, aux1, q, mask, v.shape[-1])
     dq, dk_full, dv_full = kernels.fused_backward(
         dout, q, expand_kv(k, groups), expand_kv(v, groups), out, lse, extras, scale=scale, mask=mask
     )
@@ -183,7 +183,7 @@ def _myopic_attention_backward_op(
     Key/value gradients are contiguous, in the key/value heads' shape."""
     lse, dq, dk_full, dv_full = _fused_backward(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale)
     need_cross = beta > 0.0 or want_past_k or want_past_v
-    if horizon == 0 and mask is None and triton_diag.available(q):
+    if horizon == 0 and mask is None and triton_diag.available(q, v):
         dk_live, dv_live, dk_past, dv_past = triton_diag.split_kv_grads(
             q, k, v, out, dout, lse, dk_full if need_cross else None, dv_full if need_cross else None,
             scale=scale, beta=beta, want_past_k=want_past_k, want_past_v=want_past_v,
@@ -207,8 +207,8 @@ def _myopic_attention_backward_op(
 @_myopic_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale, beta, horizon, want_past_k, want_past_v):
     _, dq, _, _ = _fused_backward(dout, q, k, v, out, lse_store, aux0, aux1, mask, scale)
-    kv = lambda want: torch.empty(k.shape, dtype=k.dtype, device=k.device) if want else q.new_empty(_EMPTY)
-    return dq, kv(True), kv(True), kv(want_past_k), kv(want_past_v)
+    kv = lambda want, t: torch.empty(t.shape, dtype=t.dtype, device=t.device) if want else q.new_empty(_EMPTY)
+    return dq, kv(True, k), kv(True, v), kv(want_past_k, k), kv(want_past_v, v)
 
 
 def _split_kv_grads_torch(q, k_e, v_e, out, dout, lse, dk_full, dv_full, *, scale, beta, mask, horizon, groups,

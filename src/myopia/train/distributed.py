@@ -1,6 +1,6 @@
 """Data parallelism applied from outside the model: torchrun (or ``accelerate launch``) sets the
 environment, :func:`setup` joins the process group, :func:`parallelize` wraps the model (DDP, or FSDP2
-``fully_shard`` per block), and :class:`Dist` gives the loop the few collectives it needs.
+``fully_shard`` per block or decoder layer: :func:`shard_units`), and :class:`Dist` gives the loop the few collectives it needs.
 
 Every rank generates the same *global* batch from (seed, step, micro) and keeps its contiguous slice,
 so the global sequence of examples equals the single-process order for the same global batch size.
@@ -94,20 +94,31 @@ def parallelize(model: nn.Module, dist: Dist, strategy: str, device: torch.devic
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in getattr(model, "blocks", []):
-            fully_shard(block)
+        for unit in shard_units(model):
+            fully_shard(unit)
         fully_shard(model)
         return model
     raise ValueError(f"train.parallel={strategy!r} is not one of ddp, fsdp")
 
 
-def bare(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
-    return getattr(model, "module", model)
-
-
-def is_fsdp(model: nn.Module) -> bool:
-    return type(model).__name__.startswith("FSDP")
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one (each a unit of all-gather and reshard): our GPT's
+    ``blocks``; for a transformers model its decoder layers, the classes its ``_no_split_modules``
+    names (outermost only); else the entries of its longest ``ModuleList``."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        return list(blocks)
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    units: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if type(m).__name__ in names and not any(name.startswith(outer + ".") for outer, _ in units):
+            units.append((name, m))
+    if units:
+        return [m for _, m in units]
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
 
 
 def no_grad_sync(model: nn.Module, sync: bool):
@@ -128,18 +139,3 @@ def no_grad_sync(model: nn.Module, sync: bool):
 
         return restore()
     return contextlib.nullcontext()
-
-
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer):
-    """Full (unsharded) model and optimiser state dicts, on the CPU, for rank 0 to save."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, optimizer, options=opts)
-
-
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
