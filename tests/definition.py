@@ -46,6 +46,16 @@ def rows_with_window(
     return torch.stack(rows, dim)
 
 
+def cut_module_input(modules, i: int) -> list:
+    """Forward pre-hooks that hand each module (a transformers attention module) its hidden states
+    live at position ``i`` and detached elsewhere; returns the handles."""
+    def pre(m, args, kwargs):
+        if args:
+            return (mix_position(args[0], i, 1),) + args[1:], kwargs
+        return args, {**kwargs, "hidden_states": mix_position(kwargs["hidden_states"], i, 1)}
+    return [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
+
+
 def per_position_gradient(
     params: list[torch.nn.Parameter],
     T: int,

@@ -7,7 +7,7 @@ Vanilla gradients differ from the definition by more than 1e-3, so every check c
 import pytest
 import torch
 import torch.nn.functional as F
-from definition import gradients, mix_position, per_position_gradient, relative_error
+from definition import cut_module_input, gradients, mix_position, per_position_gradient, relative_error
 
 transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface
@@ -135,11 +135,7 @@ def definition(model, x, y, cut):
 
     def install(i):
         if cut == "hidden":
-            def pre(m, args, kwargs):
-                if args:
-                    return (mix_position(args[0], i, 1),) + args[1:], kwargs
-                return args, {**kwargs, "hidden_states": mix_position(kwargs["hidden_states"], i, 1)}
-            return [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
+            return cut_module_input(modules, i)
 
         def kv_cut(module, query, key, value, *args, **kwargs):
             return exact_attention(module, query, mix_position(key, i, 2), mix_position(value, i, 2), *args, **kwargs)

@@ -3,7 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from definition import gradients, mix_position, mix_window, per_position_gradient, relative_error, rows_with_window
+from definition import (
+    cut_module_input,
+    gradients,
+    mix_position,
+    mix_window,
+    per_position_gradient,
+    relative_error,
+    rows_with_window,
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface
@@ -13,45 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from myopia.attention import Cut
 from myopia.hf import attention_modules, make_myopic
 
-V, T = 23, 7
-COMMON = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-
-
-def build(family):
-    torch.manual_seed(0)
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(n_positions=16, n_embd=16, n_layer=2, n_head=4, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0, **COMMON)
-        model = transformers.GPT2LMHeadModel(cfg)
-    elif family == "neox":
-        cfg = transformers.GPTNeoXConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=32, rotary_pct=0.5, use_parallel_residual=True,
-                                         max_position_embeddings=16, attention_dropout=0.0,
-                                         hidden_dropout=0.0, **COMMON)
-        model = transformers.GPTNeoXForCausalLM(cfg)
-    elif family == "llama-gqa":
-        cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2,
-                                       max_position_embeddings=16, **COMMON)
-        model = transformers.LlamaForCausalLM(cfg)
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2,
-                                       max_position_embeddings=16, **COMMON)
-        model = transformers.Qwen2ForCausalLM(cfg)
-    else:
-        raise KeyError(family)
-    return model.double().train()
-
-
-def data():
-    g = torch.Generator().manual_seed(3)
-    return torch.randint(0, V, (2, T), generator=g), torch.randint(0, V, (2, T), generator=g)
-
-
-def losses(model, x, y):
-    logits = model(input_ids=x, use_cache=False).logits
-    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
+from hf_tiny import COMMON, T, V, build, data, losses  # noqa: E402
 
 
 def _kv_cut_function(i):
@@ -68,11 +38,7 @@ def definition(model, x, y, cut):
 
     def install(i):
         if cut == "hidden":
-            def pre(m, args, kwargs):
-                if args:
-                    return (mix_position(args[0], i, 1),) + args[1:], kwargs
-                return args, {**kwargs, "hidden_states": mix_position(kwargs["hidden_states"], i, 1)}
-            return [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
+            return cut_module_input(modules, i)
         AttentionInterface.register("kvcut", _kv_cut_function(i))
         AttentionMaskInterface.register("kvcut", sdpa_mask)
         model.set_attn_implementation("kvcut")

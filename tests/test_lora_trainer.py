@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from definition import mix_position, per_position_gradient, relative_error
+from definition import cut_module_input, per_position_gradient, relative_error
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -14,32 +14,7 @@ peft = pytest.importorskip("peft")
 from myopia.hf import attention_modules, make_myopic
 from myopia.lora import LoraConfig, apply_lora
 
-V, T = 23, 7
-COMMON = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-
-
-def build(family):
-    torch.manual_seed(0)
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(n_positions=16, n_embd=16, n_layer=2, n_head=4, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0, **COMMON)
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2,
-                                       max_position_embeddings=16, **COMMON)
-        model = transformers.LlamaForCausalLM(cfg)
-    return model.double().train()
-
-
-def data(batch=2):
-    g = torch.Generator().manual_seed(3)
-    return torch.randint(0, V, (batch, T), generator=g), torch.randint(0, V, (batch, T), generator=g)
-
-
-def losses(model, x, y):
-    logits = model(input_ids=x, use_cache=False).logits
-    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
+from hf_tiny import T, V, build, data, losses  # noqa: E402
 
 
 def definition(model, params, T_loss, loss_at):
@@ -48,11 +23,7 @@ def definition(model, params, T_loss, loss_at):
     modules = attention_modules(model)
 
     def install(i):
-        def pre(m, args, kwargs):
-            if args:
-                return (mix_position(args[0], i, 1),) + args[1:], kwargs
-            return args, {**kwargs, "hidden_states": mix_position(kwargs["hidden_states"], i, 1)}
-        return [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
+        return cut_module_input(modules, i)
 
     return per_position_gradient(params, T_loss, loss_at, install)
 
