@@ -93,7 +93,7 @@ def build_model(base: GPTConfig, arm: Arm, overrides: dict, seed: int) -> GPT:
     """The arm's model: identical initial weights in every arm (same seed, same shapes)."""
     try:
         cfg = replace(base, **overrides, attention=arm.mode, beta=arm.beta)
+        torch.manual_seed(seed)
+        return GPT(cfg)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
-    torch.manual_seed(seed)
-    return GPT(cfg)
