@@ -12,6 +12,7 @@ CHANGES is a comma list applied in order to the model GPT built (std-0.02 "gpt2"
     body-std=S      every Linear inside the blocks N(0, S), zero biases, residual projections S/sqrt(2L)
     no-resid-scale  the residual projections (attn.c_proj, mlp.c_proj) N(0, init_std), not /sqrt(2L)
     body-bias-torch only the blocks' Linear biases at PyTorch's default (weights unchanged)
+    body-bias-zero  the blocks' Linear biases zero (weights unchanged)
     pos-std=S       the learned position table N(0, S)
 
 The untrained-probe baseline gets the same changes (it is built by the same build_model).
@@ -63,6 +64,10 @@ def apply_changes(model, changes: list[str]) -> None:
             elif name == "body-bias-torch":
                 for m in body:
                     _default_bias(m)
+            elif name == "body-bias-zero":
+                for m in body:
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
             elif name == "pos-std":
                 nn.init.normal_(model.wpe.weight, std=float(value))
             else:
