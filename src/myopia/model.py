@@ -20,6 +20,10 @@ from myopia.attention.cut import check_backend
 from myopia.attention.projection import project_with_weight_only_copy
 
 
+INIT_SCHEMES = ("gpt2", "torch-default")
+IO_INIT_SCHEMES = ("body", "torch-default")
+
+
 @dataclass
 class GPTConfig:
     """Shape and behaviour of a :class:`GPT`."""
@@ -61,6 +65,14 @@ class GPTConfig:
     """Attention backend: auto | fused (O(n) memory) | reference (eager n×n)."""
     init_std: float = 0.02
     """Standard deviation of the weight initialisation."""
+    init: str = "gpt2"
+    """Weight initialisation: gpt2 (every Linear and embedding N(0, init_std), zero biases, residual
+    projections N(0, init_std/sqrt(2·n_layer))) | torch-default (Linear layers keep PyTorch's default:
+    kaiming-uniform weights and uniform biases, bound 1/sqrt(fan_in); embedding tables N(0, init_std))."""
+    io_init: str = "body"
+    """Continuous input/output Linear layers (input_dim/output_dim): body (initialised as init says) |
+    torch-default (PyTorch's default, as in the paper's synthetic model, whose Linear(2→d) and
+    Linear(d→1) are attached to GPT-2 after its std-0.02 initialisation)."""
     layer_norm_eps: float = 1e-5
     """LayerNorm epsilon."""
 
@@ -83,6 +95,10 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.activation={self.activation!r} is not one of gelu, relu")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout={self.dropout} is outside [0, 1)")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"GPTConfig.init={self.init!r} is not one of {', '.join(INIT_SCHEMES)}")
+        if self.io_init not in IO_INIT_SCHEMES:
+            raise ValueError(f"GPTConfig.io_init={self.io_init!r} is not one of {', '.join(IO_INIT_SCHEMES)}")
 
     @property
     def head_dim(self) -> int:
@@ -238,14 +254,31 @@ class GPT(nn.Module):
             self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         else:
             self.head = nn.Linear(config.n_embd, config.output_dim, bias=True)
-        self.apply(self._init_weights)
-        residual_std = config.init_std / math.sqrt(2 * config.n_layer)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.c_proj.weight, std=residual_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=residual_std)
+        self._initialise()
         if config.tie_embeddings and config.input_dim is None and config.output_dim is None:
             self.head.weight = self.wte.weight
         self.set_attention(config.attention)
+
+    def _initialise(self) -> None:
+        """``config.init`` and ``config.io_init`` (modules hold PyTorch's default init when this runs)."""
+        config = self.config
+        continuous = [m for m, dim in ((self.wte, config.input_dim), (self.head, config.output_dim)) if dim is not None]
+        if config.io_init != "body" and not continuous:
+            raise ValueError(f"GPTConfig.io_init={config.io_init!r} needs a continuous input or output layer "
+                             "(input_dim/output_dim); a token model has none: leave io_init='body'")
+        if config.init == "gpt2":
+            self.apply(self._init_weights)
+            residual_std = config.init_std / math.sqrt(2 * config.n_layer)
+            for block in self.blocks:
+                nn.init.normal_(block.attn.c_proj.weight, std=residual_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=residual_std)
+            if config.io_init == "torch-default":
+                for module in continuous:
+                    module.reset_parameters()
+        else:  # torch-default: only the embedding tables leave PyTorch's default (N(0, 1) there)
+            for module in (self.wte, self.wpe):
+                if isinstance(module, nn.Embedding):
+                    nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -122,9 +122,9 @@ def build_model(base: GPTConfig, arm: Arm, overrides: dict, seed: int) -> GPT:
     """The arm's model: identical initial weights in every arm (same seed, same shapes)."""
     try:
         cfg = replace(base, **overrides, attention=str(arm.cut))
+        torch.manual_seed(seed)
+        return GPT(cfg)
     except CutError as exc:
         raise ConfigError(f"arm {arm.name!r}: {str(exc).split(': ', 1)[-1]}") from None
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
-    torch.manual_seed(seed)
-    return GPT(cfg)
