@@ -81,7 +81,8 @@ def write(out: str, results: dict) -> None:
         "",
         f"Task: y_n = z_n·Σ_(i={task['shift']}..{task['shift'] + task['window'] - 1}) f(x_(n-i)) + (1-z_n)·x_n, "
         f"f = {task['f']}{'(' + str(task['frequency']) + '·x)' if task['f'] == 'sin' else ''}, "
-        f"sequence length {task['seq_len']}. Model: {cfg['model']['n_layer']} layers, d={cfg['model']['n_embd']}, "
+        f"sequence length {task['seq_len']}"
+        f"{'; shifts ' + ', '.join(map(str, cfg['shifts'])) + ', one condition each' if cfg.get('shifts') else ''}. Model: {cfg['model']['n_layer']} layers, d={cfg['model']['n_embd']}, "
         f"{cfg['model']['n_head']} heads, {cfg['model']['activation']}. {cfg['train']['steps']} steps of batch "
         f"{cfg['train']['batch_size']}, AdamW lr {cfg['optim']['lr']}. Seeds: {cfg['seeds']}. "
         f"Machine: {env['device']} ({env['machine']}), torch {env['torch']}, {env['date']}.",

@@ -137,7 +137,9 @@ def write_context_report(out: str, results: dict) -> None:
     start = next(iter(entries.values()), {}).get("start") or {}
     text += ["", "Columns after the gap: the mean gap over each eighth of the window (relative position t / T). "
              "Intervals: " + ("over seeds" + (", conditional on one pretrained start per T (pretraining variance "
-                                               "not included)" if start.get("conditional_on_one_start") else "")
+                                               "not included)" if start.get("conditional_on_one_start") else
+                                               ", each seed with its own pretrained start per T"
+                                               if start.get("kind") == "pretrained_per_seed" else "")
                               if len(results["seeds"]) > 1 else "by bootstrap over held-out documents (one seed)") + "."]
     if made:
         text += ["", "![gap vs context length](gap_vs_context.png)"]
