@@ -88,7 +88,8 @@ def test_gap_vs_context_length(tmp_path, capsys):
     for T in ("8", "16"):
         c = entries[T]["comparisons"]["myopic vs vanilla"]
         assert len(c["gap_by_relative_position"]) == 8
-        assert json.loads((out / f"T{T}" / "results.json").read_text())["config"]["data"]["seq_len"] == int(T)
+        sub = json.loads((out / f"T{T}" / "results.json").read_text())["config"]
+        assert sub["data"]["seq_len"] == int(T) and sub["analysis"]["probe_train_windows"] == 16 * 16 // int(T)
     assert "# Gap vs context length" in (out / "report.md").read_text()
     assert (out / "gap_vs_context.png").is_file()
     capsys.readouterr()

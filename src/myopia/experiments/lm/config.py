@@ -153,36 +153,37 @@ PRESETS: dict[str, dict] = {
                                       "train": {"steps": 1000}}),
     # The paper's GPT-2 124M setting on the built-in corpus (a GPU run).
     "gpt2-paper": _GPT2,
-    # Issue 15's measurements. Wall times are estimates, not runs: one training step (fwd + bwd + AdamW)
-    # timed at 2 threads (both CPU locks, 2026-11-30): 2-layer d=128 4k-BPE model, 32 x 64 tokens:
-    # vanilla/myopic 116 ms, myopic:h=8/h=32 126-128 ms; 8 x 256: 124-133 ms; 2 x 1024: 145-148 ms. Scaled
-    # by 1.59, the ratio of the cpu preset's measured 11.4 min (docs/lm.md) to its 3,700 steps x 116 ms
-    # (data, evaluation, gradient split, held-out analyses and probes of 3 arms included; more arms
-    # cost more analysis, so these are rough).
+    # Issue 15's measurements. Wall times are estimates, not runs. Training: one step (fwd + bwd + AdamW)
+    # timed at 2 threads (both CPU locks, 2026-11-30) for the 2-layer d=128 4k-BPE model: 32 x 64 tokens
+    # vanilla/myopic 116 ms, myopic:h=8/h=32 126-128 ms; 8 x 256: 124-133 ms; 2 x 1024: 145-148 ms; times
+    # 1.40 (the cpu preset's measured 11.4 min, docs/lm.md, less ~80 s of analyses, over its 3,700 steps
+    # x 116 ms). Analyses (held-out scoring, position 0, KL, and probes in the first seed) measured at
+    # 1 thread with 1-step runs of these presets: horizon-cpu 210 s for the first seed (probes of 10 arms:
+    # ~140 s) and 72 s for each further seed; context-cpu 38 / 52 / 109 s for T = 64 / 256 / 1024 in
+    # the first seed (T = 1024 then had 4x today's probe windows).
     # Gap vs horizon: vanilla, myopic and myopic:h=w for w in {0, 1, 2, 4, 8, 16, 32, T-1 = 63}; each seed
     # pretrains its own start (600 steps, not the cpu preset's 1,000) and every arm fine-tunes it for 200
-    # steps (not 300): 3 x (600 x 0.116 + 200 x 1.24) s x 1.59 = ~25 min on 2 cores (at cpu's 1,000/300: ~39).
+    # steps (not 300): 3 x (600 x 0.116 + 200 x 1.23) s x 1.40 + 354 s = ~28 min on 2 cores.
     "horizon-cpu": merge(_CPU_SETUP, {"out": "runs/lm-horizon-cpu",
                                       "arms": ["vanilla", "myopic",
                                                *(f"myopic:h={w}:name=h{w}" for w in (0, 1, 2, 4, 8, 16, 32, 63))],
                                       "pretrain": {"steps": 600, "lr": 3e-3, "per_seed": True},
                                       "optim": {"lr": 1e-3}, "train": {"steps": 200}}),
     # Per layer: vanilla, myopic in block 0 only, in block 1 only, and in both; the cpu preset's budget
-    # with a start per seed: 3 x (1,000 + 4 x 300) steps x 0.116 s x 1.59 = ~20 min on 2 cores.
+    # with a start per seed: 3 x (1,000 + 4 x 300) steps x 0.116 s x 1.40 + ~140 s = ~20 min on 2 cores.
     "layers-cpu": merge(_CPU_SETUP, {"out": "runs/lm-layers-cpu",
                                      "arms": ["vanilla", "myopic:layers=0:name=layer0", "myopic:layers=1:name=layer1",
                                               "myopic"],
                                      "pretrain": {"steps": 1000, "lr": 3e-3, "per_seed": True},
                                      "optim": {"lr": 1e-3}, "train": {"steps": 300}}),
     # Gap vs context length: one model (context 1,024) at T = 64, 256, 1024 with 2,048 tokens per step
-    # (batch 32, 8, 2), vanilla and myopic, a start per seed and T: 3 x (500 + 2 x 150) steps x
-    # (0.116 + 0.128 + 0.146) s x 1.59 = ~25 min on 2 cores (pretraining 500 and fine-tuning 150 steps,
-    # not 1,000/300, to fit; fewer probe windows, since a 1,024-token window holds 16 of the cpu's).
+    # (batch 32, 8, 2; probe windows scaled alike), vanilla and myopic, a start per seed and T:
+    # 3 x (500 + 2 x 150) steps x (0.116 + 0.128 + 0.146) s x 1.40 + ~330 s = ~27 min on 2 cores
+    # (pretraining 500 and fine-tuning 150 steps, not 1,000/300, to fit).
     "context-cpu": merge(_CPU_SETUP, {"out": "runs/lm-context-cpu", "arms": ["vanilla", "myopic"],
                                       "context_lengths": [64, 256, 1024], "model": {"block_size": 1024},
                                       "pretrain": {"steps": 500, "lr": 3e-3, "per_seed": True},
-                                      "optim": {"lr": 1e-3}, "train": {"steps": 150},
-                                      "analysis": {"probe_train_windows": 250}}),
+                                      "optim": {"lr": 1e-3}, "train": {"steps": 150}}),
     # GPU siblings: the gpt2-paper setting (GPT-2 124M from scratch, 3 seeds; not run here).
     "horizon-gpt2": merge(_GPT2, {"out": "runs/lm-horizon-gpt2", "seeds": [0, 1, 2],
                                   "arms": ["vanilla", "myopic",

@@ -22,13 +22,16 @@ BINS = 8
 
 
 def sub_config(cfg: LMExperiment, T: int) -> LMExperiment:
-    """The run at window ``T``: batch scaled to keep cfg's tokens per step, output in ``<out>/T<T>``."""
+    """The run at window ``T``: batch (and probe training windows) scaled to keep cfg's tokens per step
+    (and probe tokens), output in ``<out>/T<T>``."""
     tokens = cfg.train.batch_size * cfg.data.seq_len
     if tokens % T:
         raise ConfigError(f"context_lengths: {T} does not divide train.batch_size x data.seq_len = {tokens} tokens per "
                           f"step; choose lengths that divide it (or change the batch)")
+    probe_windows = max(1, cfg.analysis.probe_train_windows * cfg.data.seq_len // T)  # equal probe tokens too
     return replace(cfg, context_lengths=[], out=os.path.join(cfg.out, f"T{T}"),
-                   data=replace(cfg.data, seq_len=T), train=replace(cfg.train, batch_size=tokens // T))
+                   data=replace(cfg.data, seq_len=T), train=replace(cfg.train, batch_size=tokens // T),
+                   analysis=replace(cfg.analysis, probe_train_windows=probe_windows))
 
 
 def relative_bins(per_position: list[dict], bins: int = BINS) -> list[float]:
