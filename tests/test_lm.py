@@ -237,6 +237,9 @@ def test_arms_fine_tune_one_pretrained_model(tmp_path, capsys, family):
     results = json.loads((out / "results.json").read_text())
     assert results["pretraining"]["status"] == "completed" and results["pretraining"]["steps"] == 20
     assert "pretrained for 20 steps (lr 0.003, seed 1000)" in (out / "report.md").read_text()
+    # two seeds from one shared start: the intervals say they leave out the variance of pretraining
+    assert results["start"] == {"kind": "pretrained_shared", "conditional_on_one_start": True}
+    assert "conditional on one starting model" in (out / "report.md").read_text()
     start = _latest_weights(out / "pretrain" / "vanilla")
     for seed in (0, 1):
         for arm in ("vanilla", "myopic", "bigram"):

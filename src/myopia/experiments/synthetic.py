@@ -19,7 +19,7 @@ import torch
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import mean_ci
 from myopia.config import ConfigError
-from myopia.experiments import gradient_geometry
+from myopia.experiments import gradient_geometry, synthetic_horizon
 from myopia.attention.cut import Cut
 from myopia.experiments.arms import Arm, build_model, parse_arms
 from myopia.experiments.pairs import Pair, parse_pairs
@@ -79,6 +79,9 @@ class SyntheticExperiment:
     """Seeds (initialisation and data); results carry a 95% CI over them."""
     p_values: list[float] = field(default_factory=list)
     """Values of p to sweep (empty = task.p only)."""
+    shifts: list[int] = field(default_factory=list)
+    """Shifts s of the task to run, one condition each (empty = task.shift only). With horizon arms
+    (myopic:h=W) the results gain a horizon x shift grid and horizon_heatmap.png."""
     resume: bool = False
     """Continue an interrupted run in --out."""
     task: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -125,6 +128,16 @@ PRESETS: dict[str, dict] = {
                   "checkpoint_every": 5000, "log_every": 100},
         "probe": {"train_sequences": 4608, "test_sequences": 2048},
     },
+    # Horizon x shift on the cpu preset's task and model, sized down to fit 30 minutes: shifts 1 and 4
+    # (not 1, 2, 4), vanilla and myopic:h=w for w in {0, 1, 4} (not 0, 1, 2, 4, 8), 3/4 of the cpu preset's
+    # steps, one seed. Estimate (not a run): a step of batch 96 timed at 2 threads (both CPU locks,
+    # 2026-11-30) takes 50 ms vanilla, 52 ms myopic, 60 ms myopic:h=4; x 1.3 (the cpu preset's measured
+    # 4-4.5 min per 4,000-step arm, probes included, over its raw step time): 2 shifts x 3,000 steps x
+    # (0.050 + 0.052 + 2 x 0.060) s x 1.3 = ~29 min on 2 cores. The full grid (--shifts 1,2,4 and
+    # w in 0,1,2,4,8 at 4,000 steps) is ~90 min per seed.
+    "horizon-cpu": {**_CPU, "out": "runs/synthetic-horizon-cpu", "task": _CPU_TASK, "control_arms": [],
+                    "train": {**_CPU["train"], "steps": _CPU["train"]["steps"] * 3 // 4},
+                    "shifts": [1, 4], "arms": ["vanilla", *(f"myopic:h={w}:name=h{w}" for w in (0, 1, 4))]},
     # A smoke-sized run for tests and quick looks.
     "tiny": {
         "out": "runs/synthetic-tiny",
@@ -149,14 +162,15 @@ def conditions(cfg: SyntheticExperiment) -> list[Condition]:
     arms = tuple(parse_arms(cfg.arms))
     ps = cfg.p_values or [cfg.task.p]
     out = []
-    for p in ps:
-        try:
-            task = replace(cfg.task, p=float(p))
-        except ValueError as exc:
-            raise ConfigError(f"p_values: {exc}") from None
-        out.append(Condition(f"shift{task.shift}_p{p:g}", task, arms, control=False))
+    for shift in cfg.shifts or [cfg.task.shift]:
+        for p in ps:
+            try:
+                task = replace(cfg.task, p=float(p), shift=int(shift))
+            except ValueError as exc:
+                raise ConfigError(f"{'shifts' if cfg.shifts else 'p_values'}: {exc}") from None
+            out.append(Condition(f"shift{task.shift}_p{p:g}", task, arms, control=False))
     if cfg.control_arms:
-        if cfg.task.shift == 0:
+        if 0 in (cfg.shifts or [cfg.task.shift]):
             raise ConfigError("control_arms: the task already has shift 0; the control is redundant (set control_arms=)")
         task = replace(cfg.task, shift=0, p=float(ps[0]))
         out.append(Condition(f"shift0_p{ps[0]:g}", task, tuple(parse_arms(cfg.control_arms)), control=True))
@@ -248,6 +262,9 @@ def run(cfg: SyntheticExperiment) -> dict:
                     return results.write(cfg.out, Status.INTERRUPTED)
         results["summary"] = summarise(results.body)
         results["comparisons"] = compare(results.body, pairs)
+        grid = synthetic_horizon.horizon_grid(results.body, {a.name: a.cut for a in conds[0].arms})
+        if grid is not None:
+            results["horizon_grid"] = grid
         geometry = gradient_geometry.collect({f"{cond.label} {arm.name}": os.path.join(cfg.out, f"seed{cfg.seeds[0]}",
                                                                                      cond.label, arm.name)
                                               for cond in conds for arm in cond.arms})

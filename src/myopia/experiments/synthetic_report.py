@@ -6,7 +6,7 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
-from myopia.experiments import gradient_geometry
+from myopia.experiments import gradient_geometry, synthetic_horizon
 from myopia.experiments.pairs import PAPER_PAIR
 from myopia.experiments.scaffold import write_report
 from myopia.train.loop import MetricsLog
@@ -81,7 +81,8 @@ def write(out: str, results: dict) -> None:
         "",
         f"Task: y_n = z_n·Σ_(i={task['shift']}..{task['shift'] + task['window'] - 1}) f(x_(n-i)) + (1-z_n)·x_n, "
         f"f = {task['f']}{'(' + str(task['frequency']) + '·x)' if task['f'] == 'sin' else ''}, "
-        f"sequence length {task['seq_len']}. Model: {cfg['model']['n_layer']} layers, d={cfg['model']['n_embd']}, "
+        f"sequence length {task['seq_len']}"
+        f"{'; shifts ' + ', '.join(map(str, cfg['shifts'])) + ', one condition each' if cfg.get('shifts') else ''}. Model: {cfg['model']['n_layer']} layers, d={cfg['model']['n_embd']}, "
         f"{cfg['model']['n_head']} heads, {cfg['model']['activation']}. {cfg['train']['steps']} steps of batch "
         f"{cfg['train']['batch_size']}, AdamW lr {cfg['optim']['lr']}. Seeds: {cfg['seeds']}. "
         f"Machine: {env['device']} ({env['machine']}), torch {env['torch']}, {env['date']}.",
@@ -97,6 +98,7 @@ def write(out: str, results: dict) -> None:
         *rows,
         "",
         *comparison_lines(results),
+        *(synthetic_horizon.report_lines(results["horizon_grid"]) if results.get("horizon_grid") else []),
         conclusion(results),
         "",
         "Where we differ from the paper's code on purpose: R² is centred and scored on held-out sequences (the "
@@ -155,6 +157,9 @@ def make_plots(out: str, results: dict) -> list[str]:
             gain = [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(trained, untrained)]
             panels += [(f"{label} {arm}: trained", trained), (f"{label} {arm}: untrained", untrained),
                        (f"{label} {arm}: gain", gain)]
+    if results.get("horizon_grid") and synthetic_horizon.plot(results["horizon_grid"],
+                                                              os.path.join(out, "horizon_heatmap.png")):
+        made.append("horizon_heatmap.png")
     if panels and plots.probe_heatmaps(panels, lookbacks, os.path.join(out, "probes.png"),
                                        "Probe R² of f(x_(n-k)) from each layer's residual stream (first seed)"):
         made.append("probes.png")

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci, mean_ci
-from myopia.experiments.arms import LOCAL_ARM
+from myopia.experiments.arms import LOCAL_ARM, parse_arms
+from myopia.experiments.lm.cuts import LAYER_SCALARS, layer_groups, layer_sums
 from myopia.experiments.lm.config import LMExperiment
 from myopia.experiments.pairs import Pair, default_pairs
 from myopia.tasks.text import TextTask
@@ -72,6 +73,9 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
             c["top_kl"] = [_kl_example(task, limit, item) for item in sorted(tops[pair], reverse=True)]
         comparisons[pair.label] = c
     out["comparisons"] = comparisons
+    groups = layer_groups(pairs, {a.name: a.cut for a in parse_arms(cfg.arms, allow_local=True) if not a.local})
+    if groups:
+        out["layer_sums"] = layer_sums(groups, per_window, doc_ids, a.bootstrap)
     probed = [n for n in paired if probe_arms is None or n in probe_arms]
     if full and probed:
         out["probes"] = probes(cfg, task, {k: models[k] for k in probed}, device)
@@ -208,6 +212,11 @@ def combine_seeds(per_seed: dict[str, dict]) -> dict:
             if "top_kl" in c:
                 combined["top_kl"] = c["top_kl"]
             out["comparisons"][label] = combined
+        if "layer_sums" in first:
+            out["layer_sums"] = {label: {**{k: v for k, v in g.items() if k not in LAYER_SCALARS},
+                                         **{k: mean_ci([r["layer_sums"][label][k]["mean"] for r in runs])
+                                            for k in LAYER_SCALARS}}
+                                 for label, g in first["layer_sums"].items()}
         if "local_myopia_bonus" in first:
             out["local_myopia_bonus"] = mean_ci([r["local_myopia_bonus"]["mean"] for r in runs])
         if "probes" in first:
@@ -216,7 +225,8 @@ def combine_seeds(per_seed: dict[str, dict]) -> dict:
         seed: {"arms": {n: a["loss"] for n, a in r["arms"].items()},
                "comparisons": {label: {k: c[k] for k in (*_SCALARS, "gap_per_position") if k in c}
                                for label, c in r["comparisons"].items()},
-               **({"local_myopia_bonus": r["local_myopia_bonus"]} if "local_myopia_bonus" in r else {})}
+               **({"local_myopia_bonus": r["local_myopia_bonus"]} if "local_myopia_bonus" in r else {}),
+               **({"layer_sums": r["layer_sums"]} if "layer_sums" in r else {})}
         for seed, r in per_seed.items()}
     return out
 

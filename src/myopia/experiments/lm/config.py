@@ -69,6 +69,10 @@ class PretrainConfig:
     seed: int = 1000
     """Its initial weights and data order (kept apart from the arms' seeds, so that no arm replays the
     pretraining batches in the same order)."""
+    per_seed: bool = False
+    """Pretrain one start per seed (seed pretrain.seed + seed, in <out>/pretrain/seed<N>/vanilla)
+    instead of one shared by every seed: the intervals over seeds then include the variance of
+    pretraining, not only of fine-tuning order."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -108,6 +112,15 @@ class LMExperiment:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32))
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    context_lengths: list[int] = field(default_factory=list)
+    """Gap vs context length: run the experiment once per window length T (e.g. 64,256,1024) in
+    <out>/T<T>/, with train.batch_size scaled so that batch x T stays train.batch_size x data.seq_len
+    (equal tokens per step) and one model context (the largest T) in every run; then gather the gaps
+    and the gap by relative position per T (empty = one run at data.seq_len)."""
+
+    def __post_init__(self) -> None:
+        if any(T < 2 for T in self.context_lengths):
+            raise ValueError(f"context_lengths={self.context_lengths} must be window lengths >= 2")
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) or [self.train.seed]
@@ -120,6 +133,14 @@ _CPU_SETUP = {"seeds": [0, 1, 2],
               "train": {"batch_size": 32, "eval_every": 500, "eval_batches": 8, "checkpoint_every": 500,
                         "log_every": 25}}
 
+_GPT2 = {"out": "runs/lm-gpt2",
+         "arms": ["vanilla", "myopic", "bigram"],
+         "data": {"corpus": "builtin", "tokenizer": "gpt2", "seq_len": 64},
+         "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 64, "dropout": 0.1},
+         "optim": {"lr": 6e-4, "weight_decay": 0.01, "warmup": 0.01},
+         "train": {"steps": 9100, "batch_size": 512, "eval_every": 1000, "eval_batches": 16,
+                   "checkpoint_every": 1000, "log_every": 50}}
+
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, ~13 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
     # 1,000 steps of 32 x 64 tokens; then for seeds 0, 1, 2 the vanilla, myopic and bigram arms each
@@ -131,13 +152,46 @@ PRESETS: dict[str, dict] = {
     "cpu-scratch": merge(_CPU_SETUP, {"out": "runs/lm-cpu-scratch", "optim": {"lr": 3e-3},
                                       "train": {"steps": 1000}}),
     # The paper's GPT-2 124M setting on the built-in corpus (a GPU run).
-    "gpt2-paper": {"out": "runs/lm-gpt2",
-                   "arms": ["vanilla", "myopic", "bigram"],
-                   "data": {"corpus": "builtin", "tokenizer": "gpt2", "seq_len": 64},
-                   "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 64, "dropout": 0.1},
-                   "optim": {"lr": 6e-4, "weight_decay": 0.01, "warmup": 0.01},
-                   "train": {"steps": 9100, "batch_size": 512, "eval_every": 1000, "eval_batches": 16,
-                             "checkpoint_every": 1000, "log_every": 50}},
+    "gpt2-paper": _GPT2,
+    # Issue 15's measurements. Wall times are estimates, not runs. Training: one step (fwd + bwd + AdamW)
+    # timed at 2 threads (both CPU locks, 2026-11-30) for the 2-layer d=128 4k-BPE model: 32 x 64 tokens
+    # vanilla/myopic 116 ms, myopic:h=8/h=32 126-128 ms; 8 x 256: 124-133 ms; 2 x 1024: 145-148 ms; times
+    # 1.40 (the cpu preset's measured 11.4 min, docs/lm.md, less ~80 s of analyses, over its 3,700 steps
+    # x 116 ms). Analyses (held-out scoring, position 0, KL, and probes in the first seed) measured at
+    # 1 thread with 1-step runs of these presets: horizon-cpu 210 s for the first seed (probes of 10 arms:
+    # ~140 s) and 72 s for each further seed; context-cpu 38 / 52 / 109 s for T = 64 / 256 / 1024 in
+    # the first seed (T = 1024 then had 4x today's probe windows).
+    # Gap vs horizon: vanilla, myopic and myopic:h=w for w in {0, 1, 2, 4, 8, 16, 32, T-1 = 63}; each seed
+    # pretrains its own start (600 steps, not the cpu preset's 1,000) and every arm fine-tunes it for 200
+    # steps (not 300): 3 x (600 x 0.116 + 200 x 1.23) s x 1.40 + 354 s = ~28 min on 2 cores.
+    "horizon-cpu": merge(_CPU_SETUP, {"out": "runs/lm-horizon-cpu",
+                                      "arms": ["vanilla", "myopic",
+                                               *(f"myopic:h={w}:name=h{w}" for w in (0, 1, 2, 4, 8, 16, 32, 63))],
+                                      "pretrain": {"steps": 600, "lr": 3e-3, "per_seed": True},
+                                      "optim": {"lr": 1e-3}, "train": {"steps": 200}}),
+    # Per layer: vanilla, myopic in block 0 only, in block 1 only, and in both; the cpu preset's budget
+    # with a start per seed: 3 x (1,000 + 4 x 300) steps x 0.116 s x 1.40 + ~140 s = ~20 min on 2 cores.
+    "layers-cpu": merge(_CPU_SETUP, {"out": "runs/lm-layers-cpu",
+                                     "arms": ["vanilla", "myopic:layers=0:name=layer0", "myopic:layers=1:name=layer1",
+                                              "myopic"],
+                                     "pretrain": {"steps": 1000, "lr": 3e-3, "per_seed": True},
+                                     "optim": {"lr": 1e-3}, "train": {"steps": 300}}),
+    # Gap vs context length: one model (context 1,024) at T = 64, 256, 1024 with 2,048 tokens per step
+    # (batch 32, 8, 2; probe windows scaled alike), vanilla and myopic, a start per seed and T:
+    # 3 x (500 + 2 x 150) steps x (0.116 + 0.128 + 0.146) s x 1.40 + ~330 s = ~27 min on 2 cores
+    # (pretraining 500 and fine-tuning 150 steps, not 1,000/300, to fit).
+    "context-cpu": merge(_CPU_SETUP, {"out": "runs/lm-context-cpu", "arms": ["vanilla", "myopic"],
+                                      "context_lengths": [64, 256, 1024], "model": {"block_size": 1024},
+                                      "pretrain": {"steps": 500, "lr": 3e-3, "per_seed": True},
+                                      "optim": {"lr": 1e-3}, "train": {"steps": 150}}),
+    # GPU siblings: the gpt2-paper setting (GPT-2 124M from scratch, 3 seeds; not run here).
+    "horizon-gpt2": merge(_GPT2, {"out": "runs/lm-horizon-gpt2", "seeds": [0, 1, 2],
+                                  "arms": ["vanilla", "myopic",
+                                           *(f"myopic:h={w}:name=h{w}" for w in (0, 1, 2, 4, 8, 16, 32, 63))]}),
+    "layers-gpt2": merge(_GPT2, {"out": "runs/lm-layers-gpt2", "seeds": [0, 1, 2],
+                                 "arms": ["vanilla", *(f"myopic:layers={i}:name=layer{i}" for i in range(12)), "myopic"]}),
+    "context-gpt2": merge(_GPT2, {"out": "runs/lm-context-gpt2", "seeds": [0, 1, 2], "arms": ["vanilla", "myopic"],
+                                  "context_lengths": [64, 256, 1024], "model": {"block_size": 1024}}),
     # Seconds, for tests.
     "tiny": {"out": "runs/lm-tiny",
              "data": {"tokenizer": "bpe", "vocab_size": 512, "seq_len": 16},

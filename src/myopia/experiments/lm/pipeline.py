@@ -15,6 +15,7 @@ from myopia.experiments import gradient_geometry
 from myopia.experiments.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
 from myopia.experiments.lm.analysis import analyse, combine_seeds
 from myopia.experiments.lm.config import PAPER, LMExperiment
+from myopia.experiments.lm.cuts import horizon_curves
 from myopia.experiments.lm.report import summary_text, write_report
 from myopia.experiments.pairs import parse_pairs
 from myopia.experiments.runner import run_arms
@@ -26,7 +27,13 @@ from myopia.tasks.text import TextTask
 from myopia.train.loop import resolve_device
 
 
-def run(cfg: LMExperiment) -> dict:
+def run(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
+    """The experiment; ``block_size`` (the context runner's) sizes the model's context beyond the
+    window, so that runs at several window lengths train the same model."""
+    if cfg.context_lengths:
+        from myopia.experiments.lm.context import run_context
+
+        return run_context(cfg)
     arms = parse_arms(cfg.arms, allow_local=True)
     pairs = parse_pairs(cfg.analysis.pairs, [a.name for a in arms], "analysis.pairs")
     probe_arms = {a.name for a in arms if not a.cut.changes_forward}  # a bigram state sees one token
@@ -36,20 +43,30 @@ def run(cfg: LMExperiment) -> dict:
     device = resolve_device(cfg.train.device)
     base_task = TextTask(cfg.data, seeds[0])
     overrides = base_task.model_overrides()
+    if block_size is not None:
+        overrides["block_size"] = max(overrides["block_size"], block_size)
     print(f"myopia lm: {len(seeds)} seed(s) x {len(arms)} arms x {cfg.train.steps} steps of "
           f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens; corpus {cfg.data.corpus}: "
           f"{len(base_task.train.tokens):,} training and {len(base_task.heldout.tokens):,} held-out tokens "
           f"({base_task.heldout.n_docs} held-out documents), tokenizer {base_task.tokenizer.name}", flush=True)
-    results = Results("lm", cfg, body={"paper": PAPER, "seeds": seeds, "training": {}})
+    results = Results("lm", cfg, body={"paper": PAPER, "seeds": seeds, "training": {},
+                                       "start": start_kind(cfg, len(seeds))})
     with recording(results, cfg.out):
-        start, pretraining = starting_model(cfg, base_task, overrides)
-        if pretraining is not None:
-            results["pretraining"] = pretraining["arms"].get("vanilla")
-            if pretraining["status"] != Status.COMPLETED:
-                return results.write(cfg.out, Status(pretraining["status"]))
+        start = None
+        if not cfg.pretrain.per_seed:
+            start, pretraining = starting_model(cfg, base_task, overrides)
+            if pretraining is not None:
+                results["pretraining"] = pretraining["arms"].get("vanilla")
+                if pretraining["status"] != Status.COMPLETED:
+                    return results.write(cfg.out, Status(pretraining["status"]))
         per_seed: dict[str, dict] = {}
         for seed in seeds:
             task = base_task.with_seed(seed)
+            if cfg.pretrain.per_seed:  # this seed's own pretrained start (pretraining variance in the intervals)
+                start, pretraining = starting_model(cfg, base_task, overrides, seed=seed)
+                results.body.setdefault("pretraining_per_seed", {})[str(seed)] = pretraining["arms"].get("vanilla")
+                if pretraining["status"] != Status.COMPLETED:
+                    return results.write(cfg.out, Status(pretraining["status"]))
             models: dict[str, torch.nn.Module] = {}
 
             def keep(arm, model, result, models=models):
@@ -78,8 +95,12 @@ def run(cfg: LMExperiment) -> dict:
                                           probe_arms=probe_arms)
             del models
         results.update(combine_seeds(per_seed))
+        curves = horizon_curves(results["comparisons"], {a.name: a.cut for a in arms if not a.local}, cfg.data.seq_len)
+        if curves:
+            results["horizon_curves"] = curves
+        pretrained = pretrain_dir(cfg, seeds[0] if cfg.pretrain.per_seed else None)
         geometry = gradient_geometry.collect(
-            {**({"pretraining": os.path.join(cfg.out, "pretrain", "vanilla")} if pretraining is not None else {}),
+            {**({"pretraining": pretrained} if cfg.pretrain.steps and not cfg.init_from else {}),
              **{f"seed {seeds[0]} {a.name}": os.path.join(cfg.out, f"seed{seeds[0]}", a.name) for a in arms}})
         if geometry is not None:
             results["gradient_geometry"] = geometry
@@ -99,12 +120,36 @@ def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, se
     return with_lora(model, cfg.lora)  # LoRA adapters when --lora.r > 0 (Hugging Face models)
 
 
-def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[torch.nn.Module | None, dict | None]:
+def start_kind(cfg: LMExperiment, n_seeds: int) -> dict:
+    """How the arms' starting models were made, and whether the intervals over seeds are conditional
+    on one starting model (they then leave out the variance of pretraining)."""
+    if cfg.init_from:
+        kind = "init_from"
+    elif cfg.pretrain.steps:
+        kind = "pretrained_per_seed" if cfg.pretrain.per_seed else "pretrained_shared"
+    else:
+        kind = "fresh"
+    return {"kind": kind, "conditional_on_one_start": n_seeds > 1 and kind in ("init_from", "pretrained_shared")}
+
+
+def pretrain_dir(cfg: LMExperiment, seed: int | None = None) -> str:
+    """The pretrained start's arm folder: ``<out>/pretrain/vanilla``, or per seed
+    ``<out>/pretrain/seed<N>/vanilla``."""
+    root = os.path.join(cfg.out, "pretrain")
+    return os.path.join(root, f"seed{seed}", "vanilla") if seed is not None else os.path.join(root, "vanilla")
+
+
+def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
+                   seed: int | None = None) -> tuple[torch.nn.Module | None, dict | None]:
     """The model every arm starts from, and the pretraining run's status if there was one: fresh
     weights (None), a trained GPT (``init_from``) or a vanilla model pretrained here for
-    ``pretrain.steps`` in ``<out>/pretrain/vanilla`` (resumable like the arms)."""
+    ``pretrain.steps`` in ``<out>/pretrain/vanilla`` (resumable like the arms). With ``seed`` (for
+    ``pretrain.per_seed``): that seed's own start, pretrained with seed ``pretrain.seed + seed`` in
+    ``<out>/pretrain/seed<N>/vanilla``."""
     if cfg.init_from and cfg.pretrain.steps:
         raise ConfigError("init_from and pretrain.steps both choose the arms' starting model; set only one")
+    if cfg.pretrain.per_seed and not cfg.pretrain.steps:
+        raise ConfigError("pretrain.per_seed pretrains a start per seed; set pretrain.steps > 0 too")
     vanilla = Arm(name="vanilla", cut=VANILLA)
     if cfg.init_from:
         if cfg.hf_model:
@@ -116,14 +161,16 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict) -> tuple[
         return None, None
 
     kept: dict = {}
-    print(f"myopia lm: pretraining a vanilla model for {p.steps} steps; every arm starts from it", flush=True)
-    train = replace(cfg.train, steps=p.steps, seed=p.seed)
-    status = run_arms(os.path.join(cfg.out, "pretrain"), cfg, [vanilla], task.with_seed(p.seed),
-                      lambda arm: fresh_model(cfg, arm, task, overrides, p.seed),
+    pseed = p.seed if seed is None else p.seed + seed
+    print(f"myopia lm: pretraining a vanilla model for {p.steps} steps (seed {pseed}); every arm "
+          f"{'of this seed ' if seed is not None else ''}starts from it", flush=True)
+    train = replace(cfg.train, steps=p.steps, seed=pseed)
+    status = run_arms(os.path.dirname(pretrain_dir(cfg, seed)), cfg, [vanilla], task.with_seed(pseed),
+                      lambda arm: fresh_model(cfg, arm, task, overrides, pseed),
                       replace(cfg.optim, lr=p.lr or cfg.optim.lr), train,
                       resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model),
                       monitor_for=gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches, train))
     return kept.get("model"), status
 
 
-__all__ = ["fresh_model", "run", "starting_model"]
+__all__ = ["fresh_model", "pretrain_dir", "run", "start_kind", "starting_model"]

@@ -8,6 +8,7 @@ import os
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
 from myopia.experiments import gradient_geometry
+from myopia.experiments.lm import cuts
 from myopia.experiments.lm.config import PAPER
 from myopia.experiments.pairs import PAPER_PAIR
 from myopia.experiments.scaffold import write_report as write_lines
@@ -24,6 +25,10 @@ def summary_text(results: dict) -> str:
                      f"{format_ci(pos0)}" + (f", over all held-out tokens: {format_ci(first)}" if first else "")
                      + (f" (paper, GPT-2 124M: {paper_number('gap')}, position 0: {paper_number('position0_gap')})"
                         if label == PAPER_PAIR.label else ""))
+    for curve in results.get("horizon_curves") or []:
+        w = curve["smallest_horizon_including_zero"]
+        lines.append(f"  gap vs horizon ({curve['mode']}:h=w - {curve['baseline']}): smallest horizon whose gap interval "
+                     f"includes 0: {'none' if w is None else w}")
     if "local_myopia_bonus" in results:
         lines.append(f"  local myopia bonus (vanilla - local-myopic): {format_ci(results['local_myopia_bonus'])} "
                      f"(paper: {paper_number('local_bonus')})")
@@ -43,8 +48,13 @@ def paper_number(key: str) -> str:
     return f"{value:+.2f}" if key in ("gap", "position0_gap", "local_bonus") else f"{value:.2f}"
 
 
-def ci_text(n_seeds: int) -> str:
-    """What the intervals of a run with ``n_seeds`` seeds resample (combine_seeds' rule)."""
+def ci_text(n_seeds: int, start: dict | None = None) -> str:
+    """What the intervals of a run with ``n_seeds`` seeds resample (combine_seeds' rule), and whether
+    they are conditional on one starting model (``start``: results' ``start``)."""
+    if n_seeds > 1 and start and start.get("conditional_on_one_start"):
+        return (f"over {n_seeds} seeds, conditional on one starting model: the seeds share it and differ in "
+                "fine-tuning data order only, so the variance of pretraining is not included "
+                "(--pretrain.per_seed true includes it)")
     if n_seeds > 1:
         return f"over {n_seeds} seeds"
     return "by bootstrap over held-out documents; one seed, so run-to-run variance is not included"
@@ -59,6 +69,9 @@ def model_text(cfg: dict) -> str:
 def start_text(cfg: dict) -> str:
     """How the arms' starting model was made, for the report ('' = fresh weights)."""
     p = cfg.get("pretrain") or {}
+    if p.get("steps") and p.get("per_seed"):
+        return (f", each seed's arms fine-tuning that seed's own vanilla model pretrained for {p['steps']} steps "
+                f"(lr {p['lr'] or cfg['optim']['lr']}, seed {p['seed']} + the seed)")
     if p.get("steps"):
         return (f", each fine-tuning one vanilla model pretrained for {p['steps']} steps (lr "
                 f"{p['lr'] or cfg['optim']['lr']}, seed {p['seed']})")
@@ -102,7 +115,7 @@ def write_report(out: str, results: dict) -> None:
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
             f"Held-out: {results['heldout']['windows']} windows from {results['heldout']['documents']} documents "
             f"never trained on. {env['device']}, torch {env['torch']}, {env['date']}. "
-            f"Intervals: 95% CI {ci_text(len(seeds))}.", "",
+            f"Intervals: 95% CI {ci_text(len(seeds), results.get('start'))}.", "",
             f"| arm | held-out CE [95% CI] | paper ({PAPER['model']}) |", "|---|---|---|", *rows, ""]
     if comparisons:
         text += ["## Gaps (treatment − baseline, paired; nats)", "",
@@ -136,6 +149,14 @@ def write_report(out: str, results: dict) -> None:
                 cells += [format_ci(c["gap"]), format_ci(p0)]
             text.append(f"| {seed} | " + " | ".join(cells) + " |")
         text.append("")
+    curves = results.get("horizon_curves") or []
+    if curves:
+        T = cfg["data"]["seq_len"]
+        if cuts.plot_horizon(curves, os.path.join(out, "gap_vs_horizon.png"), T):
+            made.append("gap_vs_horizon.png")
+        text += cuts.horizon_lines(curves, T)
+    if results.get("layer_sums"):
+        text += cuts.layer_lines(results["layer_sums"], comparisons)
     for label, c in comparisons.items():
         if c.get("top_kl"):
             b, t = c["baseline"], c["treatment"]
