@@ -15,6 +15,25 @@ def _pyplot():
     return plt
 
 
+def finish_axis(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, title, a frameless legend and a light grid: every myopia plot's axis style."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, path: str) -> str:
+    """Lay out, write (130 dpi) and close ``fig``; return ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def loss_curves(series: dict[str, list[tuple[list[int], list[float]]]], path: str, title: str,
                 ylabel: str, reference: float | None = None, log: bool = True, xlabel: str = "step",
                 reference_label: str = "trivial (predict 0)") -> str | None:
@@ -32,15 +51,8 @@ def loss_curves(series: dict[str, list[tuple[list[int], list[float]]]], path: st
         ax.axhline(reference, color="grey", ls="--", lw=1, label=reference_label)
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(frameon=False, fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    finish_axis(ax, xlabel, ylabel, title)
+    return save_figure(fig, path)
 
 
 def probe_heatmaps(panels: list[tuple[str, list[list[float]]]], lookbacks: list[int], path: str,
@@ -73,7 +85,4 @@ def probe_heatmaps(panels: list[tuple[str, list[list[float]]]], lookbacks: list[
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -73,10 +73,7 @@ def plot(geometry: dict, path: str, offsets: dict[str, int] | None = None) -> st
     right.set_ylabel("cos(myopic, future)")
     right.set_title("Do the future terms pull with or against the myopic ones?")
     right.legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return plots.save_figure(fig, path)
 
 
 def report_lines(geometry: dict) -> list[str]:

@@ -85,10 +85,7 @@ def plot(grid: dict, path: str) -> str | None:
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle("Synthetic task: horizon × shift (mean over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return plots.save_figure(fig, path)
 
 
 __all__ = ["horizon_arms", "horizon_grid", "plot", "report_lines"]

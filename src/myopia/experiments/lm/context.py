@@ -96,11 +96,7 @@ def plot(results: dict, path: str) -> str | None:
     left.set_xscale("log", base=2)
     left.set_xticks([int(T) for T in entries])
     left.set_xticklabels(list(entries))
-    left.set_xlabel("context length T (tokens per step held equal)")
-    left.set_ylabel("gap, treatment − baseline (nats)")
-    left.set_title("Gap vs context length")
-    left.legend(frameon=False, fontsize=8)
-    left.grid(alpha=0.3)
+    plots.finish_axis(left, "context length T (tokens per step held equal)", "gap, treatment − baseline (nats)", "Gap vs context length")
     centres = (np.arange(BINS) + 0.5) / BINS
     for T, e in entries.items():
         for label in labels[:1] if len(labels) > 1 else labels:
@@ -108,15 +104,8 @@ def plot(results: dict, path: str) -> str | None:
                 right.plot(centres, [g["mean"] for g in e["comparisons"][label]["gap_by_relative_position"]],
                            marker="o", label=f"T={T}")
     right.axhline(0, color="black", lw=0.8)
-    right.set_xlabel("relative position t / T")
-    right.set_ylabel("gap (nats)")
-    right.set_title(f"Gap by relative position ({labels[0] if labels else ''})")
-    right.legend(frameon=False, fontsize=8)
-    right.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    plots.finish_axis(right, "relative position t / T", "gap (nats)", f"Gap by relative position ({labels[0] if labels else ''})")
+    return plots.save_figure(fig, path)
 
 
 def write_context_report(out: str, results: dict) -> None:

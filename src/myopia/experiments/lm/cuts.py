@@ -216,15 +216,8 @@ def plot_horizon(curves: list[dict], path: str, T: int) -> str | None:
     ticks = sorted(ticks)
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t}\n(T−1)" if t == T - 1 else str(t) for t in ticks])
-    ax.set_xlabel("horizon w (positions the gradient may cross per layer)")
-    ax.set_ylabel("gap, treatment − baseline (nats)")
-    ax.set_title("Gap vs horizon")
-    ax.legend(frameon=False, fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    plots.finish_axis(ax, "horizon w (positions the gradient may cross per layer)", "gap, treatment − baseline (nats)", "Gap vs horizon")
+    return plots.save_figure(fig, path)
 
 
 __all__ = ["LAYER_SCALARS", "horizon_curves", "horizon_lines", "layer_groups", "layer_lines", "layer_sums",
