@@ -170,7 +170,7 @@ PRESETS: dict[str, dict] = {
                                       "pretrain": {"steps": 600, "lr": 3e-3, "per_seed": True},
                                       "optim": {"lr": 1e-3}, "train": {"steps": 200}}),
     # Per layer: vanilla, myopic in block 0 only, in block 1 only, and in both; the cpu preset's budget
-    # with a start per seed: 3 x (1,000 + 4 x 300) steps x 0.116 s x 1.40 + ~140 s = ~20 min on 2 cores.
+    # with a start per seed: measured 15.6 min on 2 cores (2026-11-30; estimated ~20 min beforehand).
     "layers-cpu": merge(_CPU_SETUP, {"out": "runs/lm-layers-cpu",
                                      "arms": ["vanilla", "myopic:layers=0:name=layer0", "myopic:layers=1:name=layer1",
                                               "myopic"],
