@@ -2,8 +2,8 @@
 
 ``F.scaled_dot_product_attention`` never returns the log-sum-exp (lse) that the myopic backward needs,
 so this module calls the private ATen ops behind it. Their names and signatures are private API:
-everything here is gated on what the running torch offers, and :func:`fused_available` answers
-``False`` (so callers fall back to the eager reference) when no suitable kernel exists.
+everything here is gated on what the running torch offers, and :func:`select_kernel` answers
+``None`` with the reason (so callers fall back to the eager reference) when no suitable kernel exists.
 
 All tensors are laid out as SDPA's: ``(batch, heads, time, head_dim)``; keys and values have as many
 heads as the queries (grouped-query expansion happens before). ``mask`` is ``None`` (causal) or an
@@ -95,13 +95,6 @@ def select_kernel(
     qk_dim = q.shape[-1] if k is None else k.shape[-1]
     v_dim = qk_dim if v is None else v.shape[-1]
     return choose_kernel(q.device.type, q.dtype, qk_dim, v_dim, mask is not None, _capability(q.device))
-
-
-def fused_available(
-    q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, mask: torch.Tensor | None = None
-) -> bool:
-    """Whether a fused, lse-returning kernel takes these inputs."""
-    return select_kernel(q, k, v, mask)[0] is not None
 
 
 def kernel_kind(q: torch.Tensor, mask: torch.Tensor | None, v_dim: int | None = None) -> str:
