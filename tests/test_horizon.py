@@ -117,7 +117,7 @@ def test_synthetic_horizon_grid(tmp_path):
 
 @pytest.mark.parametrize("command,preset", [("lm", p) for p in ("horizon-cpu", "layers-cpu", "context-cpu",
                                                                   "horizon-gpt2", "layers-gpt2", "context-gpt2")]
-                         + [("synthetic", "horizon-cpu")])
+                         + [("synthetic", "horizon-cpu"), ("synthetic", "horizon-full")])
 def test_new_presets_print_and_round_trip(command, preset, tmp_path, capsys):
     assert cli.main([command, "--preset", preset, "--print-config"]) == 0
     text = capsys.readouterr().out
@@ -125,7 +125,10 @@ def test_new_presets_print_and_round_trip(command, preset, tmp_path, capsys):
     assert cli.main([command, "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 0
     assert capsys.readouterr().out == text
     cfg = yaml.safe_load(text)
-    assert cfg["seeds"] == ([0] if command == "synthetic" else [0, 1, 2])
+    assert cfg["seeds"] == ([0] if preset == "horizon-cpu" and command == "synthetic" else [0, 1, 2])
+    if command == "synthetic" and preset == "horizon-full":  # the grid: s in {1, 2, 4} x w in {0, 1, 2, 4, 8}
+        assert cfg["shifts"] == [1, 2, 4] and cfg["train"]["steps"] == 4000
+        assert [Cut.parse(a).horizon for a in cfg["arms"][1:]] == [0, 1, 2, 4, 8] and cfg["arms"][0] == "vanilla"
     if command == "lm" and preset.startswith("horizon"):
         T = cfg["data"]["seq_len"]
         assert [Cut.parse(a).horizon for a in cfg["arms"][2:]] == [0, 1, 2, 4, 8, 16, 32, T - 1]

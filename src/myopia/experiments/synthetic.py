@@ -138,6 +138,12 @@ PRESETS: dict[str, dict] = {
     "horizon-cpu": {**_CPU, "out": "runs/synthetic-horizon-cpu", "task": _CPU_TASK, "control_arms": [],
                     "train": {**_CPU["train"], "steps": _CPU["train"]["steps"] * 3 // 4},
                     "shifts": [1, 4], "arms": ["vanilla", *(f"myopic:h={w}:name=h{w}" for w in (0, 1, 4))]},
+    # The full horizon x shift grid at the cpu preset's budget: shifts 1, 2, 4 x vanilla and w in
+    # {0, 1, 2, 4, 8}, 4,000 steps, seeds 0, 1, 2 (54 trainings). Opt-in: ~90 minutes per seed on 2 cores
+    # (the estimate above, scaled), so ~4.5 hours; horizon-cpu is its 30-minute approximation.
+    "horizon-full": {**_CPU, "out": "runs/synthetic-horizon-full", "task": _CPU_TASK, "control_arms": [],
+                     "seeds": [0, 1, 2], "shifts": [1, 2, 4],
+                     "arms": ["vanilla", *(f"myopic:h={w}:name=h{w}" for w in (0, 1, 2, 4, 8))]},
     # A smoke-sized run for tests and quick looks.
     "tiny": {
         "out": "runs/synthetic-tiny",
