@@ -100,3 +100,16 @@ def test_init_options_are_validated(capsys):
     assert main(["synthetic", "--preset", "tiny", "--model.init", "xavier", "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
     assert "init='xavier'" in err and "\n" not in err
+
+
+def test_synthetic_paper_preset_is_the_papers_training(capsys):
+    """The reference's model (std 0.02 body, PyTorch-default input/output layers) trained as the
+    reference trains it: AdamW lr 1e-3, wd 0.01, 1% warm-up + cosine, and no gradient clipping."""
+    import yaml
+
+    assert main(["synthetic", "--preset", "paper", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["model"]["init"], cfg["model"]["io_init"]) == ("gpt2", "torch-default")
+    assert cfg["optim"]["grad_clip"] == 0.0
+    assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["optim"]["warmup"]) == (1e-3, 0.01, 0.01)
+    assert (cfg["train"]["batch_size"], cfg["train"]["steps"], cfg["task"]["frequency"]) == (512, 58593, 10.0)

@@ -118,12 +118,14 @@ PRESETS: dict[str, dict] = {
     # 1% warmup + cosine, batch 512, 58,593 steps (~30M sequences), p in {0.01, 0.1, 0.3, 1}. The
     # paper's initialisation: GPT-2's std 0.02 in the body, PyTorch's default in the Linear(2 -> d)
     # input and Linear(d -> 1) output layers, which it attaches after GPT2Model's init (paper.md §3.2).
+    # No gradient clipping: the reference trains with Lightning's Trainer, whose gradient_clip_val it
+    # leaves unset (our default clips at 1.0).
     "paper": {
         "out": "runs/synthetic-paper",
         "p_values": [1.0, 0.3, 0.1, 0.01],
         "task": {"seq_len": 64, "shift": 1, "window": 10, "f": "sin", "frequency": 10.0},
         "model": {**_CPU["model"], "block_size": 64, "io_init": "torch-default"},
-        "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup": 0.01},
+        "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup": 0.01, "grad_clip": 0.0},
         "train": {"steps": 58593, "batch_size": 512, "eval_every": 5000, "eval_batches": 98,
                   "checkpoint_every": 5000, "log_every": 100},
         "probe": {"train_sequences": 4608, "test_sequences": 2048},
