@@ -118,10 +118,10 @@ def evaluate(model: torch.nn.Module, task: Task, n_batches: int, batch_size: int
             count += x.shape[0]
     model.train(was_training)
     total = dist.sum(total)
-    if has_mask:  # the mean over masked tokens; positions that never carry loss are NaN
+    if has_mask:  # the mean over masked tokens; positions that never carry loss are None
         masked = dist.sum(masked)
-        per_position = (total / masked).cpu()
-        return {"loss": (total.sum() / masked.sum().clamp(min=1)).item(), "per_position": per_position.tolist()}
+        per_position = [t / c if c > 0 else None for t, c in zip((total.cpu()).tolist(), masked.cpu().tolist())]
+        return {"loss": (total.sum() / masked.sum().clamp(min=1)).item(), "per_position": per_position}
     per_position = (total / (count * dist.world)).cpu()
     return {"loss": per_position.mean().item(), "per_position": per_position.tolist()}
 
