@@ -69,3 +69,27 @@ def test_bad_input_is_a_one_line_error(args, message, tmp_path, capsys):
     assert cli.main(["answer", *args, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_resume_after_completion_rescores_the_same_models(tmp_path):
+    args = ["--task", "parity", "--preset", "tiny", "--train.steps", "5", "--seeds", "3"]
+    _, first = _run(args, tmp_path, "r")
+    _, again = _run([*args, "--resume", "true"], tmp_path, "r")
+    for arm in ("vanilla", "myopic"):
+        a, b = (r["conditions"]["bits6"]["runs"]["3"][arm] for r in (first, again))
+        assert a["generated"] == b["generated"] and a["eval_loss"] == b["eval_loss"]
+
+
+def test_first_node_is_the_sources_child_in_every_mode():
+    from myopia.experiments.answer import summarise
+
+    def run(acc):
+        score = {"exact_match": 0.0, "position_accuracy": acc, "exact_match_ci": [0, 1]}
+        return {"eval_loss": 1.0, "generated": score, "teacher_forced": score}
+
+    results = {"conditions": {m: {"mode": m, "answer_len": 3, "runs": {"0": {"vanilla": run([0.5, 0.9, 1.0])}}}
+                              for m in ("standard", "reverse")}}
+    s = summarise(results)
+    assert s["standard"]["vanilla"]["generated"]["first"]["mean"] == 0.5
+    assert s["reverse"]["vanilla"]["generated"]["first"]["mean"] == 1.0  # reverse ends with the source's child
+    assert abs(s["reverse"]["vanilla"]["generated"]["rest"]["mean"] - 0.7) < 1e-12

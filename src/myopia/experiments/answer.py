@@ -259,14 +259,22 @@ def _train_condition(cfg: AnswerExperiment, results: Results, cond: Condition, a
     return run_result["status"] == Status.COMPLETED
 
 
-def _rest(accuracy: list[float]) -> float | None:
-    return sum(accuracy[1:]) / (len(accuracy) - 1) if len(accuracy) > 1 else None
+def _first_index(entry: dict) -> int:
+    """The answer position of the hard token: the source's child for path-star (the last answer token in
+    reverse mode), else the first."""
+    return entry["answer_len"] - 1 if entry.get("mode") == "reverse" else 0
+
+
+def _rest(accuracy: list[float], first: int) -> float | None:
+    others = [a for j, a in enumerate(accuracy) if j != first]
+    return sum(others) / len(others) if others else None
 
 
 def summarise(results: dict) -> dict:
     """Per condition and arm: means and 95% t-intervals over seeds (generated and teacher-forced)."""
     summary: dict = {}
     for label, entry in results["conditions"].items():
+        first = _first_index(entry)
         names = [a for runs in entry["runs"].values() for a in runs]
         for arm in dict.fromkeys(names):
             runs = [r[arm] for r in entry["runs"].values() if arm in r]
@@ -276,10 +284,10 @@ def summarise(results: dict) -> dict:
                 out[kind] = {
                     "exact_match": mean_ci([r[kind]["exact_match"] for r in runs]),
                     "position_accuracy": [mean_ci([a[j] for a in acc]) for j in range(len(acc[0]))],
-                    "first": mean_ci([a[0] for a in acc]),
+                    "first": mean_ci([a[first] for a in acc]),
                 }
                 if len(acc[0]) > 1:
-                    out[kind]["rest"] = mean_ci([_rest(a) for a in acc])
+                    out[kind]["rest"] = mean_ci([_rest(a, first) for a in acc])
                 if len(runs) == 1:
                     out[kind]["exact_match_wilson"] = runs[0][kind]["exact_match_ci"]
             summary.setdefault(label, {})[arm] = out

@@ -82,7 +82,9 @@ def write(out: str, results: dict) -> None:
                  "pad 10 **0.06**. The paper column is filled where our condition has the paper's label.", ""]
     elif task == "path-star":
         text += [f"Reference ({paper['setting']}): first node after the source {paper['first_node']}. "
-                 f"Chance here: 1/{cfg['path_star']['degree']} = {1 / cfg['path_star']['degree']:.2f}.", ""]
+                 f"Chance here: 1/{cfg['path_star']['degree']} = {1 / cfg['path_star']['degree']:.2f}. "
+                 "'first token' is the source's child in every mode (the last answer token in reverse mode); "
+                 "'rest' is the mean over the other answer nodes.", ""]
     else:
         text += [f"Reference: {paper['setting']}. Chance: 0.5.", ""]
     gain = results.get("filler_gain")
