@@ -58,7 +58,8 @@ def test_paper_preset_prints_the_papers_settings(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--preset", "tiny", "--pads", "1,4"], "pads: 1: x_pad=1 does not fit max_digits=2 digits; set --multiply.x_pad 2"),
+    (["--preset", "tiny", "--pads", "1,4"],
+     "pads: 1: x_pad=1 does not fit max_digits=2 digits; set --multiply.x_pad 2"),
     (["--preset", "tiny", "--model.block_size", "8"], "model.block_size=8 is shorter than pad2's prompt + answer"),
     (["--task", "path-star", "--preset", "tiny", "--path_star.nodes", "5"], "set --path_star.nodes 7 or more"),
     (["--task", "path-star", "--preset", "tiny", "--path_star.length", "0"], "the answer is empty"),

@@ -26,7 +26,8 @@ def _check(model: GPT, prompt: torch.Tensor, new_tokens: int, cache: bool) -> No
         raise GenerationError("generate: the model reads or predicts continuous vectors; greedy generation "
                               "needs a token model (input_dim and output_dim None)")
     if prompt.dim() != 2 or prompt.shape[1] < 1:
-        raise GenerationError(f"generate: the prompt must be (batch, length >= 1) token ids, got shape {tuple(prompt.shape)}")
+        raise GenerationError("generate: the prompt must be (batch, length >= 1) token ids, "
+                              f"got shape {tuple(prompt.shape)}")
     if new_tokens < 1:
         raise GenerationError(f"generate: new_tokens={new_tokens} must be >= 1")
     if prompt.shape[1] + new_tokens - 1 > cfg.block_size:

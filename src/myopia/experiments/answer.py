@@ -112,7 +112,8 @@ PRESETS: dict[str, dict] = {
     },
     "tiny": {  # seconds, for tests
         "out": "runs/answer-tiny", "task": "multiply", "pads": [2, 4],
-        "multiply": {"min_digits": 1, "max_digits": 2, "x_pad": 2, "y_pad": 2}, "model": _TINY_MODEL, "optim": {"lr": 3e-3},
+        "multiply": {"min_digits": 1, "max_digits": 2, "x_pad": 2, "y_pad": 2},
+        "model": _TINY_MODEL, "optim": {"lr": 3e-3},
         "train": _TINY_TRAIN, "eval_samples": 64,
     },
 }

@@ -30,7 +30,8 @@ def verdict(results: dict) -> str:
                 "vanilla's): computing at filler positions is pre-caching, as in the paper.")
     interval = "" if v["low"] is None else f" [{v['low']:+.2f}, {v['high']:+.2f}]"
     return (f"The filler gain does not separate the arms as the bar asks at this budget (vanilla {v['mean']:+.2f}"
-            f"{interval}, myopic {m['mean']:+.2f}; bar: vanilla ≥ 0.2 with its interval above 0, myopic ≤ vanilla / 3).")
+            f"{interval}, myopic {m['mean']:+.2f}; bar: vanilla ≥ 0.2 with its interval above 0, "
+            "myopic ≤ vanilla / 3).")
 
 
 def summary_text(results: dict) -> str:
