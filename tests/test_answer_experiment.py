@@ -50,7 +50,7 @@ def test_paper_preset_prints_the_papers_settings(capsys):
     assert cli.main(["answer", "--preset", "paper", "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["task"] == "multiply" and cfg["pads"] == [5, 10]
-    assert cfg["multiply"] == {"min_digits": 5, "max_digits": 5, "x_pad": 5, "y_pad": 5}
+    assert cfg["multiply"] == {"min_digits": 5, "max_digits": 5, "x_pad": 0, "y_pad": 0}
     assert (cfg["model"]["n_layer"], cfg["model"]["n_head"], cfg["model"]["n_embd"]) == (12, 12, 768)
     assert cfg["train"]["batch_size"] * cfg["train"]["steps"] >= 10_000_000 - 1024
     assert cfg["train"]["precision"] == "bf16" and cfg["optim"]["lr"] == 6e-4 and cfg["optim"]["weight_decay"] == 0.01
@@ -59,7 +59,9 @@ def test_paper_preset_prints_the_papers_settings(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--preset", "tiny", "--pads", "1,4"],
-     "pads: 1: x_pad=1 does not fit max_digits=2 digits; set --multiply.x_pad 2"),
+     "pads: pad 1 does not fit multiply.max_digits=2 digits; use pads of 2 or more"),
+    (["--preset", "tiny", "--pads", "", "--multiply.max_digits", "3", "--multiply.x_pad", "2"],
+     "x_pad=2 does not fit max_digits=3 digits; set --multiply.x_pad 3"),
     (["--preset", "tiny", "--model.block_size", "8"], "model.block_size=8 is shorter than pad2's prompt + answer"),
     (["--task", "path-star", "--preset", "tiny", "--path_star.nodes", "5"], "set --path_star.nodes 7 or more"),
     (["--task", "path-star", "--preset", "tiny", "--path_star.length", "0"], "the answer is empty"),

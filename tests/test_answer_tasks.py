@@ -130,3 +130,10 @@ def test_predictions_read_the_position_the_loss_trains():
 def test_bad_task_settings_name_the_option_and_the_fix(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_pad_zero_means_no_filler():
+    task = MultiplyTask(MultiplyConfig(min_digits=2, max_digits=3), seed=0)
+    assert (task.x_pad, task.y_pad, task.prompt_len, task.answer_len) == (3, 3, 8, 6)
+    prompt, _ = task.sample(torch.Generator().manual_seed(0), 4)
+    assert (prompt[:, 3] == task.STAR).all() and (prompt[:, 7] == task.EQUALS).all()

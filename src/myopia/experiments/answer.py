@@ -92,7 +92,7 @@ PRESETS: dict[str, dict] = {
     # Calibrated on 2 CPU cores: see docs/answer-tasks.md (the calibration table).
     "cpu": {
         "out": "runs/answer-multiply-cpu", "task": "multiply", "seeds": [0, 1, 2], "pads": [3, 8],
-        "multiply": {"min_digits": 3, "max_digits": 3, "x_pad": 3, "y_pad": 3},
+        "multiply": {"min_digits": 3, "max_digits": 3},
         "model": {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 32},
         "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup": 0.02},
         "train": {"steps": 2000, "batch_size": 128, "eval_batches": 4, "log_every": 50},
@@ -103,7 +103,7 @@ PRESETS: dict[str, dict] = {
     # AdamW lr 6e-4 wd 0.01, 1% warm-up + cosine, bf16; 1,024 test samples.
     "paper": {
         "out": "runs/answer-multiply-paper", "task": "multiply", "seeds": [0], "pads": [5, 10],
-        "multiply": {"min_digits": 5, "max_digits": 5, "x_pad": 5, "y_pad": 5},
+        "multiply": {"min_digits": 5, "max_digits": 5},
         "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "dropout": 0.1},
         "optim": {"lr": 6e-4, "weight_decay": 0.01, "warmup": 0.01},
         "train": {"steps": 9766, "batch_size": 1024, "precision": "bf16", "eval_batches": 4, "log_every": 50,
@@ -112,7 +112,7 @@ PRESETS: dict[str, dict] = {
     },
     "tiny": {  # seconds, for tests
         "out": "runs/answer-tiny", "task": "multiply", "pads": [2, 4],
-        "multiply": {"min_digits": 1, "max_digits": 2, "x_pad": 2, "y_pad": 2},
+        "multiply": {"min_digits": 1, "max_digits": 2},
         "model": _TINY_MODEL, "optim": {"lr": 3e-3},
         "train": _TINY_TRAIN, "eval_samples": 64,
     },
@@ -168,12 +168,13 @@ def conditions(cfg: AnswerExperiment) -> list[Condition]:
     out = []
     if cfg.task == "multiply":
         for pad in cfg.pads or [None]:
-            try:
-                mcfg = cfg.multiply if pad is None else replace(cfg.multiply, x_pad=int(pad), y_pad=int(pad))
-            except ValueError as exc:
-                raise ConfigError(f"pads: {pad}: {exc}") from None
-            label = f"pad{mcfg.x_pad}" if mcfg.x_pad == mcfg.y_pad else f"pad{mcfg.x_pad}x{mcfg.y_pad}"
-            out.append(Condition(label, lambda seed, c=mcfg: MultiplyTask(c, seed), pad=mcfg.x_pad))
+            if pad is not None and pad < cfg.multiply.max_digits:
+                raise ConfigError(f"pads: pad {pad} does not fit multiply.max_digits={cfg.multiply.max_digits} digits; "
+                                  f"use pads of {cfg.multiply.max_digits} or more (or lower --multiply.max_digits)")
+            mcfg = cfg.multiply if pad is None else replace(cfg.multiply, x_pad=int(pad), y_pad=int(pad))
+            task = MultiplyTask(mcfg, 0)
+            label = f"pad{task.x_pad}" if task.x_pad == task.y_pad else f"pad{task.x_pad}x{task.y_pad}"
+            out.append(Condition(label, lambda seed, c=mcfg: MultiplyTask(c, seed), pad=task.x_pad))
     elif cfg.task == "path-star":
         for mode in cfg.modes or [cfg.path_star.mode]:
             try:

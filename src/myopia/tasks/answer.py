@@ -101,19 +101,22 @@ class MultiplyConfig:
     """Fewest digits of each operand (a digit count is drawn uniformly in [min_digits, max_digits])."""
     max_digits: int = 3
     """Most digits of each operand; the product is written with 2 · max_digits digits."""
-    x_pad: int = 3
-    """x is written reversed and zero-padded to this many digits (filler = x_pad − max_digits)."""
-    y_pad: int = 3
-    """y is written reversed and zero-padded to this many digits."""
+    x_pad: int = 0
+    """x is written reversed and zero-padded to this many digits (filler = x_pad − max_digits;
+    0 = max_digits, no filler)."""
+    y_pad: int = 0
+    """y is written reversed and zero-padded to this many digits (0 = max_digits)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits:
             raise ValueError(f"min_digits={self.min_digits}, max_digits={self.max_digits}: need 1 <= min_digits "
                              "<= max_digits; set --multiply.min_digits / --multiply.max_digits accordingly")
+        if self.x_pad < 0 or self.y_pad < 0:
+            raise ValueError(f"x_pad={self.x_pad}, y_pad={self.y_pad}: pads are >= 0 (0 = max_digits, no filler)")
         if self.max_digits > 9:
             raise ValueError(f"max_digits={self.max_digits}: products above 18 digits overflow int64; use at most 9")
         for name in ("x_pad", "y_pad"):
-            if getattr(self, name) < self.max_digits:
+            if getattr(self, name) and getattr(self, name) < self.max_digits:
                 raise ValueError(f"{name}={getattr(self, name)} does not fit max_digits={self.max_digits} digits; "
                                  f"set --multiply.{name} {self.max_digits} or more (or lower --multiply.max_digits)")
 
@@ -127,7 +130,8 @@ class MultiplyTask(AnswerTask):
 
     def __init__(self, cfg: MultiplyConfig, seed: int):
         self.cfg = cfg
-        self.prompt_len = cfg.x_pad + cfg.y_pad + 2
+        self.x_pad, self.y_pad = cfg.x_pad or cfg.max_digits, cfg.y_pad or cfg.max_digits
+        self.prompt_len = self.x_pad + self.y_pad + 2
         self.answer_len = 2 * cfg.max_digits
         super().__init__(seed)
 
@@ -145,8 +149,8 @@ class MultiplyTask(AnswerTask):
     def sample(self, gen: torch.Generator, batch_size: int):
         x, y = self.operands(gen, batch_size)
         B = batch_size
-        prompt = torch.cat([_digits(x, self.cfg.x_pad), torch.full((B, 1), self.STAR),
-                            _digits(y, self.cfg.y_pad), torch.full((B, 1), self.EQUALS)], dim=1)
+        prompt = torch.cat([_digits(x, self.x_pad), torch.full((B, 1), self.STAR),
+                            _digits(y, self.y_pad), torch.full((B, 1), self.EQUALS)], dim=1)
         return prompt, _digits(x * y, self.answer_len)
 
 
