@@ -59,3 +59,10 @@ def test_bad_requests_are_one_line_errors():
     with pytest.raises(GenerationError, match="cache=False"):
         generate_greedy(_model("learned", "bigram"), prompt[:, :3], 2)
     assert generate_greedy(_model("learned", "bigram"), prompt[:, :3], 2, cache=False).shape == (2, 2)
+
+
+@pytest.mark.gpu
+def test_cached_generation_on_cuda():
+    model = _model("rotary-gqa").cuda()
+    prompt = torch.randint(0, 11, (8, 6), generator=torch.Generator().manual_seed(4)).cuda()
+    assert torch.equal(generate_greedy(model, prompt, 12), generate_greedy(model, prompt, 12, cache=False))
