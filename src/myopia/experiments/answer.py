@@ -89,13 +89,15 @@ class AnswerExperiment:
 _TINY_TRAIN = {"steps": 30, "batch_size": 32, "eval_batches": 2, "log_every": 10, "progress": False}
 _TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 40}
 PRESETS: dict[str, dict] = {
-    # Calibrated on 2 CPU cores: see docs/answer-tasks.md (the calibration table).
+    # The best 30-minute approximation found so far; NOT calibrated: the bar (vanilla filler gain >= 0.2,
+    # interval above 0, myopic <= vanilla / 3) is not met. Measured 2026-11-30 on 2 cores: 18.2 min; filler
+    # gain vanilla +0.03 [-0.19, 0.25], myopic -0.01 [-0.30, 0.28] (docs/answer-tasks.md, calibration table).
     "cpu": {
-        "out": "runs/answer-multiply-cpu", "task": "multiply", "seeds": [0, 1, 2], "pads": [3, 8],
-        "multiply": {"min_digits": 3, "max_digits": 3},
+        "out": "runs/answer-multiply-cpu", "task": "multiply", "seeds": [0, 1, 2], "pads": [2, 4],
+        "multiply": {"min_digits": 2, "max_digits": 2},
         "model": {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 32},
         "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup": 0.02},
-        "train": {"steps": 2000, "batch_size": 128, "eval_batches": 4, "log_every": 50},
+        "train": {"steps": 3000, "batch_size": 128, "eval_batches": 4, "log_every": 50},
         "eval_samples": 1024,
     },
     # The paper's setting (a GPU run): 5×5 digits, pad 5 vs 10, GPT-2 124M shape from scratch (12
