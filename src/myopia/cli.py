@@ -36,11 +36,14 @@ class Command:
     default_preset: str | None = None
     positionals: tuple[str, ...] = ()
     """Config fields that may also be given as positional arguments, in this order."""
+    preset_for: Callable[[str, dict], dict] | None = None
+    """For presets that depend on another option (e.g. the task): the settings of preset NAME given the
+    file's and the options' settings."""
 
 
 def _commands() -> list[Command]:
     from myopia import evaluation, export
-    from myopia.experiments import lm, reproduce, sweep, synthetic, train
+    from myopia.experiments import answer, lm, reproduce, sweep, synthetic, train
 
     return [
         Command("train", "train a GPT in several attention modes (arms) on synthetic data or local text",
@@ -51,6 +54,8 @@ def _commands() -> list[Command]:
                 lm.LMExperiment, lm.run, lm.PRESETS, "cpu"),
         Command("sweep", "the myopia gap across model sizes (§4.2): one lm run per model, a gap-vs-parameters plot",
                 sweep.SweepExperiment, sweep.run, sweep.PRESETS, "cpu"),
+        Command("answer", "tasks with answers: multiplication with filler tokens (paper appendix), path-star, parity",
+                answer.AnswerExperiment, answer.run, answer.PRESETS, "cpu", preset_for=answer.preset_for),
         Command("reproduce", "laptop-scale reproduction of the paper's headline results, with a report",
                 reproduce.ReproduceConfig, reproduce.run),
         Command("export", "write a trained arm as a transformers checkpoint (model, config, tokenizer)",
@@ -109,12 +114,12 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
 
 
 def resolve_config(cmd: Command, ns: argparse.Namespace):
+    given: dict = load_file(ns.config) if ns.config else {}
+    given = merge(given, overrides_from_namespace(ns, cmd.config_cls))
     data: dict = {}
     if cmd.presets:
-        data = merge(data, cmd.presets[ns.preset])
-    if ns.config:
-        data = merge(data, load_file(ns.config))
-    data = merge(data, overrides_from_namespace(ns, cmd.config_cls))
+        data = cmd.preset_for(ns.preset, given) if cmd.preset_for else cmd.presets[ns.preset]
+    data = merge(data, given)
     return from_dict(cmd.config_cls, data, source=ns.config or "options")
 
 

@@ -15,6 +15,7 @@ dominated by its sparse rows.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from myopia.tasks.base import mean_loss
 from myopia.train.loop import autocast_for
 
 # What the paper's repository measured (our notes, §4.3), for the reports.
@@ -88,9 +90,9 @@ def gradient_split(model: nn.Module, task, n_batches: int, batch_size: int, devi
     model.eval()
     try:
         model.set_attention("vanilla")
-        g_total = _gradients(model, params, batches, device, precision, task.loss_per_position)
+        g_total = _gradients(model, params, batches, device, precision, functools.partial(mean_loss, task))
         model.set_attention("myopic")
-        g_myopic = _gradients(model, params, batches, device, precision, task.loss_per_position)
+        g_myopic = _gradients(model, params, batches, device, precision, functools.partial(mean_loss, task))
     finally:
         model.set_attention(cut)
         model.train(was_training)

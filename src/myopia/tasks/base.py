@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 TRAIN_STREAM, HELDOUT_STREAM, PROBE_STREAM = 0, 1, 2
+IGNORE = -100
+"""Target id of a position that carries no loss (tasks with a ``loss_mask``, e.g. a prompt's tokens)."""
 
 
 def batch_generator(seed: int, stream: int, step: int, micro: int = 0) -> torch.Generator:
@@ -35,3 +37,23 @@ class Task(Protocol):
 
     def loss_per_position(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss of every sequence at every position, shape ``(B, T)``."""
+
+    # Optional: ``loss_mask(y) -> (B, T) bool``, the positions that carry loss (e.g. an answer's
+    # tokens). A task without it trains on every position; see :func:`mean_loss`.
+
+
+def loss_mask(task: Task, y: torch.Tensor) -> torch.Tensor | None:
+    """The task's loss mask for targets ``y`` (``(B, T)`` bool), or None when every position counts."""
+    fn = getattr(task, "loss_mask", None)
+    return None if fn is None else fn(y)
+
+
+def mean_loss(task: Task, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss the training loop minimises on one (micro-)batch: the mean over every position, or,
+    for a task with a loss mask, the sum over masked positions divided by their number (so the loss
+    and the gradient scale are those of the masked tokens alone)."""
+    per_position = task.loss_per_position(pred, y)
+    mask = loss_mask(task, y)
+    if mask is None:
+        return per_position.mean()
+    return torch.where(mask, per_position, 0.0).sum() / mask.sum().clamp(min=1)

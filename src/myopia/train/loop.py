@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from myopia.tasks.base import Task
+from myopia.tasks.base import Task, loss_mask, mean_loss
 from myopia.train.checkpoint import (
     capture,
     latest_checkpoint,
@@ -101,15 +101,27 @@ def evaluate(model: torch.nn.Module, task: Task, n_batches: int, batch_size: int
     was_training = model.training
     model.eval()
     total = torch.zeros(task.seq_len, dtype=torch.float64, device=device)
-    count = 0
+    masked = torch.zeros(task.seq_len, dtype=torch.float64, device=device)  # tasks with a loss mask
+    count, has_mask = 0, False
     with autocast_for(device, precision):
         for i in range(n_batches):
             x, y = task.heldout_batch(i, batch_size)
             x, y = dist.shard(x), dist.shard(y)
-            total += task.loss_per_position(model(x.to(device)), y.to(device)).double().sum(0)
+            y = y.to(device)
+            losses = task.loss_per_position(model(x.to(device)), y).double()
+            mask = loss_mask(task, y)
+            if mask is not None:
+                has_mask = True
+                losses = torch.where(mask, losses, 0.0)
+                masked += mask.double().sum(0)
+            total += losses.sum(0)
             count += x.shape[0]
     model.train(was_training)
     total = dist.sum(total)
+    if has_mask:  # the mean over masked tokens; positions that never carry loss are None
+        masked = dist.sum(masked)
+        per_position = [t / c if c > 0 else None for t, c in zip((total.cpu()).tolist(), masked.cpu().tolist())]
+        return {"loss": (total.sum() / masked.sum().clamp(min=1)).item(), "per_position": per_position}
     per_position = (total / (count * dist.world)).cpu()
     return {"loss": per_position.mean().item(), "per_position": per_position.tolist()}
 
@@ -268,7 +280,7 @@ def train_arm(
                 x, y = dist.shard(x).to(device, non_blocking=True), dist.shard(y).to(device, non_blocking=True)
                 with no_grad_sync(wrapped, sync=micro == cfg.grad_accum - 1):
                     with autocast_for(device, cfg.precision):
-                        loss = task.loss_per_position(wrapped(x), y).mean() / cfg.grad_accum
+                        loss = mean_loss(task, wrapped(x), y) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
             loss_value = float(dist.mean(loss_sum))
