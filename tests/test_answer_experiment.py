@@ -50,7 +50,9 @@ def test_paper_preset_prints_the_papers_settings(capsys):
     assert cli.main(["answer", "--preset", "paper", "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["task"] == "multiply" and cfg["pads"] == [5, 10]
-    assert cfg["multiply"] == {"min_digits": 5, "max_digits": 5, "x_pad": 0, "y_pad": 0}
+    # the reference trains on 1-5 digit operands and scores 5x5-digit products, without gradient clipping
+    assert cfg["multiply"] == {"min_digits": 1, "max_digits": 5, "x_pad": 0, "y_pad": 0, "eval_min_digits": 5}
+    assert cfg["optim"]["grad_clip"] == 0.0
     assert (cfg["model"]["n_layer"], cfg["model"]["n_head"], cfg["model"]["n_embd"]) == (12, 12, 768)
     assert cfg["train"]["batch_size"] * cfg["train"]["steps"] >= 10_000_000 - 1024
     assert cfg["train"]["precision"] == "bf16" and cfg["optim"]["lr"] == 6e-4 and cfg["optim"]["weight_decay"] == 0.01

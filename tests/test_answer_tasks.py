@@ -137,3 +137,16 @@ def test_pad_zero_means_no_filler():
     assert (task.x_pad, task.y_pad, task.prompt_len, task.answer_len) == (3, 3, 8, 6)
     prompt, _ = task.sample(torch.Generator().manual_seed(0), 4)
     assert (prompt[:, 3] == task.STAR).all() and (prompt[:, 7] == task.EQUALS).all()
+
+
+def test_heldout_operands_can_have_their_own_digit_range():
+    """The paper trains on 1-5 digit operands and scores 5x5: eval_min_digits applies to held-out draws only."""
+    task = MultiplyTask(MultiplyConfig(min_digits=1, max_digits=3, eval_min_digits=3), seed=0)
+    prompt, _ = task.heldout_examples(0, 256)
+    held = {len(str(int(_text(task, p)[:3][::-1]))) for p in prompt.tolist()}
+    x, _ = task.train_batch(0, 0, 256)
+    trained = {len(str(int(_text(task, p)[:3][::-1]))) for p in x.tolist()}
+    assert held == {3} and trained == {1, 2, 3}
+    assert torch.equal(task.heldout_batch(0, 256)[0][:, : task.prompt_len], prompt)
+    with pytest.raises(ValueError, match="eval_min_digits=4 is outside"):
+        MultiplyConfig(min_digits=1, max_digits=3, eval_min_digits=4)

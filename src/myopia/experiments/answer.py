@@ -107,9 +107,11 @@ PRESETS: dict[str, dict] = {
     # Not yet run: 4 models x 9,766 steps of 1,024 sequences of <= 31 tokens.
     "paper": {
         "out": "runs/answer-multiply-paper", "task": "multiply", "seeds": [0], "pads": [5, 10],
-        "multiply": {"min_digits": 5, "max_digits": 5},
+        # Trained on 1-5 digit operands, scored on 5x5 (the reference's training and validation sets).
+        "multiply": {"min_digits": 1, "max_digits": 5, "eval_min_digits": 5},
         "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "dropout": 0.1},
-        "optim": {"lr": 6e-4, "weight_decay": 0.01, "warmup": 0.01},
+        # No gradient clipping: the reference's Lightning Trainer leaves gradient_clip_val unset.
+        "optim": {"lr": 6e-4, "weight_decay": 0.01, "warmup": 0.01, "grad_clip": 0.0},
         "train": {"steps": 9766, "batch_size": 1024, "precision": "bf16", "eval_batches": 4, "log_every": 50,
                   "checkpoint_every": 1000},
         "eval_samples": 1024,

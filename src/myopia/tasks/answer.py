@@ -51,8 +51,9 @@ class AnswerTask:
     def model_overrides(self) -> dict:
         return {"vocab_size": len(self.vocab)}
 
-    def sample(self, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prompt (B, prompt_len), answer (B, answer_len))`` token ids."""
+    def sample(self, gen: torch.Generator, batch_size: int, heldout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt (B, prompt_len), answer (B, answer_len))`` token ids; ``heldout`` draws from the
+        held-out distribution where a task has its own (multiply's ``eval_min_digits``)."""
         raise NotImplementedError
 
     def encode(self, text: list[str]) -> list[int]:
@@ -74,11 +75,12 @@ class AnswerTask:
         return self.inputs_targets(*self.sample(batch_generator(self.seed, TRAIN_STREAM, step, micro), batch_size))
 
     def heldout_batch(self, index: int, batch_size: int):
-        return self.inputs_targets(*self.sample(batch_generator(self.seed, HELDOUT_STREAM, index), batch_size))
+        return self.inputs_targets(*self.sample(batch_generator(self.seed, HELDOUT_STREAM, index), batch_size,
+                                                heldout=True))
 
     def heldout_examples(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompts and answers behind ``heldout_batch(index, batch_size)``."""
-        return self.sample(batch_generator(self.seed, HELDOUT_STREAM, index), batch_size)
+        return self.sample(batch_generator(self.seed, HELDOUT_STREAM, index), batch_size, heldout=True)
 
     def loss_per_position(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(pred.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
@@ -106,6 +108,9 @@ class MultiplyConfig:
     0 = max_digits, no filler)."""
     y_pad: int = 0
     """y is written reversed and zero-padded to this many digits (0 = max_digits)."""
+    eval_min_digits: int = 0
+    """Fewest digits of each held-out operand (0 = min_digits). The paper trains on 1-5 digits and
+    scores 5×5-digit products: min_digits 1, max_digits 5, eval_min_digits 5."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits:
@@ -113,6 +118,10 @@ class MultiplyConfig:
                              "<= max_digits; set --multiply.min_digits / --multiply.max_digits accordingly")
         if self.x_pad < 0 or self.y_pad < 0:
             raise ValueError(f"x_pad={self.x_pad}, y_pad={self.y_pad}: pads are >= 0 (0 = max_digits, no filler)")
+        if self.eval_min_digits and not self.min_digits <= self.eval_min_digits <= self.max_digits:
+            raise ValueError(f"eval_min_digits={self.eval_min_digits} is outside [min_digits, max_digits] = "
+                             f"[{self.min_digits}, {self.max_digits}]; set --multiply.eval_min_digits in that range "
+                             "(0 = min_digits)")
         if self.max_digits > 9:
             raise ValueError(f"max_digits={self.max_digits}: products above 18 digits overflow int64; use at most 9")
         for name in ("x_pad", "y_pad"):
@@ -135,19 +144,20 @@ class MultiplyTask(AnswerTask):
         self.answer_len = 2 * cfg.max_digits
         super().__init__(seed)
 
-    def _operand(self, gen: torch.Generator, batch_size: int) -> torch.Tensor:
+    def _operand(self, gen: torch.Generator, batch_size: int, heldout: bool = False) -> torch.Tensor:
         c = self.cfg
-        k = torch.randint(c.min_digits, c.max_digits + 1, (batch_size,), generator=gen)
+        least = (c.eval_min_digits or c.min_digits) if heldout else c.min_digits
+        k = torch.randint(least, c.max_digits + 1, (batch_size,), generator=gen)
         lo = torch.where(k == 1, 0, 10 ** (k - 1))
         hi = 10**k  # exclusive
         u = torch.rand(batch_size, generator=gen, dtype=torch.float64)
         return lo + (u * (hi - lo).double()).long().clamp(max=(hi - lo - 1)).clamp(min=0)
 
-    def operands(self, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._operand(gen, batch_size), self._operand(gen, batch_size)
+    def operands(self, gen: torch.Generator, batch_size: int, heldout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._operand(gen, batch_size, heldout), self._operand(gen, batch_size, heldout)
 
-    def sample(self, gen: torch.Generator, batch_size: int):
-        x, y = self.operands(gen, batch_size)
+    def sample(self, gen: torch.Generator, batch_size: int, heldout: bool = False):
+        x, y = self.operands(gen, batch_size, heldout)
         B = batch_size
         prompt = torch.cat([_digits(x, self.x_pad), torch.full((B, 1), self.STAR),
                             _digits(y, self.y_pad), torch.full((B, 1), self.EQUALS)], dim=1)
@@ -178,7 +188,7 @@ class ParityTask(AnswerTask):
         self.prompt_len, self.answer_len = cfg.bits + 1, 1
         super().__init__(seed)
 
-    def sample(self, gen: torch.Generator, batch_size: int):
+    def sample(self, gen: torch.Generator, batch_size: int, heldout: bool = False):
         bits = torch.randint(0, 2, (batch_size, self.cfg.bits), generator=gen)
         prompt = torch.cat([bits, torch.full((batch_size, 1), self.MARKER)], dim=1)
         return prompt, bits.sum(1, keepdim=True) % 2
@@ -226,7 +236,7 @@ class PathStarTask(AnswerTask):
         self.teacherless = cfg.mode == "teacherless"
         super().__init__(seed)
 
-    def sample(self, gen: torch.Generator, batch_size: int):
+    def sample(self, gen: torch.Generator, batch_size: int, heldout: bool = False):
         c, B = self.cfg, batch_size
         labels = torch.argsort(torch.rand(B, c.nodes, generator=gen), dim=1)[:, : 1 + c.degree * c.length]
         source, arms = labels[:, :1], labels[:, 1:].reshape(B, c.degree, c.length)
