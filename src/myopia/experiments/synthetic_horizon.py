@@ -84,7 +84,9 @@ def plot(grid: dict, path: str) -> str | None:
         ax.set_ylabel("shift s")
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle("Synthetic task: horizon × shift (mean over seeds)", fontsize=10)
+    seeds = max((c.get("n") or 0) for row in grid["ratio_to_trivial"] for c in row)
+    fig.suptitle("Synthetic task: horizon × shift " + ("(one seed)" if seeds <= 1 else f"(mean over {seeds} seeds)"),
+                 fontsize=10)
     return plots.save_figure(fig, path)
 
 
