@@ -125,8 +125,7 @@ PRESETS: dict[str, dict] = {
 }
 TASK_PRESETS: dict[str, dict[str, dict]] = {
     "parity": {
-        # Estimate, not yet a measured run: ~22 ms/step at 1 thread (timed 2026-11-30 on a busy machine),
-        # 6 models x 3,000 steps ~ 7 min on 2 cores.
+        # Measured 2026-11-30: 261 s on 2 cores (6 models x 3,000 steps); neither arm learns 12 bits here.
         "cpu": {"out": "runs/answer-parity-cpu", "seeds": [0, 1, 2], "parity": {"bits": 12},
                 "model": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 16},
                 "optim": {"lr": 1e-3, "warmup": 0.02},
@@ -136,8 +135,7 @@ TASK_PRESETS: dict[str, dict[str, dict]] = {
                  "optim": {"lr": 3e-3}, "train": _TINY_TRAIN, "eval_samples": 64},
     },
     "path-star": {
-        # Estimate, not yet a measured run: ~60 ms/step at 1 thread (d=64, 37 positions; timed 2026-11-30
-        # on a busy machine), 3 modes x 2 arms x 3 seeds x 800 steps ~ 15 min on 1 core, less on 2.
+        # Measured 2026-11-30: 9.7 min on 2 cores (3 modes x 2 arms x 3 seeds x 800 steps); not learned yet.
         "cpu": {"out": "runs/answer-path-star-cpu", "seeds": [0, 1, 2], "modes": list(PATH_STAR_MODES),
                 "path_star": {"degree": 2, "length": 5, "nodes": 50},
                 "model": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 40},
