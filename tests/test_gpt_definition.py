@@ -31,7 +31,7 @@ def loss_per_position(model, x, y, i=None):
     return ce.sum() if i is None else ce[:, i].sum()
 
 
-def definition(model, x, y, cut):
+def definition(model, x, y, cut, loss=loss_per_position):
     """Σ_i ∂L_i/∂θ with positions j ≠ i cut at the attention input (hidden) or keys/values (kv)."""
     model.set_attention("vanilla")
     params = list(model.parameters())
@@ -48,7 +48,7 @@ def definition(model, x, y, cut):
                         lambda m, args, out, i=i: mix_position(out, i, dim=2)))
         return handles
 
-    return per_position_gradient(params, T, lambda i: loss_per_position(model, x, y, i), install)
+    return per_position_gradient(params, T, lambda i: loss(model, x, y, i), install)
 
 
 def window_definition(model, x, y, cut):
@@ -86,9 +86,9 @@ def window_definition(model, x, y, cut):
             del attn.forward
 
 
-def implementation(model, x, y, mode, backend, beta=0.0):
+def implementation(model, x, y, mode, backend, beta=0.0, loss=loss_per_position):
     model.set_attention(Cut.parse(mode).with_beta(beta), backend=backend)
-    return gradients(loss_per_position(model, x, y), list(model.parameters()))
+    return gradients(loss(model, x, y), list(model.parameters()))
 
 
 CASES = [
@@ -108,6 +108,30 @@ def test_myopic_gradient_equals_definition(mode, cut, shape, backend):
     got = implementation(model, x, y, mode, backend)
     assert relative_error(got, want) < 1e-10
     vanilla = implementation(model, x, y, "vanilla", backend)
+    assert relative_error(vanilla, want) > 1e-3, "vanilla must differ from the myopic definition"
+
+
+def huber_per_position(model, x, y, i=None):
+    out = F.huber_loss(model(x).squeeze(-1), y, reduction="none")  # (B, T)
+    return out.sum() if i is None else out[:, i].sum()
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("mode,cut", [("myopic", "hidden"), ("myopic_kv", "kv")])
+def test_synthetic_cpu_model_myopic_gradient_equals_definition(mode, cut, backend):
+    """The synthetic cpu preset's model: continuous (x, z) input, rotary positions, every Linear at
+    PyTorch's default initialisation, a regression head under the Huber loss."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, input_dim=2, output_dim=1,
+                          activation="relu", position="rotary", init="torch-default",
+                          io_init="torch-default")).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, T, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(3, T, generator=g, dtype=torch.float64)
+    want = definition(model, x, y, cut, loss=huber_per_position)
+    got = implementation(model, x, y, mode, backend, loss=huber_per_position)
+    assert relative_error(got, want) < 1e-10
+    vanilla = implementation(model, x, y, "vanilla", backend, loss=huber_per_position)
     assert relative_error(vanilla, want) > 1e-3, "vanilla must differ from the myopic definition"
 
 

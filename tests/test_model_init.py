@@ -113,3 +113,23 @@ def test_synthetic_paper_preset_is_the_papers_training(capsys):
     assert cfg["optim"]["grad_clip"] == 0.0
     assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["optim"]["warmup"]) == (1e-3, 0.01, 0.01)
     assert (cfg["train"]["batch_size"], cfg["train"]["steps"], cfg["task"]["frequency"]) == (512, 58593, 10.0)
+
+
+def test_synthetic_cpu_preset_is_sin10_and_cpu_sin4_keeps_the_old_setting(capsys):
+    """cpu trains the paper's sin(10x) with the model that learns it on a CPU budget (rotary positions,
+    PyTorch's default initialisation, no clipping); cpu-sin4 keeps the earlier calibrated setting."""
+    import yaml
+
+    def resolved(preset):
+        assert main(["synthetic", "--preset", preset, "--print-config"]) == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    cpu, sin4 = resolved("cpu"), resolved("cpu-sin4")
+    assert (cpu["task"]["frequency"], cpu["task"]["seq_len"]) == (10.0, 32)
+    assert (cpu["model"]["position"], cpu["model"]["init"], cpu["model"]["io_init"]) == \
+        ("rotary", "torch-default", "torch-default")
+    assert cpu["optim"]["grad_clip"] == 0.0
+    assert sin4["task"]["frequency"] == 4.0
+    assert (sin4["model"]["position"], sin4["model"]["init"], sin4["model"]["io_init"]) == ("learned", "gpt2", "body")
+    assert sin4["optim"]["grad_clip"] == 1.0
+    assert cpu["train"] == sin4["train"]
