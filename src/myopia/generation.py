@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from myopia.attention import VANILLA, reference_attention
+from myopia.attention.reference import causal_additive_mask
 from myopia.model import GPT
 
 
@@ -41,30 +43,12 @@ def _check(model: GPT, prompt: torch.Tensor, new_tokens: int, cache: bool) -> No
 def _attend(attn, x: torch.Tensor, start: int, past: tuple | None):
     """One attention layer for the new positions ``start .. start+T-1``; returns (output, new cache)."""
     B, T, C = x.shape
-    sizes = [attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim, attn.n_kv_head * attn.head_dim]
-    q, k, v = attn.c_attn(x).split(sizes, dim=-1)
-    q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
-    k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-    v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-    if attn.rotary is not None:
-        q, k = _rotate(attn.rotary, q, start), _rotate(attn.rotary, k, start)
+    q, k, v = attn.split_heads(attn.c_attn(x), offset=start)
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    groups = attn.n_head // attn.n_kv_head
-    kx, vx = (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if groups > 1 else (k, v)
-    scores = (q @ kx.transpose(-1, -2)) / math.sqrt(attn.head_dim)  # (B, H, T, start+T)
-    query_pos = torch.arange(start, start + T, device=x.device)[:, None]
-    key_pos = torch.arange(start + T, device=x.device)[None, :]
-    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
-    y = (scores.softmax(-1) @ vx).transpose(1, 2).reshape(B, T, C)
-    return attn.c_proj(y), (k, v)
-
-
-def _rotate(rotary, t: torch.Tensor, start: int) -> torch.Tensor:
-    T = t.shape[-2]
-    cos, sin = rotary.cos[start:start + T].to(t.dtype), rotary.sin[start:start + T].to(t.dtype)
-    half = t.shape[-1] // 2
-    return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
+    y = reference_attention(q, k, v, cut=VANILLA, scale=1.0 / math.sqrt(attn.head_dim),
+                            mask=causal_additive_mask(T, q.dtype, x.device, offset=start))
+    return attn.c_proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
 @torch.no_grad()

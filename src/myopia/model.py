@@ -135,9 +135,10 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Rotate ``t`` (``(..., T, head_dim)``) as positions ``offset .. offset+T-1``."""
         T = t.shape[-2]
-        cos, sin = self.cos[:T].to(t.dtype), self.sin[:T].to(t.dtype)
+        cos, sin = self.cos[offset:offset + T].to(t.dtype), self.sin[offset:offset + T].to(t.dtype)
         half = t.shape[-1] // 2
         rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
         return t * cos + rotated * sin
@@ -162,7 +163,8 @@ class CausalSelfAttention(nn.Module):
         self.cut: Cut = VANILLA  # this block's cut; GPT sets it per layer
         self.backend = config.backend
 
-    def _split(self, qkv: torch.Tensor):
+    def split_heads(self, qkv: torch.Tensor, offset: int = 0):
+        """Heads ``(B, H, T, head_dim)`` of the projected ``qkv``, rotated as positions from ``offset``."""
         B, T, _ = qkv.shape
         sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
         q, k, v = qkv.split(sizes, dim=-1)
@@ -170,7 +172,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
         return q, k, v
 
     def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,12 +186,12 @@ class CausalSelfAttention(nn.Module):
         cut = self.cut.at_length(T)
         if cut.needs_past_kv and torch.is_grad_enabled():
             qkv, qkv_weight_only = project_with_weight_only_copy(x, self.c_attn.weight, self.c_attn.bias)
-            _, k_past, v_past = self._split(qkv_weight_only)
+            _, k_past, v_past = self.split_heads(qkv_weight_only)
         else:
             qkv = self.c_attn(x)
             if cut.needs_past_kv:
                 cut = VANILLA  # no gradient: the forward value is the ordinary one
-        q, k, v = self._split(qkv)
+        q, k, v = self.split_heads(qkv)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         y = attention(q, k, v, cut=cut, k_past=k_past, v_past=v_past, backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -200,8 +202,8 @@ class CausalSelfAttention(nn.Module):
         # The forward differs from causal attention over x (the past keys/values have other values),
         # so only the eager reference computes it; windows here are short (the paper's are 64).
         B, T, C = x.shape
-        q, k, v = self._split(self.c_attn(x))
-        _, k_past, v_past = self._split(self.c_attn(past))
+        q, k, v = self.split_heads(self.c_attn(x))
+        _, k_past, v_past = self.split_heads(self.c_attn(past))
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         y = reference_attention(q, k, v, cut="myopic", scale=1.0 / math.sqrt(self.head_dim),
                                 mask=None, k_past=k_past, v_past=v_past)

@@ -19,9 +19,11 @@ def expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
-def causal_additive_mask(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    upper = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(T, T, dtype=dtype, device=device).masked_fill(upper, float("-inf"))
+def causal_additive_mask(T: int, dtype: torch.dtype, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """``(T, offset+T)``: queries at positions ``offset .. offset+T-1`` see keys up to their own position
+    (``offset`` > 0: decoding after ``offset`` cached positions)."""
+    upper = torch.ones(T, offset + T, dtype=torch.bool, device=device).triu(offset + 1)
+    return torch.zeros(T, offset + T, dtype=dtype, device=device).masked_fill(upper, float("-inf"))
 
 
 def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
