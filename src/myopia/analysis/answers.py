@@ -55,22 +55,17 @@ def summarise(counts: dict) -> dict:
 def score(model: torch.nn.Module, task, n_samples: int, batch_size: int, device: torch.device) -> dict:
     """Greedy scores on the task's first ``n_samples`` held-out examples: ``generated`` (the model's
     own answer) and ``teacher_forced`` (each position given the true answer before it)."""
-    totals = {"generated": None, "teacher_forced": None}
+    answers, preds = [], {"generated": [], "teacher_forced": []}
     done, index = 0, 0
     while done < n_samples:
         prompt, answer = task.heldout_examples(index, batch_size)
         prompt, answer = prompt[: n_samples - done].to(device), answer[: n_samples - done].to(device)
-        preds = predict(model, task, prompt, answer)
-        for key, pred in preds.items():
-            t = tally(answer, pred)
-            if totals[key] is None:
-                totals[key] = t
-            else:
-                totals[key] = {"n": totals[key]["n"] + t["n"], "exact": totals[key]["exact"] + t["exact"],
-                               "position_correct": [a + b for a, b in zip(totals[key]["position_correct"],
-                                                                          t["position_correct"])]}
+        for key, pred in predict(model, task, prompt, answer).items():
+            preds[key].append(pred)
+        answers.append(answer)
         done += prompt.shape[0]
         index += 1
+    totals = {key: tally(torch.cat(answers), torch.cat(p)) for key, p in preds.items()}
     return {key: {**summarise(t), "counts": t} for key, t in totals.items()}
 
 

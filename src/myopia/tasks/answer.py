@@ -75,8 +75,7 @@ class AnswerTask:
         return self.inputs_targets(*self.sample(batch_generator(self.seed, TRAIN_STREAM, step, micro), batch_size))
 
     def heldout_batch(self, index: int, batch_size: int):
-        return self.inputs_targets(*self.sample(batch_generator(self.seed, HELDOUT_STREAM, index), batch_size,
-                                                heldout=True))
+        return self.inputs_targets(*self.heldout_examples(index, batch_size))
 
     def heldout_examples(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompts and answers behind ``heldout_batch(index, batch_size)``."""

@@ -102,7 +102,7 @@ def evaluate(model: torch.nn.Module, task: Task, n_batches: int, batch_size: int
     model.eval()
     total = torch.zeros(task.seq_len, dtype=torch.float64, device=device)
     masked = torch.zeros(task.seq_len, dtype=torch.float64, device=device)  # tasks with a loss mask
-    count, has_mask = 0, False
+    count = 0
     with autocast_for(device, precision):
         for i in range(n_batches):
             x, y = task.heldout_batch(i, batch_size)
@@ -111,16 +111,15 @@ def evaluate(model: torch.nn.Module, task: Task, n_batches: int, batch_size: int
             losses = task.loss_per_position(model(x.to(device)), y).double()
             mask = loss_mask(task, y)
             if mask is not None:
-                has_mask = True
                 losses = torch.where(mask, losses, 0.0)
                 masked += mask.double().sum(0)
             total += losses.sum(0)
             count += x.shape[0]
     model.train(was_training)
     total = dist.sum(total)
-    if has_mask:  # the mean over masked tokens; positions that never carry loss are None
+    if hasattr(task, "loss_mask"):  # the mean over masked tokens; positions that never carry loss are None
         masked = dist.sum(masked)
-        per_position = [t / c if c > 0 else None for t, c in zip((total.cpu()).tolist(), masked.cpu().tolist())]
+        per_position = [t / c if c > 0 else None for t, c in zip(total.cpu().tolist(), masked.cpu().tolist())]
         return {"loss": (total.sum() / masked.sum().clamp(min=1)).item(), "per_position": per_position}
     per_position = (total / (count * dist.world)).cpu()
     return {"loss": per_position.mean().item(), "per_position": per_position.tolist()}
