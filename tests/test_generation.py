@@ -51,6 +51,29 @@ def test_a_myopic_model_generates_like_the_vanilla_one():
     assert torch.equal(generate_greedy(vanilla, prompt, 8), generate_greedy(myopic, prompt, 8))
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_hook_points_fire_and_patch_alike_with_and_without_the_cache(shape):
+    model = _model(shape)
+    prompt = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(5))
+    seen = []
+    record = model.blocks[1].attn.hook_k.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[2]))
+    generate_greedy(model, prompt, 4)
+    record.remove()
+    assert seen == [5, 1, 1, 1]  # the prompt's keys, then one new position per step
+    plain = generate_greedy(model, prompt, 6, cache=False)
+
+    def zero_head0(mod, inp, out):
+        out = out.clone()
+        out[:, 0] = 0
+        return out
+
+    for block in model.blocks:
+        block.attn.hook_v.register_forward_hook(zero_head0)
+    patched_plain = generate_greedy(model, prompt, 6, cache=False)
+    assert not torch.equal(patched_plain, plain)  # the patch changes the answer
+    assert torch.equal(generate_greedy(model, prompt, 6), patched_plain)
+
+
 def test_bad_requests_are_one_line_errors():
     model = _model("learned")
     prompt = torch.zeros(2, 20, dtype=torch.long)
