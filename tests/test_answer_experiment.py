@@ -44,6 +44,10 @@ def test_parity_and_path_star_tiny(tmp_path):
     # teacherless answers come from the one forward pass: generated = teacher-forced
     assert s["generated"]["first"]["mean"] == s["teacher_forced"]["first"]["mean"]
     assert "Chance here: 1/2" in (out / "report.md").read_text()
+    assert "teacherless mode" in (out / "report.md").read_text()
+    out, _ = _run(["--task", "path-star", "--preset", "tiny", "--train.steps", "5", "--modes", "standard"],
+                  tmp_path, "ps-standard")
+    assert "teacherless mode" not in (out / "report.md").read_text()  # only a run with that mode says so
 
 
 def test_paper_preset_prints_the_papers_settings(capsys):

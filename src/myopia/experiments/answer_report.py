@@ -63,7 +63,7 @@ def write(out: str, results: dict) -> None:
     text += [f"Model: {m['n_layer']} layers, d={m['n_embd']}, {m['n_head']} heads, from scratch. "
              f"{cfg['train']['steps']} steps of batch {cfg['train']['batch_size']}, AdamW lr {cfg['optim']['lr']}. "
              f"Seeds: {cfg['seeds']}. {cfg['eval_samples']} held-out prompts per model, answered by greedy generation"
-             f"{' (teacherless mode: one forward pass with dummy answer inputs)' if task == 'path-star' else ''}. "
+             f"{' (teacherless mode: one forward pass with dummy answer inputs)' if 'teacherless' in results['conditions'] else ''}. "
              f"Machine: {env['device']} ({env['machine']}), torch {env['torch']}, {env['date']}.", "",
              "Values: mean [95% t-interval over seeds]; with one seed, the Wilson interval of the proportion.", ""]
     rows = []
