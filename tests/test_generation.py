@@ -54,12 +54,24 @@ def test_a_myopic_model_generates_like_the_vanilla_one():
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_hook_points_fire_and_patch_alike_with_and_without_the_cache(shape):
     model = _model(shape)
-    prompt = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(5))
-    seen = []
-    record = model.blocks[1].attn.hook_k.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[2]))
-    generate_greedy(model, prompt, 4)
-    record.remove()
-    assert seen == [5, 1, 1, 1]  # the prompt's keys, then one new position per step
+    seq = torch.randint(0, 11, (3, 9), generator=torch.Generator().manual_seed(5))
+    attn = model.blocks[1].attn
+    seen: dict = {"q": [], "k": [], "v": []}
+    handles = [getattr(attn, f"hook_{n}").register_forward_hook(lambda mod, inp, out, n=n: seen[n].append(out))
+               for n in seen]
+    model(seq)
+    full = {n: seen[n].pop() for n in seen}
+    cache: list = []
+    forward_cached(model, seq[:, :5], cache)  # the prompt, then one position at a time
+    for t in range(5, 9):
+        forward_cached(model, seq[:, t:t + 1], cache)
+    for handle in handles:
+        handle.remove()
+    for n in seen:  # the hooks saw each position once, with the values of the full forward (post-rotary)
+        assert [o.shape[2] for o in seen[n]] == [5, 1, 1, 1, 1]
+        assert torch.allclose(torch.cat(seen[n], dim=2), full[n], rtol=0, atol=1e-12)
+
+    prompt = seq[:, :5]
     plain = generate_greedy(model, prompt, 6, cache=False)
 
     def zero_head0(mod, inp, out):
@@ -67,11 +79,13 @@ def test_hook_points_fire_and_patch_alike_with_and_without_the_cache(shape):
         out[:, 0] = 0
         return out
 
-    for block in model.blocks:
-        block.attn.hook_v.register_forward_hook(zero_head0)
+    handles = [block.attn.hook_v.register_forward_hook(zero_head0) for block in model.blocks]
     patched_plain = generate_greedy(model, prompt, 6, cache=False)
+    patched_cached = generate_greedy(model, prompt, 6)
+    for handle in handles:
+        handle.remove()
     assert not torch.equal(patched_plain, plain)  # the patch changes the answer
-    assert torch.equal(generate_greedy(model, prompt, 6), patched_plain)
+    assert torch.equal(patched_cached, patched_plain)
 
 
 def test_bad_requests_are_one_line_errors():

@@ -2,8 +2,9 @@
 
 A gradient cut leaves the forward pass unchanged, so myopic models generate exactly like vanilla
 ones: the cached path here recomputes each block's forward for the new positions only, reading the
-earlier positions' keys and values from the cache; the hook points ``hook_q/k/v`` fire on the new
-positions, so a hook that patches them acts alike with and without the cache. It is inference only (no gradient) and lives
+earlier positions' keys and values from the cache. The hook points ``hook_q/k/v`` fire on the new
+positions only (their position axis counts the new tokens from 0), so a hook that treats every
+position alike (e.g. zeroes a head) acts alike with and without the cache. It is inference only (no gradient) and lives
 outside the model, which holds no generation code. Only ``bigram`` (the one cut that changes the
 forward) is refused by the cache; ``cache=False`` runs the model's own forward at every step.
 """
@@ -45,7 +46,7 @@ def _attend(attn, x: torch.Tensor, start: int, past: tuple | None):
     """One attention layer for the new positions ``start .. start+T-1``; returns (output, new cache)."""
     B, T, C = x.shape
     q, k, v = attn.split_heads(attn.c_attn(x), offset=start)
-    # The model's hook points see (and may patch) the new positions' queries, keys and values.
+    # The model's hook points see (and may patch) the new positions' queries, keys and values only.
     q, k, v = attn.hook_q(q), attn.hook_k(k), attn.hook_v(v)
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
