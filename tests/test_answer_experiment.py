@@ -31,6 +31,10 @@ def test_multiply_tiny_writes_results_report_and_plots(tmp_path):
     report = (out / "report.md").read_text()
     assert "Filler gain" in report and "pad 10 **0.99**" in report and "| pad4 | h1 |" in report
     assert res["conditions"]["pad2"]["example"]["prompt"].endswith("=")
+    run0 = res["conditions"]["pad2"]["runs"]["0"]["vanilla"]
+    unseen = run0["generated"]["unseen"]  # 1-2 digit operands: training draws many of the 64 prompts
+    assert run0["seen_in_training"] > 0 and run0["seen_in_training"] + (unseen["n"] if unseen else 0) == 64
+    assert "drawn in training" in report and "seen_in_training" in res["summary"]["pad2"]["vanilla"]
     assert (out / "exact_match.png").exists() and (out / "position_accuracy.png").exists()
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from myopia.analysis.answers import predict, score, tally, wilson
+from myopia.analysis.answers import predict, prompt_keys, score, tally, training_prompt_keys, wilson
 from myopia.model import GPT, GPTConfig
 from myopia.tasks.answer import (
     MultiplyConfig,
@@ -14,6 +14,8 @@ from myopia.tasks.answer import (
     PathStarTask,
 )
 from myopia.tasks.base import IGNORE, mean_loss
+from myopia.train.config import OptimConfig, TrainConfig
+from myopia.train.loop import train_arm
 
 
 def _text(task, ids):
@@ -117,6 +119,55 @@ def test_predictions_read_the_position_the_loss_trains():
     assert torch.allclose(mean_loss(task, logits, y), task.loss_per_position(logits, y)[:, P - 1:].mean())
     s = score(model, task, 40, 16, torch.device("cpu"))  # 16 + 16 + 8 examples
     assert s["generated"]["n"] == 40 and len(s["generated"]["position_accuracy"]) == task.answer_len
+
+
+def test_prompt_keys_tell_equal_prompts_from_distinct_ones():
+    task = MultiplyTask(MultiplyConfig(min_digits=3, max_digits=3), seed=0)
+    prompt, _ = task.heldout_examples(0, 500)
+    keys = prompt_keys(prompt)
+    distinct = len({tuple(r) for r in prompt.tolist()})
+    assert torch.unique(keys).numel() == distinct > 400
+    assert torch.equal(prompt_keys(prompt.flip(0)), keys.flip(0))
+    assert not torch.equal(prompt_keys(prompt.flip(1)), keys)  # the order of tokens counts
+
+
+def test_training_prompt_keys_are_the_prompts_the_loop_trains_on(tmp_path):
+    task = MultiplyTask(MultiplyConfig(min_digits=3, max_digits=3), seed=0)
+    drawn = []
+    original = task.train_batch
+
+    def recording(step, micro, batch_size):
+        x, y = original(step, micro, batch_size)
+        drawn.append(x[:, : task.prompt_len])
+        return x, y
+
+    task.train_batch = recording
+    model = GPT(GPTConfig(vocab_size=len(task.vocab), block_size=task.seq_len, n_layer=1, n_head=2, n_embd=16))
+    train_arm(model, task, OptimConfig(lr=1e-3), TrainConfig(steps=3, batch_size=8, grad_accum=2, eval_batches=1,
+                                                             progress=False, device="cpu"), str(tmp_path), "vanilla")
+    task.train_batch = original
+    assert len(drawn) == 6  # 3 steps x 2 micro-batches
+    seen = training_prompt_keys(task, steps=3, batch_size=8, grad_accum=2)
+    assert torch.equal(seen, torch.unique(prompt_keys(torch.cat(drawn))))
+    assert not torch.isin(prompt_keys(task.train_batch(3, 0, 8)[0][:, : task.prompt_len]), seen).any()
+
+
+def test_score_splits_off_the_heldout_prompts_training_drew():
+    task = MultiplyTask(MultiplyConfig(min_digits=2, max_digits=2), seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(task.vocab), block_size=task.seq_len, n_layer=1, n_head=2, n_embd=16,
+                          init_std=0.5))
+    prompt, answer = task.heldout_examples(0, 40)
+    seen = prompt_keys(prompt[:10])  # pretend training drew the first ten
+    drew = torch.isin(prompt_keys(prompt), seen)  # the first ten, and any repeat of them
+    s = score(model, task, 40, 40, torch.device("cpu"), seen=seen)
+    assert s["seen_in_training"] == int(drew.sum()) >= 10
+    pred = predict(model, task, prompt, answer)
+    for kind in ("generated", "teacher_forced"):
+        assert s[kind]["unseen"]["counts"] == tally(answer[~drew], pred[kind][~drew])
+    everything = score(model, task, 40, 40, torch.device("cpu"), seen=prompt_keys(prompt))
+    assert everything["seen_in_training"] == 40 and everything["generated"]["unseen"] is None
+    assert "seen_in_training" not in score(model, task, 40, 40, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("make, match", [

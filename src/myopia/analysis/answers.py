@@ -1,6 +1,7 @@
 """Scoring answer tasks (:mod:`myopia.tasks.answer`): exact match of the whole answer and accuracy per
 answer position, from greedy generation starting at the prompt (teacherless tasks: the one forward
-pass with dummy answer inputs), with Wilson 95% intervals for one model."""
+pass with dummy answer inputs), with Wilson 95% intervals for one model; optionally also on the
+held-out prompts that training never drew (the training stream is regenerated to find them)."""
 
 from __future__ import annotations
 
@@ -52,10 +53,42 @@ def summarise(counts: dict) -> dict:
     return out
 
 
-def score(model: torch.nn.Module, task, n_samples: int, batch_size: int, device: torch.device) -> dict:
+_PRIME = 2_147_483_629  # below 2**31: a hash times a base below 2**31 stays inside int64
+_BASES = (1_000_003, 998_244_353)
+
+
+def prompt_keys(prompt: torch.Tensor) -> torch.Tensor:
+    """One int64 key (on the CPU) per prompt row ``(B, P)``: equal prompts share a key; distinct ones
+    practically never do (two polynomial hashes modulo a prime near 2**31, side by side)."""
+    halves = []
+    for base in _BASES:
+        h = torch.zeros(prompt.shape[0], dtype=torch.int64)
+        for column in prompt.detach().cpu().long().T:
+            h = (h * base + column + 1) % _PRIME
+        halves.append(h)
+    return halves[0] * (1 << 31) + halves[1]
+
+
+def training_prompt_keys(task, steps: int, batch_size: int, grad_accum: int = 1) -> torch.Tensor:
+    """Sorted unique :func:`prompt_keys` of every prompt the training loop draws in ``steps`` steps
+    (``task.train_batch(step, micro, batch_size)``, as the loop calls it), to tell which held-out
+    prompts training also saw. The stream is regenerated from (seed, step), not stored; it assumes the
+    run kept one ``batch_size`` and ``grad_accum`` throughout (a resumed run that changed them drew
+    other batches)."""
+    keys = [prompt_keys(task.train_batch(step, micro, batch_size)[0][:, : task.prompt_len])
+            for step in range(steps) for micro in range(grad_accum)]
+    return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64)
+
+
+def score(model: torch.nn.Module, task, n_samples: int, batch_size: int, device: torch.device,
+          seen: torch.Tensor | None = None) -> dict:
     """Greedy scores on the task's first ``n_samples`` held-out examples: ``generated`` (the model's
-    own answer) and ``teacher_forced`` (each position given the true answer before it)."""
-    answers, preds = [], {"generated": [], "teacher_forced": []}
+    own answer) and ``teacher_forced`` (each position given the true answer before it).
+
+    ``seen`` (:func:`training_prompt_keys`): also count the held-out prompts training drew too
+    (``seen_in_training``) and score the others alone (``unseen`` in each kind; None when every
+    held-out prompt was drawn in training)."""
+    answers, prompts, preds = [], [], {"generated": [], "teacher_forced": []}
     done, index = 0, 0
     while done < n_samples:
         prompt, answer = task.heldout_examples(index, batch_size)
@@ -63,10 +96,20 @@ def score(model: torch.nn.Module, task, n_samples: int, batch_size: int, device:
         for key, pred in predict(model, task, prompt, answer).items():
             preds[key].append(pred)
         answers.append(answer)
+        prompts.append(prompt)
         done += prompt.shape[0]
         index += 1
-    totals = {key: tally(torch.cat(answers), torch.cat(p)) for key, p in preds.items()}
-    return {key: {**summarise(t), "counts": t} for key, t in totals.items()}
+    answers_all = torch.cat(answers)
+    preds_all = {key: torch.cat(p) for key, p in preds.items()}
+    out: dict = {key: {**summarise(t), "counts": t}
+                 for key, t in ((key, tally(answers_all, p)) for key, p in preds_all.items())}
+    if seen is not None:
+        new = ~torch.isin(prompt_keys(torch.cat(prompts)), seen.cpu()).to(answers_all.device)
+        out["seen_in_training"] = int((~new).sum())
+        for key, p in preds_all.items():
+            t = tally(answers_all[new], p[new])
+            out[key]["unseen"] = {**summarise(t), "counts": t} if t["n"] else None
+    return out
 
 
-__all__ = ["predict", "score", "summarise", "tally", "wilson"]
+__all__ = ["predict", "prompt_keys", "score", "summarise", "tally", "training_prompt_keys", "wilson"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from myopia.analysis.answers import score
+from myopia.analysis.answers import score, training_prompt_keys
 from myopia.analysis.stats import mean_ci
 from myopia.config import ConfigError
 from myopia.experiments.arms import Arm, build_model, parse_arms
@@ -247,16 +247,23 @@ def _train_condition(cfg: AnswerExperiment, results: Results, cond: Condition, a
     train_cfg = replace(cfg.train, seed=seed)
     seed_runs: dict = {}
     arm_root = os.path.join(cfg.out, f"seed{seed}", cond.label)
+    seen: dict = {}  # steps trained -> the training prompts' keys (regenerated once per step count)
 
     def after_arm(arm, model, result):
-        scores = score(model, task, cfg.eval_samples, min(cfg.train.batch_size, 512), device)
+        if result.steps not in seen:
+            seen[result.steps] = training_prompt_keys(task, result.steps, train_cfg.batch_size, train_cfg.grad_accum)
+        scores = score(model, task, cfg.eval_samples, min(cfg.train.batch_size, 512), device,
+                       seen=seen[result.steps])
         seed_runs[arm.name] = {"eval_loss": result.eval["loss"], "train_seconds": result.seconds,
                                "steps": result.steps, **scores,
                                "metrics": os.path.relpath(os.path.join(arm_root, arm.name, "metrics.jsonl"), cfg.out)}
         g = scores["generated"]
+        unseen = ("training drew every held-out prompt" if g["unseen"] is None else
+                  f"{g['unseen']['exact_match']:.3f} on the {g['unseen']['n']} never drawn in training")
         print(f"  -> {cond.label} seed {seed} {arm.name}: exact match {g['exact_match']:.3f} "
               f"[{g['exact_match_ci'][0]:.3f}, {g['exact_match_ci'][1]:.3f}], first token "
-              f"{g['position_accuracy'][0]:.3f}, answer loss {result.eval['loss']:.4f} ({result.seconds:.0f} s)",
+              f"{g['position_accuracy'][0]:.3f}, {unseen}, "
+              f"answer loss {result.eval['loss']:.4f} ({result.seconds:.0f} s)",
               flush=True)
 
     run_result = run_arms(arm_root, cfg, list(arms), task, lambda arm: build_model(cfg.model, arm, overrides, seed),
@@ -296,6 +303,13 @@ def summarise(results: dict) -> dict:
                     out[kind]["rest"] = mean_ci([_rest(a, first) for a in acc])
                 if len(runs) == 1:
                     out[kind]["exact_match_wilson"] = runs[0][kind]["exact_match_ci"]
+                # over the seeds whose training left some held-out prompts undrawn (older results: none)
+                unseen = [r[kind]["unseen"] for r in runs if r[kind].get("unseen")]
+                if unseen:
+                    out[kind]["unseen_exact_match"] = mean_ci([u["exact_match"] for u in unseen])
+                    out[kind]["unseen_n"] = sum(u["n"] for u in unseen)
+            if all("seen_in_training" in r for r in runs):
+                out["seen_in_training"] = mean_ci([r["seen_in_training"] / r["generated"]["n"] for r in runs])
             summary.setdefault(label, {})[arm] = out
     return summary
 

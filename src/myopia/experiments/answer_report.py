@@ -56,6 +56,7 @@ def write(out: str, results: dict) -> None:
     cfg, env, task = results["config"], results["environment"], results["task"]
     m = cfg["model"]
     paper = results["paper"]
+    teacherless = any(c.get("mode") == "teacherless" for c in results["conditions"].values())
     text = [f"# Tasks with answers: {task}", ""]
     first = next(iter(results["conditions"].values()))
     text += [f"Example ({next(iter(results['conditions']))}): prompt `{first['example']['prompt']}` → answer "
@@ -63,7 +64,7 @@ def write(out: str, results: dict) -> None:
     text += [f"Model: {m['n_layer']} layers, d={m['n_embd']}, {m['n_head']} heads, from scratch. "
              f"{cfg['train']['steps']} steps of batch {cfg['train']['batch_size']}, AdamW lr {cfg['optim']['lr']}. "
              f"Seeds: {cfg['seeds']}. {cfg['eval_samples']} held-out prompts per model, answered by greedy generation"
-             f"{' (teacherless mode: one forward pass with dummy answer inputs)' if 'teacherless' in results['conditions'] else ''}. "
+             f"{' (teacherless mode: one forward pass with dummy answer inputs)' if teacherless else ''}. "
              f"Machine: {env['device']} ({env['machine']}), torch {env['torch']}, {env['date']}.", "",
              "Values: mean [95% t-interval over seeds]; with one seed, the Wilson interval of the proportion.", ""]
     rows = []
@@ -78,6 +79,19 @@ def write(out: str, results: dict) -> None:
                         f"{format_ci(t['rest']) if 'rest' in t else '-'} | {format_ci(s['eval_loss'])} | {ref} |")
     text += ["| condition | arm | exact match | first token | rest (mean) | teacher-forced first | "
              "teacher-forced rest | answer loss | paper |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    seen = [(label, arm, s) for label, arms in results["summary"].items() for arm, s in arms.items()
+            if "seen_in_training" in s]
+    if seen:
+        text += ["Held-out prompts that the training stream also drew (regenerated from the seeds), and exact "
+                 "match on the others alone (over the seeds that left any):", "",
+                 "| condition | arm | drawn in training (fraction) | exact match, never drawn | never-drawn prompts |",
+                 "|---|---|---|---|---|"]
+        for label, arm, s in seen:
+            g = s["generated"]
+            text.append(f"| {label} | {arm} | {format_ci(s['seen_in_training'])} | "
+                        + (f"{format_ci(g['unseen_exact_match'])} | {g['unseen_n']} |" if "unseen_exact_match" in g
+                           else "- | 0 (training drew every one) |"))
+        text += [""]
     if task == "multiply":
         text += [f"Paper ({paper['setting']}): exact match vanilla pad 5 0.36, pad 10 **0.99**; myopic pad 5 0.38, "
                  "pad 10 **0.06**. The paper column is filled where our condition has the paper's label.", ""]
