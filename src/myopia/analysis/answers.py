@@ -99,16 +99,17 @@ def score(model: torch.nn.Module, task, n_samples: int, batch_size: int, device:
         prompts.append(prompt)
         done += prompt.shape[0]
         index += 1
-    answers_all = torch.cat(answers)
-    preds_all = {key: torch.cat(p) for key, p in preds.items()}
-    out: dict = {key: {**summarise(t), "counts": t}
-                 for key, t in ((key, tally(answers_all, p)) for key, p in preds_all.items())}
+    def scored(rows=slice(None)):
+        t = {key: tally(torch.cat(answers)[rows], torch.cat(p)[rows]) for key, p in preds.items()}
+        return {key: {**summarise(c), "counts": c} for key, c in t.items()}
+
+    out: dict = scored()
     if seen is not None:
-        new = ~torch.isin(prompt_keys(torch.cat(prompts)), seen.cpu()).to(answers_all.device)
+        new = ~torch.isin(prompt_keys(torch.cat(prompts)), seen.cpu()).to(answers[0].device)
         out["seen_in_training"] = int((~new).sum())
-        for key, p in preds_all.items():
-            t = tally(answers_all[new], p[new])
-            out[key]["unseen"] = {**summarise(t), "counts": t} if t["n"] else None
+        unseen = scored(new) if new.any() else {}
+        for key in preds:
+            out[key]["unseen"] = unseen.get(key)
     return out
 
 
