@@ -77,11 +77,23 @@ def test_paper_preset_prints_the_papers_settings(capsys):
     (["--task", "path-star", "--preset", "tiny", "--path_star.length", "0"], "the answer is empty"),
     (["--task", "parity", "--preset", "paper"], "'paper' has no parity version; choose --preset cpu or tiny"),
     (["--task", "sums"], "task='sums' is not one of multiply, path-star, parity"),
+    (["--preset", "tiny", "--pads", "1", "--multiply.min_digits", "1", "--multiply.max_digits", "1",
+      "--eval_samples", "2000", "--exclude_heldout", "true"], "or turn --exclude_heldout off"),
 ])
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, capsys):
     assert cli.main(["answer", *args, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_exclude_heldout_leaves_no_heldout_prompt_in_training(tmp_path):
+    args = ["--preset", "tiny", "--seeds", "0", "--arms", "vanilla", "--pads", "2"]
+    _, shared = _run(args, tmp_path, "shared")
+    out, apart = _run([*args, "--exclude_heldout", "true"], tmp_path, "apart")
+    assert shared["conditions"]["pad2"]["runs"]["0"]["vanilla"]["seen_in_training"] > 0
+    run = apart["conditions"]["pad2"]["runs"]["0"]["vanilla"]
+    assert run["seen_in_training"] == 0 and run["generated"]["unseen"]["n"] == 64
+    assert "Training excluded them" in (out / "report.md").read_text()
 
 
 def test_resume_after_completion_rescores_the_same_models(tmp_path):

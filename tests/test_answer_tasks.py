@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from myopia.analysis.answers import predict, prompt_keys, score, tally, training_prompt_keys, wilson
+from myopia.analysis.answers import (
+    heldout_prompts,
+    predict,
+    prompt_keys,
+    score,
+    tally,
+    training_prompt_keys,
+    wilson,
+)
 from myopia.model import GPT, GPTConfig
 from myopia.tasks.answer import (
     MultiplyConfig,
@@ -168,6 +176,33 @@ def test_score_splits_off_the_heldout_prompts_training_drew():
     everything = score(model, task, 40, 40, torch.device("cpu"), seen=prompt_keys(prompt))
     assert everything["seen_in_training"] == 40 and everything["generated"]["unseen"] is None
     assert "seen_in_training" not in score(model, task, 40, 40, torch.device("cpu"))
+
+
+def test_exclude_keeps_the_heldout_prompts_out_of_training():
+    cfg = MultiplyConfig(min_digits=1, max_digits=1)  # 100 prompts: training keeps drawing held-out ones
+    plain, task = MultiplyTask(cfg, seed=0), MultiplyTask(cfg, seed=0)
+    held = heldout_prompts(task, 30, 16)  # the prompts score(task, 30, 16) answers
+    assert torch.equal(held, torch.cat([task.heldout_examples(0, 16)[0], task.heldout_examples(1, 16)[0][:14]]))
+    task.exclude(held)
+    keys, p, hits = prompt_keys(held), task.prompt_len, 0
+    for step in range(20):
+        x0, y0 = plain.train_batch(step, 0, 32)
+        x, y = task.train_batch(step, 0, 32)
+        hit = torch.isin(prompt_keys(x0[:, :p]), keys)
+        hits += int(hit.sum())
+        assert not torch.isin(prompt_keys(x[:, :p]), keys).any()
+        assert torch.equal(x[~hit], x0[~hit]) and torch.equal(y[~hit], y0[~hit])  # the other rows as drawn
+        assert torch.equal(y, task.train_batch(step, 0, 32)[1])  # the same (seed, step) gives the same batch
+    assert hits > 50  # without the exclusion, training draws them
+    assert not torch.isin(training_prompt_keys(task, 20, 32), keys).any()
+    assert torch.isin(training_prompt_keys(plain, 20, 32), keys).any()
+
+
+def test_exclude_refuses_a_heldout_set_that_leaves_nothing_to_draw():
+    task = MultiplyTask(MultiplyConfig(min_digits=1, max_digits=1), seed=0)
+    task.exclude(heldout_prompts(task, 5000, 500))  # every one of the 100 prompts
+    with pytest.raises(ValueError, match="lower --eval_samples, widen the task, or turn --exclude_heldout off"):
+        task.train_batch(0, 0, 8)
 
 
 @pytest.mark.parametrize("make, match", [

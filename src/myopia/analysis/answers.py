@@ -10,6 +10,7 @@ import math
 import torch
 
 from myopia.generation import generate_greedy
+from myopia.tasks.answer import prompt_keys
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -53,22 +54,6 @@ def summarise(counts: dict) -> dict:
     return out
 
 
-_PRIME = 2_147_483_629  # below 2**31: a hash times a base below 2**31 stays inside int64
-_BASES = (1_000_003, 998_244_353)
-
-
-def prompt_keys(prompt: torch.Tensor) -> torch.Tensor:
-    """One int64 key (on the CPU) per prompt row ``(B, P)``: equal prompts share a key; distinct ones
-    practically never do (two polynomial hashes modulo a prime near 2**31, side by side)."""
-    halves = []
-    for base in _BASES:
-        h = torch.zeros(prompt.shape[0], dtype=torch.int64)
-        for column in prompt.detach().cpu().long().T:
-            h = (h * base + column + 1) % _PRIME
-        halves.append(h)
-    return halves[0] * (1 << 31) + halves[1]
-
-
 def training_prompt_keys(task, steps: int, batch_size: int, grad_accum: int = 1) -> torch.Tensor:
     """Sorted unique :func:`prompt_keys` of every prompt the training loop draws in ``steps`` steps
     (``task.train_batch(step, micro, batch_size)``, as the loop calls it), to tell which held-out
@@ -80,6 +65,23 @@ def training_prompt_keys(task, steps: int, batch_size: int, grad_accum: int = 1)
     return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64)
 
 
+def _heldout(task, n_samples: int, batch_size: int):
+    """The task's first ``n_samples`` held-out ``(prompt, answer)`` examples, in batches of ``batch_size``."""
+    done, index = 0, 0
+    while done < n_samples:
+        prompt, answer = task.heldout_examples(index, batch_size)
+        prompt, answer = prompt[: n_samples - done], answer[: n_samples - done]
+        yield prompt, answer
+        done += prompt.shape[0]
+        index += 1
+
+
+def heldout_prompts(task, n_samples: int, batch_size: int) -> torch.Tensor:
+    """The prompts :func:`score` answers with the same ``n_samples`` and ``batch_size`` (to keep them out
+    of training: ``task.exclude``)."""
+    return torch.cat([prompt for prompt, _ in _heldout(task, n_samples, batch_size)])
+
+
 def score(model: torch.nn.Module, task, n_samples: int, batch_size: int, device: torch.device,
           seen: torch.Tensor | None = None) -> dict:
     """Greedy scores on the task's first ``n_samples`` held-out examples: ``generated`` (the model's
@@ -89,16 +91,12 @@ def score(model: torch.nn.Module, task, n_samples: int, batch_size: int, device:
     (``seen_in_training``) and score the others alone (``unseen`` in each kind; None when every
     held-out prompt was drawn in training)."""
     answers, prompts, preds = [], [], {"generated": [], "teacher_forced": []}
-    done, index = 0, 0
-    while done < n_samples:
-        prompt, answer = task.heldout_examples(index, batch_size)
-        prompt, answer = prompt[: n_samples - done].to(device), answer[: n_samples - done].to(device)
+    for prompt, answer in _heldout(task, n_samples, batch_size):
+        prompt, answer = prompt.to(device), answer.to(device)
         for key, pred in predict(model, task, prompt, answer).items():
             preds[key].append(pred)
         answers.append(answer)
         prompts.append(prompt)
-        done += prompt.shape[0]
-        index += 1
     def scored(rows=slice(None)):
         t = {key: tally(torch.cat(answers)[rows], torch.cat(p)[rows]) for key, p in preds.items()}
         return {key: {**summarise(c), "counts": c} for key, c in t.items()}
@@ -113,4 +111,4 @@ def score(model: torch.nn.Module, task, n_samples: int, batch_size: int, device:
     return out
 
 
-__all__ = ["predict", "prompt_keys", "score", "summarise", "tally", "training_prompt_keys", "wilson"]
+__all__ = ["heldout_prompts", "predict", "prompt_keys", "score", "summarise", "tally", "training_prompt_keys", "wilson"]

@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from myopia.analysis.answers import score, training_prompt_keys
+import torch
+
+from myopia.analysis.answers import heldout_prompts, score, training_prompt_keys
 from myopia.analysis.stats import mean_ci
 from myopia.config import ConfigError
 from myopia.experiments.arms import Arm, build_model, parse_arms
@@ -70,6 +72,10 @@ class AnswerExperiment:
     """path-star: modes to run, one condition each (empty = path_star.mode)."""
     eval_samples: int = 1024
     """Held-out prompts answered by each trained model."""
+    exclude_heldout: bool = False
+    """Keep the held-out prompts (those scored and those of the held-out loss) out of training: a training
+    draw equal to one is replaced by the next draw of the same (seed, step) stream. Off by default
+    (the presets' published runs), where results count the held-out prompts training also drew."""
     resume: bool = False
     """Continue an interrupted run in --out."""
     multiply: MultiplyConfig = field(default_factory=MultiplyConfig)
@@ -247,12 +253,21 @@ def _train_condition(cfg: AnswerExperiment, results: Results, cond: Condition, a
     train_cfg = replace(cfg.train, seed=seed)
     seed_runs: dict = {}
     arm_root = os.path.join(cfg.out, f"seed{seed}", cond.label)
+    score_batch = min(cfg.train.batch_size, 512)
+    if cfg.exclude_heldout:
+        task.exclude(torch.cat([heldout_prompts(task, cfg.eval_samples, score_batch),
+                                *(task.heldout_examples(i, train_cfg.batch_size)[0]
+                                  for i in range(train_cfg.eval_batches))]))
+        try:
+            task.train_batch(0, 0, train_cfg.batch_size)  # a held-out set that leaves nothing to draw fails here
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     seen: dict = {}  # steps trained -> the training prompts' keys (regenerated once per step count)
 
     def after_arm(arm, model, result):
         if result.steps not in seen:
             seen[result.steps] = training_prompt_keys(task, result.steps, train_cfg.batch_size, train_cfg.grad_accum)
-        scores = score(model, task, cfg.eval_samples, min(cfg.train.batch_size, 512), device,
+        scores = score(model, task, cfg.eval_samples, score_batch, device,
                        seen=seen[result.steps])
         seed_runs[arm.name] = {"eval_loss": result.eval["loss"], "train_seconds": result.seconds,
                                "steps": result.steps, **scores,

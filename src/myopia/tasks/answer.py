@@ -25,6 +25,21 @@ import torch.nn.functional as F
 from myopia.tasks.base import HELDOUT_STREAM, IGNORE, TRAIN_STREAM, batch_generator
 
 PATH_STAR_MODES = ("standard", "reverse", "teacherless")
+_PRIME = 2_147_483_629  # below 2**31: a hash times a base below 2**31 stays inside int64
+_BASES = (1_000_003, 998_244_353)
+_MAX_REDRAWS = 1000
+
+
+def prompt_keys(prompt: torch.Tensor) -> torch.Tensor:
+    """One int64 key (on the CPU) per prompt row ``(B, P)``: equal prompts share a key; distinct ones
+    practically never do (two polynomial hashes modulo a prime near 2**31, side by side)."""
+    halves = []
+    for base in _BASES:
+        h = torch.zeros(prompt.shape[0], dtype=torch.int64)
+        for column in prompt.detach().cpu().long().T:
+            h = (h * base + column + 1) % _PRIME
+        halves.append(h)
+    return halves[0] * (1 << 31) + halves[1]
 
 
 class AnswerTask:
@@ -39,6 +54,8 @@ class AnswerTask:
 
     def __init__(self, seed: int):
         self.seed = seed
+        self.excluded: torch.Tensor | None = None
+        """Sorted :func:`prompt_keys` of the prompts training never draws (:meth:`exclude`)."""
         if self.answer_len < 1:
             raise ValueError(f"{self.name}: the answer is empty (answer_len={self.answer_len}); "
                              "choose settings that leave at least one answer token")
@@ -71,8 +88,29 @@ class AnswerTask:
             x[:, self.prompt_len:] = len(self.vocab) - 1
         return x, y
 
+    def exclude(self, prompts: torch.Tensor) -> None:
+        """Keep these prompts ``(N, prompt_len)`` out of training: a training draw equal to one of them is
+        replaced by the next draw from the same (seed, step) stream, so the stream stays reproducible
+        and every other row is the one drawn without exclusion."""
+        self.excluded = torch.unique(prompt_keys(prompts))
+
     def train_batch(self, step: int, micro: int, batch_size: int):
-        return self.inputs_targets(*self.sample(batch_generator(self.seed, TRAIN_STREAM, step, micro), batch_size))
+        gen = batch_generator(self.seed, TRAIN_STREAM, step, micro)
+        prompt, answer = self.sample(gen, batch_size)
+        if self.excluded is not None:
+            prompt, answer = self._redraw_excluded(gen, prompt, answer)
+        return self.inputs_targets(prompt, answer)
+
+    def _redraw_excluded(self, gen: torch.Generator, prompt: torch.Tensor, answer: torch.Tensor):
+        for _ in range(_MAX_REDRAWS):
+            hit = torch.isin(prompt_keys(prompt), self.excluded).nonzero().squeeze(1)
+            if hit.numel() == 0:
+                return prompt, answer
+            prompt, answer = prompt.clone(), answer.clone()
+            prompt[hit], answer[hit] = self.sample(gen, hit.numel())
+        raise ValueError(f"{self.name}: the held-out prompts are (nearly) all the prompts training can draw "
+                         f"({_MAX_REDRAWS} redraws found no other); lower --eval_samples, widen the task, "
+                         "or turn --exclude_heldout off")
 
     def heldout_batch(self, index: int, batch_size: int):
         return self.inputs_targets(*self.heldout_examples(index, batch_size))
