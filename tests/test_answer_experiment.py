@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from myopia import cli
@@ -86,14 +87,54 @@ def test_bad_input_is_a_one_line_error(args, message, tmp_path, capsys):
     assert message in err and err.count("\n") == 1
 
 
-def test_exclude_heldout_leaves_no_heldout_prompt_in_training(tmp_path):
-    args = ["--preset", "tiny", "--seeds", "0", "--arms", "vanilla", "--pads", "2"]
-    _, shared = _run(args, tmp_path, "shared")
-    out, apart = _run([*args, "--exclude_heldout", "true"], tmp_path, "apart")
+def test_exclude_heldout_keeps_scored_and_loss_prompts_out_of_training(tmp_path, monkeypatch):
+    from myopia.tasks.answer import AnswerTask, prompt_keys
+
+    drawn = {"train": [], "loss": [], "scored": []}
+
+    def recording(name, kind):
+        original = getattr(AnswerTask, name)
+
+        def record(self, *args):
+            out = original(self, *args)
+            drawn[kind].append(prompt_keys(out[0][:, : self.prompt_len]))
+            return out
+        monkeypatch.setattr(AnswerTask, name, record)
+
+    recording("train_batch", "train")  # the loop's draws (and their regeneration after training)
+    recording("heldout_batch", "loss")  # the loop's held-out loss
+    recording("heldout_examples", "scored")  # the scored prompts (and the loss's, which it builds on)
+    # 16 scored prompts; the held-out loss reads 4 batches of 32, prompts the scoring never sees
+    args = ["--preset", "tiny", "--seeds", "0", "--arms", "vanilla", "--pads", "2", "--eval_samples", "16",
+            "--train.eval_batches", "4"]
+
+    def overlap(run_args, name):
+        for keys in drawn.values():
+            keys.clear()
+        _, res = _run(run_args, tmp_path, name)
+        train = torch.cat(drawn["train"])
+        return res, {kind: int(torch.isin(torch.cat(drawn[kind]), train).sum()) for kind in ("loss", "scored")}
+
+    shared, plain = overlap(args, "shared")
+    assert plain["loss"] > 0 and plain["scored"] > 0  # 1-2 digit operands: training draws held-out prompts
     assert shared["conditions"]["pad2"]["runs"]["0"]["vanilla"]["seen_in_training"] > 0
+    apart, excluded = overlap([*args, "--exclude_heldout", "true"], "apart")
+    assert excluded == {"loss": 0, "scored": 0}
     run = apart["conditions"]["pad2"]["runs"]["0"]["vanilla"]
-    assert run["seen_in_training"] == 0 and run["generated"]["unseen"]["n"] == 64
-    assert "Training excluded them" in (out / "report.md").read_text()
+    assert run["seen_in_training"] == 0 and run["generated"]["unseen"]["n"] == 16
+
+
+def test_exclude_heldout_refuses_a_resume_that_changes_the_heldout_set(tmp_path, capsys):
+    args = ["--task", "parity", "--preset", "tiny", "--train.steps", "5", "--arms", "vanilla", "--seeds", "0",
+            "--out", str(tmp_path / "r")]
+    assert cli.main(["answer", *args, "--exclude_heldout", "true"]) == 0
+    capsys.readouterr()
+    for change, trained in ((["--eval_samples", "32"], "eval_samples=64"), ([], "exclude_heldout=True")):
+        assert cli.main(["answer", *args, "--resume", "true", *change,
+                         *(["--exclude_heldout", "true"] if change else [])]) == 2
+        err = capsys.readouterr().err
+        assert f"was trained with {trained}" in err and err.count("\n") == 1
+    assert cli.main(["answer", *args, "--resume", "true", "--exclude_heldout", "true"]) == 0  # the same: fine
 
 
 def test_resume_after_completion_rescores_the_same_models(tmp_path):

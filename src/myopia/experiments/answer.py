@@ -12,6 +12,7 @@ Writes ``results.json``, ``report.md`` and plots.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 
@@ -35,6 +36,7 @@ from myopia.tasks.answer import (
     PathStarConfig,
     PathStarTask,
 )
+from myopia.train.checkpoint import atomic_write_text
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.loop import resolve_device
 
@@ -254,14 +256,7 @@ def _train_condition(cfg: AnswerExperiment, results: Results, cond: Condition, a
     seed_runs: dict = {}
     arm_root = os.path.join(cfg.out, f"seed{seed}", cond.label)
     score_batch = min(cfg.train.batch_size, 512)
-    if cfg.exclude_heldout:
-        task.exclude(torch.cat([heldout_prompts(task, cfg.eval_samples, score_batch),
-                                *(task.heldout_examples(i, train_cfg.batch_size)[0]
-                                  for i in range(train_cfg.eval_batches))]))
-        try:
-            task.train_batch(0, 0, train_cfg.batch_size)  # a held-out set that leaves nothing to draw fails here
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    _exclude_heldout(cfg, task, train_cfg, score_batch, arm_root)
     seen: dict = {}  # steps trained -> the training prompts' keys (regenerated once per step count)
 
     def after_arm(arm, model, result):
@@ -285,6 +280,35 @@ def _train_condition(cfg: AnswerExperiment, results: Results, cond: Condition, a
                           cfg.optim, train_cfg, resume=cfg.resume, on_arm_done=after_arm, experiment="arms")
     entry["runs"][str(seed)] = seed_runs
     return run_result["status"] == Status.COMPLETED
+
+
+def _exclude_heldout(cfg: AnswerExperiment, task: AnswerTask, train_cfg: TrainConfig, score_batch: int,
+                     arm_root: str) -> None:
+    """With ``--exclude_heldout``, keep the scored prompts and those of the held-out loss out of ``task``'s
+    training stream. That stream then depends on the held-out settings, so they are recorded in
+    ``arm_root/heldout.json`` and a resume that changes them (or turns the option on or off) is refused."""
+    record: dict = {"exclude_heldout": cfg.exclude_heldout}
+    if cfg.exclude_heldout:
+        record.update(eval_samples=cfg.eval_samples, eval_batches=train_cfg.eval_batches,
+                      batch_size=train_cfg.batch_size)
+    path = os.path.join(arm_root, "heldout.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+    else:  # a run directory from before this record excluded nothing
+        before = {"exclude_heldout": False} if os.path.isdir(arm_root) and os.listdir(arm_root) else record
+    if before != record:
+        trained = ", ".join(f"{key}={value}" for key, value in before.items() if record.get(key) != value)
+        raise ConfigError(f"{arm_root} was trained with {trained}; the training stream depends on it under "
+                          "--exclude_heldout, so resume with the same settings or choose a new --out")
+    os.makedirs(arm_root, exist_ok=True)
+    atomic_write_text(path, json.dumps(record) + "\n")
+    if cfg.exclude_heldout:
+        task.exclude(torch.cat([heldout_prompts(task, cfg.eval_samples, score_batch),
+                                *(task.heldout_examples(i, train_cfg.batch_size)[0]
+                                  for i in range(train_cfg.eval_batches))]))
+        for step in range(min(train_cfg.steps, 16)):  # a held-out set that leaves (almost) nothing fails now
+            task.train_batch(step, 0, train_cfg.batch_size)
 
 
 def _first_index(entry: dict) -> int:

@@ -82,8 +82,7 @@ def write(out: str, results: dict) -> None:
     seen = [(label, arm, s) for label, arms in results["summary"].items() for arm, s in arms.items()
             if "seen_in_training" in s]
     if seen:
-        excluded = (" Training excluded them (`exclude_heldout`), so it drew none." if cfg.get("exclude_heldout")
-                    else "")
+        excluded = (" Training was set to exclude them (`exclude_heldout`)." if cfg.get("exclude_heldout") else "")
         text += ["Held-out prompts that the training stream also drew (regenerated from the seeds), and exact "
                  "match on the others alone (over the seeds that left any)." + excluded, "",
                  "| condition | arm | drawn in training (fraction) | exact match, never drawn | never-drawn prompts |",

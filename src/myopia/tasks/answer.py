@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from myopia.config import ConfigError
 from myopia.tasks.base import HELDOUT_STREAM, IGNORE, TRAIN_STREAM, batch_generator
 
 PATH_STAR_MODES = ("standard", "reverse", "teacherless")
@@ -108,9 +109,9 @@ class AnswerTask:
                 return prompt, answer
             prompt, answer = prompt.clone(), answer.clone()
             prompt[hit], answer[hit] = self.sample(gen, hit.numel())
-        raise ValueError(f"{self.name}: the held-out prompts are (nearly) all the prompts training can draw "
-                         f"({_MAX_REDRAWS} redraws found no other); lower --eval_samples, widen the task, "
-                         "or turn --exclude_heldout off")
+        raise ConfigError(f"{self.name}: the held-out prompts are (nearly) all the prompts training can draw "
+                          f"({_MAX_REDRAWS} redraws found no other); lower --eval_samples or --train.eval_batches, "
+                          "widen the task, or turn --exclude_heldout off")
 
     def heldout_batch(self, index: int, batch_size: int):
         return self.inputs_targets(*self.heldout_examples(index, batch_size))
@@ -290,5 +291,5 @@ class PathStarTask(AnswerTask):
         return prompt, answer
 
 
-__all__ = ["AnswerTask", "MultiplyConfig", "MultiplyTask", "PATH_STAR_MODES", "ParityConfig", "ParityTask",
+__all__ = ["AnswerTask", "prompt_keys", "MultiplyConfig", "MultiplyTask", "PATH_STAR_MODES", "ParityConfig", "ParityTask",
            "PathStarConfig", "PathStarTask"]
