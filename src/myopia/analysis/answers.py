@@ -97,13 +97,16 @@ def score(model: torch.nn.Module, task, n_samples: int, batch_size: int, device:
             preds[key].append(pred)
         answers.append(answer)
         prompts.append(prompt)
+    answers_all = torch.cat(answers)
+    preds_all = {key: torch.cat(p) for key, p in preds.items()}
+
     def scored(rows=slice(None)):
-        t = {key: tally(torch.cat(answers)[rows], torch.cat(p)[rows]) for key, p in preds.items()}
+        t = {key: tally(answers_all[rows], p[rows]) for key, p in preds_all.items()}
         return {key: {**summarise(c), "counts": c} for key, c in t.items()}
 
     out: dict = scored()
     if seen is not None:
-        new = ~torch.isin(prompt_keys(torch.cat(prompts)), seen.cpu()).to(answers[0].device)
+        new = ~torch.isin(prompt_keys(torch.cat(prompts)), seen.cpu()).to(answers_all.device)
         out["seen_in_training"] = int((~new).sum())
         unseen = scored(new) if new.any() else {}
         for key in preds:

@@ -291,5 +291,5 @@ class PathStarTask(AnswerTask):
         return prompt, answer
 
 
-__all__ = ["AnswerTask", "prompt_keys", "MultiplyConfig", "MultiplyTask", "PATH_STAR_MODES", "ParityConfig", "ParityTask",
-           "PathStarConfig", "PathStarTask"]
+__all__ = ["AnswerTask", "MultiplyConfig", "MultiplyTask", "PATH_STAR_MODES", "ParityConfig", "ParityTask",
+           "PathStarConfig", "PathStarTask", "prompt_keys"]
