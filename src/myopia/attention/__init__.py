@@ -74,6 +74,18 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _autocast_inputs(*tensors):
+    """Under autocast, every input in the autocast dtype, as ``F.scaled_dot_product_attention`` casts
+    its own (a model's rotary often hands over float32 queries/keys beside bfloat16 values); the
+    fused and reference paths are not autocast ops, so they get the cast here. Outside autocast,
+    unchanged."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,6 +117,7 @@ def attention(
     """
     cut = Cut.parse(cut)
     check_backend(backend)
+    q, k, v, k_past, v_past = _autocast_inputs(q, k, v, k_past, v_past)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if cut.changes_forward:

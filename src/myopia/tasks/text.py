@@ -22,7 +22,22 @@ from myopia.data.corpus import DataError, fingerprint, load_documents, split_doc
 from myopia.data.tokenizer import build_tokenizer
 from myopia.tasks.base import HELDOUT_STREAM, TRAIN_STREAM, batch_generator
 
-__all__ = ["DataError", "TextConfig", "TextTask", "default_cache_dir"]
+__all__ = ["HELDOUT_PARTS", "DataError", "TextConfig", "TextTask", "default_cache_dir", "heldout_part"]
+
+
+HELDOUT_PARTS = ("all", "tune", "report")
+
+
+def heldout_part(docs: list, part: str) -> list:
+    """The held-out documents of one part: ``all``; ``report`` (the 1st, 3rd, ...) or ``tune`` (the
+    2nd, 4th, ...), two disjoint halves, so that a recipe chosen on ``tune`` is reported on text it
+    was not chosen on."""
+    if part == "all" or len(docs) < 2:
+        if part != "all":
+            raise DataError(f"data.heldout_part={part!r} needs two or more held-out documents; raise "
+                            "data.heldout_fraction or use data.heldout_part all")
+        return docs
+    return docs[0::2] if part == "report" else docs[1::2]
 
 
 def default_cache_dir() -> str:
@@ -46,8 +61,13 @@ class TextConfig:
     """Fraction of documents held out for evaluation (split by document)."""
     cache_dir: str = ""
     """Where tokenizers and token caches live (empty = $MYOPIA_CACHE or ~/.cache/myopia)."""
+    heldout_part: str = "all"
+    """Which held-out documents are scored: all | tune (every other one, from the second: choose a
+    recipe on these) | report (the others: report figures on these, which the recipe never saw)."""
 
     def __post_init__(self) -> None:
+        if self.heldout_part not in HELDOUT_PARTS:
+            raise ValueError(f"heldout_part={self.heldout_part!r} is not one of {', '.join(HELDOUT_PARTS)}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} must be >= 2")
         if not 0.0 < self.heldout_fraction < 1.0:
@@ -64,6 +84,7 @@ class TextTask:
         cache_dir = cfg.cache_dir or default_cache_dir()
         docs = load_documents(cfg.corpus, "data.text.corpus")
         train_docs, held_docs = split_documents(docs, cfg.heldout_fraction)
+        held_docs = heldout_part(held_docs, cfg.heldout_part)
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.vocab_size, train_docs, os.path.join(cache_dir, "tokenizers"))
         arrays = {}
         for split, split_docs in (("train", train_docs), ("heldout", held_docs)):
