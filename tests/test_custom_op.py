@@ -122,10 +122,12 @@ def test_grad_mode_off_takes_plain_sdpa():
     assert not out.requires_grad
 
 
-@pytest.mark.parametrize("family", ["ours", "hf"])
+@pytest.mark.parametrize("family", ["ours", "hf", "hf-llama"])
 def test_myopic_backward_under_bf16_autocast(family):
     """bf16 autocast (the CUDA default) through the weight-only projection copy: a regression test for
-    a dtype mismatch the first GPU run found. The gradient matches the float32 one to bf16 precision."""
+    a dtype mismatch the first GPU run found. The gradient matches the float32 one to bf16 precision.
+    A Llama's rotary hands attention float32 queries/keys beside bfloat16 values under autocast (the
+    fused op then failed on CPU, where SmolLM2 fine-tunes in bf16)."""
     torch.manual_seed(0)
     if family == "ours":
         model = GPT(GPTConfig(vocab_size=31, n_layer=2, n_head=2, n_embd=32, block_size=16, attention="myopic"))
@@ -134,9 +136,15 @@ def test_myopic_backward_under_bf16_autocast(family):
         transformers = pytest.importorskip("transformers")
         from myopia.hf import make_myopic
 
-        cfg = transformers.GPT2Config(vocab_size=31, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        model = make_myopic(transformers.GPT2LMHeadModel(cfg), "myopic")
+        if family == "hf":
+            cfg = transformers.GPT2Config(vocab_size=31, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            model = transformers.GPT2LMHeadModel(cfg)
+        else:
+            cfg = transformers.LlamaConfig(vocab_size=31, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+            model = transformers.LlamaForCausalLM(cfg)
+        model = make_myopic(model, "myopic")
         call = lambda x: model(input_ids=x, use_cache=False).logits
     x = torch.randint(0, 31, (2, 16))
     full = gradients(call(x).float().logsumexp(-1).sum(), list(model.parameters()))

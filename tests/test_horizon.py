@@ -52,7 +52,7 @@ def test_horizon_curve_layer_table_and_per_seed_pretraining(tmp_path, capsys):
     assert table["sum_of_single_layer_gaps"]["mean"] == pytest.approx(total, abs=1e-9)
     assert table["all_layer_gap"]["mean"] == pytest.approx(gaps["myopic vs vanilla"]["gap"]["mean"], abs=1e-9)
     assert table["sum_minus_all"]["n"] == 2  # an interval over the two seeds
-    assert "| sum of the single-layer gaps |" in report and "| sum − all |" in report
+    assert "| sum of the parts' gaps |" in report and "| layer 0 only (L0) |" in report and "| sum − all |" in report
     assert "smallest horizon whose gap interval includes 0" in capsys.readouterr().out
 
 

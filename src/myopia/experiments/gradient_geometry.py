@@ -96,4 +96,18 @@ def report_lines(geometry: dict) -> list[str]:
     return lines + [""]
 
 
-__all__ = ["collect", "monitor_factory", "plot", "read_trajectory", "report_lines"]
+def layer_lines(record: dict, label: str) -> list[str]:
+    """The report's per-layer table of one measurement (``record``: a trajectory entry with ``layers``)."""
+    layers = record.get("layers") or {}
+    if not layers:
+        return []
+    lines = [f"## Gradient geometry per layer: {label}, step {record['step']}", "",
+             "| block | ‖g_total‖ | ‖g_myopic‖ | ‖g_future‖ | future share | cos(myopic, future) |",
+             "|---|---|---|---|---|---|"]
+    for layer, r in sorted(layers.items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {layer} | {r['total_norm']:.3g} | {r['myopic_norm']:.3g} | {r['future_norm']:.3g} | "
+                     f"{r['future_share']:.3g} | {r['cos_myopic_future']:+.3f} |")
+    return lines + [""]
+
+
+__all__ = ["collect", "layer_lines", "monitor_factory", "plot", "read_trajectory", "report_lines"]

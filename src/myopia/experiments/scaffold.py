@@ -1,8 +1,9 @@
 """What every experiment command shares: the results envelope and how it is written.
 
-``results.json`` always starts with the same four keys, then the experiment's own::
+``results.json`` always starts with the same five keys, then the experiment's own::
 
-    {"experiment": "lm", "status": "completed", "config": {...}, "environment": {...}, ...}
+    {"experiment": "lm", "status": "completed", "config": {...}, "environment": {...},
+     "resources": {"wall_seconds": ..., "peak_rss_mib": ...}, ...}
 
 :class:`Results` holds them (item access reads and writes the experiment's own keys);
 :func:`recording` marks a run ``failed`` (with the error) or ``interrupted`` if it ends by an
@@ -16,6 +17,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -52,6 +54,16 @@ def environment() -> dict:
     }
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory in MiB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if platform.system() == "Darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
 @dataclass
 class Results:
     """One run's results: the envelope (experiment, status, config, environment) and its own keys."""
@@ -64,6 +76,7 @@ class Results:
     body: dict = field(default_factory=dict)
     written: bool = field(default=False, repr=False)
     """Whether this run has written its results.json yet."""
+    started: float = field(default_factory=time.perf_counter, repr=False)
 
     def __getitem__(self, key: str):
         return self.body[key]
@@ -83,7 +96,15 @@ class Results:
     def to_dict(self) -> dict:
         config = asdict(self.config) if is_dataclass(self.config) else dict(self.config)
         return {"experiment": self.experiment, "status": Status(self.status).value, "config": config,
-                "environment": self.environment, **self.body}
+                "environment": self.environment, "resources": self.resources(), **self.body}
+
+    def resources(self) -> dict:
+        """What this invocation has used so far: wall time and peak memory (a resumed run counts
+        from its restart)."""
+        out = {"wall_seconds": round(time.perf_counter() - self.started, 1), "peak_rss_mib": peak_rss_mib()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out
 
     def write(self, out: str, status: Status | None = None) -> dict:
         """Set ``status`` (if given) and write ``out/results.json`` atomically; return the dict."""
@@ -123,4 +144,4 @@ def write_report(out: str, lines: list[str]) -> str:
     return path
 
 
-__all__ = ["Results", "Status", "environment", "recording", "write_report"]
+__all__ = ["Results", "Status", "environment", "peak_rss_mib", "recording", "write_report"]

@@ -56,6 +56,9 @@ class TrainConfig:
     """Evaluate on held-out data every this many steps (0 = only at the end)."""
     eval_batches: int = 16
     """Held-out batches per evaluation (the same ones every time)."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step (step 0) of a fresh run: the starting model's held-out
+    loss, from which a fine-tuning run's curve starts (as the Hugging Face Trainer's eval_on_start)."""
     log_every: int = 10
     """Write a metrics line every this many steps."""
     checkpoint_every: int = 0

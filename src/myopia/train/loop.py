@@ -263,6 +263,9 @@ def train_arm(
 
     try:
         if start_step == 0:
+            if cfg.eval_on_start:
+                last_eval = evaluate(wrapped, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision, dist)
+                log.write({"step": 0, "eval_loss": last_eval["loss"]})
             run_monitor()
         while step < cfg.steps:
             if dist.broadcast_object(stop.requested):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci, mean_ci
+from myopia.config import ConfigError
 from myopia.experiments.arms import LOCAL_ARM, parse_arms
 from myopia.experiments.lm.cuts import LAYER_SCALARS, layer_groups, layer_sums
 from myopia.experiments.lm.config import LMExperiment
@@ -24,10 +25,12 @@ _SCALARS = ("gap", "first_position_gap")
 
 @torch.no_grad()
 def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device, pairs: list[Pair] | None = None,
-            full: bool = True, probe_arms: set[str] | None = None) -> dict:
+            full: bool = True, probe_arms: set[str] | None = None, start: dict | None = None) -> dict:
     """One seed's held-out analysis (intervals over documents) of ``models`` ({arm name: model}):
     every arm's loss, and for every pair (default: each arm against vanilla) its paired gap. ``full``:
-    also the largest-KL tokens and the probes (of the paired arms in ``probe_arms``; default all)."""
+    also the largest-KL tokens and the probes (of the paired arms in ``probe_arms``; default all).
+    ``start`` (:func:`score_start`): the arms' starting model's scores on the same windows, against
+    which each arm's loss is compared (``vs_start``: arm − start, paired)."""
     a = cfg.analysis
     pairs = default_pairs(list(models)) if pairs is None else pairs
     limit = a.heldout_windows or None
@@ -77,12 +80,102 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
     if groups:
         out["layer_sums"] = layer_sums(groups, per_window, doc_ids, a.bootstrap)
     probed = [n for n in paired if probe_arms is None or n in probe_arms]
-    if full and probed:
+    if full and probed and a.probe_offsets:
         out["probes"] = probes(cfg, task, {k: models[k] for k in probed}, device)
     if {"vanilla", LOCAL_ARM} <= set(models):
         bonus = per_window["vanilla"] - per_window[LOCAL_ARM]
         out["local_myopia_bonus"] = cluster_bootstrap_ci(bonus.mean(1), doc_ids, a.bootstrap)
+    if start is not None:
+        out["vs_start"] = {name: cluster_bootstrap_ci((arr - start["per_window"]).mean(1), doc_ids, a.bootstrap)
+                           for name, arr in per_window.items()}
+    if a.long_window:
+        out["long_window"] = long_window_analysis(cfg, task, {k: models[k] for k in paired} if pairs else models,
+                                                  device, pairs)
     return out
+
+
+def long_windows(task: TextTask, length: int, count: int) -> np.ndarray:
+    """(start, document) of ``count`` non-overlapping held-out windows of ``length`` tokens (+1 target)
+    inside documents, spread evenly over all such windows."""
+    off, span, rows = task.heldout.doc_offsets, length + 1, []
+    for d in range(task.heldout.n_docs):
+        rows += [(s, d) for s in range(int(off[d]), int(off[d + 1]) - span + 1, span)]
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+    if len(rows) == 0:
+        raise ConfigError(f"analysis.long_window={length}: no held-out document is longer than {span} tokens; "
+                          "use a shorter analysis.long_window or more held-out text")
+    if count and count < len(rows):
+        rows = rows[np.linspace(0, len(rows) - 1, count).round().astype(np.int64)]
+    return rows
+
+
+def model_context(model: torch.nn.Module) -> int | None:
+    """The longest window ``model`` takes (myopia's GPT: block_size; Hugging Face: max_position_embeddings)."""
+    config = getattr(model, "config", None)
+    for key in ("block_size", "max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@torch.no_grad()
+def long_window_losses(task: TextTask, models: dict, device: torch.device, length: int, count: int,
+                       batch_size: int = 8) -> tuple[dict, np.ndarray]:
+    """Each model's loss at every position of long held-out windows: ``({name: (N, length)}, documents)``."""
+    rows = long_windows(task, length, count)
+    idx = rows[:, :1] + np.arange(length + 1)
+    losses = {name: [] for name in models}
+    for i in range(0, len(rows), batch_size):
+        w = torch.from_numpy(task.heldout.tokens[idx[i:i + batch_size]].astype(np.int64)).to(device)
+        for name, m in models.items():
+            m.eval().to(device)
+            logits = m(w[:, :-1]).float()
+            losses[name].append(F.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none").double().cpu())
+    return {name: torch.cat(v).numpy() for name, v in losses.items()}, rows[:, 1]
+
+
+def long_window_analysis(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device,
+                         pairs: list[Pair]) -> dict:
+    """Loss and paired gap by position over ``analysis.long_window``-token windows (the paper's
+    Pythia-2.8B curve, R12, used 256), intervals over documents."""
+    a = cfg.analysis
+    for name, m in models.items():
+        context = model_context(m)
+        if context is not None and a.long_window > context:
+            raise ConfigError(f"analysis.long_window={a.long_window}: arm {name!r} has a context of {context} tokens; "
+                              f"use --analysis.long_window {context} or less (or a model with a longer context)")
+    per_window, docs = long_window_losses(task, models, device, a.long_window, a.long_windows)
+    out = {"length": a.long_window, "windows": len(docs), "documents": len(np.unique(docs)),
+           "tokens": int(len(docs) * a.long_window),
+           "arms": {name: arr.mean(0).tolist() for name, arr in per_window.items()}, "comparisons": {}}
+    for pair in pairs:
+        diff = per_window[pair.treatment] - per_window[pair.baseline]
+        out["comparisons"][pair.label] = {
+            "treatment": pair.treatment, "baseline": pair.baseline,
+            "gap": cluster_bootstrap_ci(diff.mean(1), docs, a.bootstrap),
+            "gap_per_position": [cluster_bootstrap_ci(diff[:, t], docs, a.bootstrap) for t in range(diff.shape[1])]}
+    return out
+
+
+@torch.no_grad()
+def score_start(cfg: LMExperiment, task: TextTask, model: torch.nn.Module, device: torch.device) -> dict:
+    """The arms' starting model on the analysis windows (and the long windows, if any): its per-window
+    losses (for the arms' paired ``vs_start``) and its summary for results.json (``start_loss``)."""
+    a = cfg.analysis
+    model.eval().to(device)
+    losses, docs = [], []
+    for x, y, doc in task.heldout_all(64, a.heldout_windows or None):
+        logp = F.log_softmax(model(x.to(device)).float(), dim=-1)
+        losses.append(-logp.gather(-1, y.to(device).unsqueeze(-1)).squeeze(-1).double().cpu())
+        docs.append(doc)
+    per_window, doc_ids = torch.cat(losses).numpy(), torch.cat(docs).numpy()
+    summary = {"loss": cluster_bootstrap_ci(per_window.mean(1), doc_ids, a.bootstrap),
+               "per_position": per_window.mean(0).tolist()}
+    if a.long_window:
+        long, _ = long_window_losses(task, {"start": model}, device, a.long_window, a.long_windows)
+        summary["long_window_per_position"] = long["start"].mean(0).tolist()
+    return {"per_window": per_window, "summary": summary}
 
 
 def _keep_top_kl(top: list, k: int, lb: torch.Tensor, lt: torch.Tensor, window: int) -> None:
@@ -159,14 +252,16 @@ def probes(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device
         stats: dict = {}
         for x, y in batches("train"):
             _, hidden = model(x.to(device), return_hidden_states=True)
-            if not stats:  # one probe per residual stream the model returns (any family's width)
+            if not stats:  # one probe per chosen residual stream the model returns (any family's width)
                 n_layers = len(hidden)
-                stats = {(l, k): ProbeStats(hidden[0].shape[-1], C) for l in range(n_layers) for k in offsets}
+                chosen = [l for l in range(n_layers) if not a.probe_layers or l in a.probe_layers]
+                stats = {(l, k): ProbeStats(hidden[0].shape[-1], C) for l in chosen for k in offsets}
             for k in offsets:
                 onehot = F.one_hot(targets(x, y, k), C).double()
-                for l, h in enumerate(hidden):
-                    stats[(l, k)].add(h[:, : T + 1 - k].cpu(), onehot)
+                for l in chosen:
+                    stats[(l, k)].add(hidden[l][:, : T + 1 - k].float().cpu(), onehot)
         fits = {key: s.fit(1e-3) for key, s in stats.items()}
+        layers = [l for l in range(n_layers) if not a.probe_layers or l in a.probe_layers]
         correct = {key: 0 for key in stats}
         total = {k: 0 for k in offsets}
         class_counts = {k: torch.zeros(C, dtype=torch.long) for k in offsets}
@@ -176,10 +271,11 @@ def probes(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device
                 tgt = targets(x, y, k)
                 total[k] += tgt.numel()
                 class_counts[k] += torch.bincount(tgt.flatten(), minlength=C)
-                for l, h in enumerate(hidden):
-                    pred = fits[(l, k)].predict(h[:, : T + 1 - k].cpu()).argmax(-1)
+                for l in layers:
+                    pred = fits[(l, k)].predict(hidden[l][:, : T + 1 - k].float().cpu()).argmax(-1)
                     correct[(l, k)] += int((pred == tgt).sum())
-        result[name] = [[correct[(l, k)] / total[k] for k in offsets] for l in range(n_layers)]
+        result["layers"] = layers
+        result[name] = [[correct[(l, k)] / total[k] for k in offsets] for l in layers]
         result["majority_class_accuracy"] = [int(class_counts[k].max()) / total[k] for k in offsets]
     return result
 
@@ -221,14 +317,31 @@ def combine_seeds(per_seed: dict[str, dict]) -> dict:
             out["local_myopia_bonus"] = mean_ci([r["local_myopia_bonus"]["mean"] for r in runs])
         if "probes" in first:
             out["probes"] = first["probes"]
+        if "vs_start" in first:
+            out["vs_start"] = {name: mean_ci([r["vs_start"][name]["mean"] for r in runs]) for name in first["vs_start"]}
+        if "long_window" in first:
+            lw = first["long_window"]
+            out["long_window"] = {
+                **{k: lw[k] for k in ("length", "windows", "documents", "tokens")},
+                "arms": {name: np.mean([r["long_window"]["arms"][name] for r in runs], 0).tolist() for name in lw["arms"]},
+                "comparisons": {label: {"treatment": c["treatment"], "baseline": c["baseline"],
+                                        "gap": mean_ci([r["long_window"]["comparisons"][label]["gap"]["mean"] for r in runs]),
+                                        "gap_per_position": [mean_ci([r["long_window"]["comparisons"][label]
+                                                                      ["gap_per_position"][t]["mean"] for r in runs])
+                                                             for t in range(len(c["gap_per_position"]))]}
+                                for label, c in lw["comparisons"].items()}}
     out["per_seed"] = {
         seed: {"arms": {n: a["loss"] for n, a in r["arms"].items()},
                "comparisons": {label: {k: c[k] for k in (*_SCALARS, "gap_per_position") if k in c}
                                for label, c in r["comparisons"].items()},
                **({"local_myopia_bonus": r["local_myopia_bonus"]} if "local_myopia_bonus" in r else {}),
-               **({"layer_sums": r["layer_sums"]} if "layer_sums" in r else {})}
+               **({"layer_sums": r["layer_sums"]} if "layer_sums" in r else {}),
+               **({"vs_start": r["vs_start"]} if "vs_start" in r else {}),
+               **({"long_window_gap": {label: c["gap"] for label, c in r["long_window"]["comparisons"].items()}}
+                  if "long_window" in r else {})}
         for seed, r in per_seed.items()}
     return out
 
 
-__all__ = ["analyse", "combine_seeds", "first_position_losses", "probes"]
+__all__ = ["analyse", "combine_seeds", "first_position_losses", "long_window_analysis", "long_window_losses",
+           "long_windows", "probes", "score_start"]

@@ -84,8 +84,9 @@ def horizon_curves(comparisons: dict, cuts: dict[str, Cut], T: int) -> list[dict
 
 
 def layer_groups(pairs: list[Pair], cuts: dict[str, Cut]) -> list[dict]:
-    """Per (baseline, cut without layers): the pairs whose treatment is that cut in one layer, and the
-    pair with the cut in every layer (needs at least two single layers and the all-layer pair)."""
+    """Per (baseline, cut without layers): the pairs whose treatment is that cut in one layer or one
+    set of layers (e.g. thirds of the blocks), and the pair with the cut in every layer (needs at least
+    two such parts, pairwise disjoint so that their gaps may add up, and the all-layer pair)."""
     groups: dict[tuple, dict] = {}
     for pair in pairs:
         cut = cuts.get(pair.treatment)
@@ -95,16 +96,27 @@ def layer_groups(pairs: list[Pair], cuts: dict[str, Cut]) -> list[dict]:
         group = groups.setdefault((pair.baseline, whole.spec), {"singles": {}, "all": None})
         if cut.layers is None:
             group["all"] = pair
-        elif len(cut.layers) == 1:
-            group["singles"][cut.layers[0]] = pair
+        else:
+            group["singles"][tuple(cut.layers)] = pair
     out = []
     for (baseline, spec), group in groups.items():
-        if group["all"] is None or len(group["singles"]) < 2:
+        parts = sorted(group["singles"])
+        flat = [layer for part in parts for layer in part]
+        if group["all"] is None or len(parts) < 2 or len(flat) != len(set(flat)):
             continue
-        layers = sorted(group["singles"])
-        out.append({"label": f"{spec} vs {baseline}", "baseline": baseline, "cut": spec,
-                    "all": group["all"], "singles": [(layer, group["singles"][layer]) for layer in layers]})
+        out.append({"label": f"{spec} vs {baseline}", "baseline": baseline, "cut": spec, "all": group["all"],
+                    "singles": [(part[0] if len(part) == 1 else list(part), group["singles"][part])
+                                for part in parts]})
     return out
+
+
+def part_text(part: int | list[int]) -> str:
+    """``layer 3`` or ``layers 0-9`` (a part of a per-layer table)."""
+    if isinstance(part, int):
+        return f"layer {part}"
+    if part == list(range(part[0], part[-1] + 1)):
+        return f"layers {part[0]}-{part[-1]}"
+    return "layers " + ",".join(map(str, part))
 
 
 def layer_sums(groups: list[dict], per_window: dict, doc_ids: np.ndarray, bootstrap: int) -> dict:
@@ -171,18 +183,18 @@ def layer_lines(layer_results: dict, comparisons: dict) -> list[str]:
 
     text: list[str] = []
     for label, g in layer_results.items():
-        text += [f"## Per-layer cuts: {g['cut']} in one layer at a time vs in all ({g['baseline']} baseline)", "",
-                 "| cut | gap [95% CI] |", "|---|---|"]
+        text += [f"## Per-layer cuts: {g['cut']} in one part of the layers at a time vs in all ({g['baseline']} "
+                 "baseline)", "", "| cut | gap [95% CI] |", "|---|---|"]
         for layer, pair_label in zip(g["layers"], g["singles"]):
-            text.append(f"| layer {layer} only ({comparisons[pair_label]['treatment']}) | "
+            text.append(f"| {part_text(layer)} only ({comparisons[pair_label]['treatment']}) | "
                         f"{format_ci(comparisons[pair_label]['gap'])} |")
-        text += [f"| sum of the single-layer gaps | {format_ci(g['sum_of_single_layer_gaps'])} |",
+        text += [f"| sum of the parts' gaps | {format_ci(g['sum_of_single_layer_gaps'])} |",
                  f"| every layer ({comparisons[g['all']]['treatment']}) | {format_ci(g['all_layer_gap'])} |",
                  f"| sum − all | {format_ci(g['sum_minus_all'])} |", ""]
         inc = _includes_zero(g["sum_minus_all"])
         if inc is not None:
-            text += [("The sum of the single-layer gaps equals the all-layer gap within the interval (sum − all "
-                      "includes 0)." if inc else "The sum of the single-layer gaps differs from the all-layer gap "
+            text += [("The sum of the parts' gaps equals the all-layer gap within the interval (sum − all "
+                      "includes 0)." if inc else "The sum of the parts' gaps differs from the all-layer gap "
                       "(the interval of sum − all excludes 0): the layers' contributions do not add."), ""]
     return text
 
@@ -221,4 +233,4 @@ def plot_horizon(curves: list[dict], path: str, T: int) -> str | None:
 
 
 __all__ = ["LAYER_SCALARS", "horizon_curves", "horizon_lines", "layer_groups", "layer_lines", "layer_sums",
-           "plot_horizon"]
+           "part_text", "plot_horizon"]

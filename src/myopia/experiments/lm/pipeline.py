@@ -13,18 +13,19 @@ from myopia.attention.cut import VANILLA
 from myopia.config import ConfigError
 from myopia.experiments import gradient_geometry
 from myopia.experiments.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
-from myopia.experiments.lm.analysis import analyse, combine_seeds
+from myopia.experiments.lm import steps
+from myopia.experiments.lm.analysis import analyse, combine_seeds, score_start
 from myopia.experiments.lm.config import PAPER, LMExperiment
 from myopia.experiments.lm.cuts import horizon_curves
 from myopia.experiments.lm.report import summary_text, write_report
-from myopia.experiments.pairs import parse_pairs
+from myopia.experiments.pairs import PAPER_PAIR, parse_pairs
 from myopia.experiments.runner import run_arms
 from myopia.experiments.scaffold import Results, Status, recording
-from myopia.hf_models import build_hf_model
+from myopia.hf_models import HF_PRESETS, build_hf_model
 from myopia.lora import with_lora
 from myopia.local_myopia import LocalMyopicGPT
 from myopia.tasks.text import TextTask
-from myopia.train.loop import resolve_device
+from myopia.train.loop import autocast_for, resolve_device
 
 
 def run(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
@@ -59,6 +60,15 @@ def run(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                 results["pretraining"] = pretraining["arms"].get("vanilla")
                 if pretraining["status"] != Status.COMPLETED:
                     return results.write(cfg.out, Status(pretraining["status"]))
+        scored_start = None
+        if not cfg.pretrain.per_seed:  # the start all seeds share, on the analysis windows
+            start_model = start if start is not None else pretrained_start(cfg, task=base_task, overrides=overrides)
+            if start_model is not None:
+                with autocast_for(device, cfg.train.precision):
+                    scored_start = score_start(cfg, base_task, start_model, device)
+                results["start_loss"] = scored_start["summary"]["loss"]
+                results["start_model"] = scored_start["summary"]
+                del start_model
         per_seed: dict[str, dict] = {}
         for seed in seeds:
             task = base_task.with_seed(seed)
@@ -91,10 +101,17 @@ def run(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                 return results.write(cfg.out, Status(status["status"]))
             counted = models.get("vanilla") or next(iter(models.values()))
             results["parameters"] = sum(p.numel() for p in counted.parameters())
-            per_seed[str(seed)] = analyse(cfg, task, models, device, pairs, full=seed == seeds[0],
-                                          probe_arms=probe_arms)
+            with autocast_for(device, cfg.train.precision):  # the arms are scored as they trained
+                per_seed[str(seed)] = analyse(cfg, task, models, device, pairs, full=seed == seeds[0],
+                                              probe_arms=probe_arms, start=scored_start)
             del models
         results.update(combine_seeds(per_seed))
+        by_step = steps.gap_by_step(cfg.out, seeds, pairs)
+        for label, rows in by_step.items():
+            results["comparisons"][label]["by_step"] = rows
+        main = PAPER_PAIR.label if PAPER_PAIR.label in by_step else next(iter(by_step), None)
+        if main is not None:
+            results["gap_by_step"] = by_step[main]
         curves = horizon_curves(results["comparisons"], {a.name: a.cut for a in arms if not a.local}, cfg.data.seq_len)
         if curves:
             results["horizon_curves"] = curves
@@ -120,16 +137,27 @@ def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, se
     return with_lora(model, cfg.lora)  # LoRA adapters when --lora.r > 0 (Hugging Face models)
 
 
+def pretrained_start(cfg: LMExperiment, task: TextTask, overrides: dict) -> torch.nn.Module | None:
+    """The pretrained ``hf_model`` every arm starts from (a checkpoint folder, hf:NAME or smollm2-135m),
+    built as vanilla; None for fresh-weight presets."""
+    if not cfg.hf_model or cfg.hf_model in HF_PRESETS:
+        return None
+    return fresh_model(cfg, Arm(name="vanilla", cut=VANILLA), task, overrides, cfg.seed_list()[0])
+
+
 def start_kind(cfg: LMExperiment, n_seeds: int) -> dict:
     """How the arms' starting models were made, and whether the intervals over seeds are conditional
     on one starting model (they then leave out the variance of pretraining)."""
     if cfg.init_from:
         kind = "init_from"
+    elif cfg.hf_model and cfg.hf_model not in HF_PRESETS:
+        kind = "pretrained_hf"
     elif cfg.pretrain.steps:
         kind = "pretrained_per_seed" if cfg.pretrain.per_seed else "pretrained_shared"
     else:
         kind = "fresh"
-    return {"kind": kind, "conditional_on_one_start": n_seeds > 1 and kind in ("init_from", "pretrained_shared")}
+    return {"kind": kind,
+            "conditional_on_one_start": n_seeds > 1 and kind in ("init_from", "pretrained_shared", "pretrained_hf")}
 
 
 def pretrain_dir(cfg: LMExperiment, seed: int | None = None) -> str:
@@ -151,6 +179,10 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     if cfg.pretrain.per_seed and not cfg.pretrain.steps:
         raise ConfigError("pretrain.per_seed pretrains a start per seed; set pretrain.steps > 0 too")
     vanilla = Arm(name="vanilla", cut=VANILLA)
+    if cfg.pretrain.steps and cfg.hf_model and cfg.hf_model not in HF_PRESETS:
+        raise ConfigError(f"pretrain.steps={cfg.pretrain.steps}: hf_model {cfg.hf_model!r} is pretrained already, and "
+                          f"this would train it further at lr {cfg.pretrain.lr or cfg.optim.lr} before the arms (the "
+                          "default --preset cpu does); pass --pretrain.steps 0, or --preset smollm2-cpu for SmolLM2")
     if cfg.init_from:
         if cfg.hf_model:
             raise ConfigError("init_from: takes a myopia GPT checkpoint; for a Hugging Face model pass its "
@@ -173,4 +205,4 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     return kept.get("model"), status
 
 
-__all__ = ["fresh_model", "pretrain_dir", "run", "start_kind", "starting_model"]
+__all__ = ["fresh_model", "pretrain_dir", "pretrained_start", "run", "start_kind", "starting_model"]

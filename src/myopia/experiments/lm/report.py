@@ -8,16 +8,19 @@ import os
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
 from myopia.experiments import gradient_geometry
-from myopia.experiments.lm import cuts
-from myopia.experiments.lm.config import PAPER
+from myopia.experiments.lm import cuts, steps
+from myopia.experiments.lm.config import PAPER, PAPER_LONG_WINDOW
 from myopia.experiments.pairs import PAPER_PAIR
 from myopia.experiments.scaffold import write_report as write_lines
 
 
 def summary_text(results: dict) -> str:
     lines = ["", f"Held-out cross-entropy (nats/token, 95% CI {ci_text(len(results['seeds']))}):"]
+    if "start_loss" in results:
+        lines.append(f"  {'start':>10}: {format_ci(results['start_loss'])} (the model every arm starts from)")
     for name, a in results["arms"].items():
-        lines.append(f"  {name:>10}: {format_ci(a['loss'])}")
+        vs = (results.get("vs_start") or {}).get(name)
+        lines.append(f"  {name:>10}: {format_ci(a['loss'])}" + (f"  ({name} - start: {format_ci(vs)})" if vs else ""))
     for label, c in results.get("comparisons", {}).items():
         pos0 = c["gap_per_position"][0]
         first = c.get("first_position_gap")
@@ -106,7 +109,10 @@ def write_report(out: str, results: dict) -> None:
             made.append("gap_by_position.png")
     cfg = results["config"]
     env = results["environment"]
-    rows = [f"| {name} | {format_ci(a['loss'])} | {paper_number(name.replace('_', '-'))} |" for name, a in arms.items()]
+    vs_start = results.get("vs_start") or {}
+    rows = ([f"| start model (step 0) | {format_ci(results['start_loss'])} | - | - |"] if "start_loss" in results else [])
+    rows += [f"| {name} | {format_ci(a['loss'])} | {format_ci(vs_start[name]) if name in vs_start else '-'} | "
+             f"{paper_number(name.replace('_', '-'))} |" for name, a in arms.items()]
     text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token "
             f"windows; model {model_text(cfg)}; {cfg['train']['steps']} "
@@ -116,7 +122,24 @@ def write_report(out: str, results: dict) -> None:
             f"Held-out: {results['heldout']['windows']} windows from {results['heldout']['documents']} documents "
             f"never trained on. {env['device']}, torch {env['torch']}, {env['date']}. "
             f"Intervals: 95% CI {ci_text(len(seeds), results.get('start'))}.", "",
-            f"| arm | held-out CE [95% CI] | paper ({PAPER['model']}) |", "|---|---|---|", *rows, ""]
+            f"| arm | held-out CE [95% CI] | arm − start model, paired | paper ({PAPER['model']}) |",
+            "|---|---|---|---|", *rows, ""]
+    used = results.get("resources") or {}
+    if used:
+        text += [f"Wall time {used['wall_seconds'] / 60:.1f} min, peak memory {used['peak_rss_mib'] / 1024:.1f} GiB "
+                 f"(resident; {env.get('threads', '?')} threads).", ""]
+    by_step = {label: c["by_step"] for label, c in comparisons.items() if c.get("by_step")}
+    if by_step:
+        main = PAPER_PAIR.label if PAPER_PAIR.label in by_step else next(iter(by_step))
+        if steps.plot(by_step, comparisons, main, os.path.join(out, "gap_by_step.png"),
+                      start_loss=(results.get("start_loss") or {}).get("mean")):
+            made.append("gap_by_step.png")
+        text += steps.report_lines(by_step, comparisons, main)
+    long = results.get("long_window")
+    if long:
+        if plot_long_window(long, results.get("start_model"), os.path.join(out, "gap_by_position_long.png")):
+            made.append("gap_by_position_long.png")
+        text += long_window_lines(long)
     if comparisons:
         text += ["## Gaps (treatment − baseline, paired; nats)", "",
                  "| treatment − baseline | gap [95% CI] | position 0 | last position | position 0, all held-out "
@@ -178,7 +201,7 @@ def write_report(out: str, results: dict) -> None:
                      f"{', '.join(f'{v:.3f}' for v in pr['majority_class_accuracy'])})", "",
                      "| layer | " + " | ".join(f"{b} t+{k} | {t} t+{k}" for k in pr["offsets"]) + " |",
                      "|---|" + "---|---|" * len(pr["offsets"])]
-            for layer, (rb, rt) in enumerate(zip(pr[b], pr[t])):
+            for layer, rb, rt in zip(pr.get("layers", range(len(pr[b]))), pr[b], pr[t]):
                 text.append(f"| {layer} | " + " | ".join(f"{x:.3f} | {y:.3f}" for x, y in zip(rb, rt)) + " |")
             text.append("")
     if "local_myopia_bonus" in results:
@@ -189,13 +212,57 @@ def write_report(out: str, results: dict) -> None:
                  "pre-attention norm (the paper's code skipped that norm).", ""]
     geometry = results.get("gradient_geometry")
     if geometry is not None:
-        steps = (results["config"].get("pretrain") or {}).get("steps", 0)
-        offsets = {label: steps for label in geometry["runs"] if label != "pretraining"}
+        pretrain_steps = (results["config"].get("pretrain") or {}).get("steps", 0)
+        offsets = {label: pretrain_steps for label in geometry["runs"] if label != "pretraining"}
         if gradient_geometry.plot(geometry, os.path.join(out, "gradient_geometry.png"), offsets):
             made.append("gradient_geometry.png")
         text += gradient_geometry.report_lines(geometry)
+        first = next(iter(geometry["runs"].items()), None)
+        if first is not None and results.get("start", {}).get("kind") != "fresh":
+            text += gradient_geometry.layer_lines(first[1][0], f"the start model ({first[0]})")
     text += [f"![{m}]({m})" for m in made]
     write_lines(out, text)
+
+
+def long_window_lines(long: dict) -> list[str]:
+    """The report's long-window section: the gap at a few positions beside the paper's Pythia-2.8B."""
+    paper = PAPER_LONG_WINDOW["gap_at_position"]
+    L = long["length"]
+    shown = sorted({0, 1, 3, 10, 50, 100, 175, 250, L - 1} & set(range(L)))
+    lines = [f"## Gap by position over {L}-token windows", "",
+             f"{long['windows']} held-out windows of {L} tokens from {long['documents']} documents "
+             f"({long['tokens']:,} tokens). Paper: {PAPER_LONG_WINDOW['model']}.", "",
+             "| treatment − baseline | whole window | " + " | ".join(f"pos {t}" for t in shown) + " |",
+             "|---|---|" + "---|" * len(shown)]
+    for label, c in long["comparisons"].items():
+        lines.append(f"| {c['treatment']} − {c['baseline']} | {format_ci(c['gap'])} | "
+                     + " | ".join(format_ci(c["gap_per_position"][t]) for t in shown) + " |")
+    lines.append("| paper (Pythia-2.8B) | - | " + " | ".join(f"{paper[t]:+.2f}" if t in paper else "-" for t in shown) + " |")
+    return lines + [""]
+
+
+def plot_long_window(long: dict, start: dict | None, path: str) -> str | None:
+    """Loss by position of every arm (and the start model) and each pair's gap beside the paper's points."""
+    plt = plots._pyplot()
+    if plt is None:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if start and start.get("long_window_per_position"):
+        left.plot(start["long_window_per_position"], color="grey", lw=1, label="start model")
+    for name, curve in long["arms"].items():
+        left.plot(curve, lw=1, label=name)
+    plots.finish_axis(left, "position", "held-out cross-entropy (nats)", f"Loss by position ({long['length']}-token windows)")
+    for label, c in long["comparisons"].items():
+        xs = list(range(len(c["gap_per_position"])))
+        right.plot(xs, [g["mean"] for g in c["gap_per_position"]], lw=1, label=f"{c['treatment']} − {c['baseline']}")
+        if c["gap_per_position"][0].get("low") is not None:
+            right.fill_between(xs, [g["low"] for g in c["gap_per_position"]], [g["high"] for g in c["gap_per_position"]],
+                               alpha=0.2)
+    paper = PAPER_LONG_WINDOW["gap_at_position"]
+    right.plot(list(paper), list(paper.values()), "ks", ms=5, label="paper: Pythia-2.8B (myopic − vanilla)")
+    right.axhline(0.0, color="grey", ls="--", lw=1)
+    plots.finish_axis(right, "position", "gap (nats)", "Gap by position")
+    return plots.save_figure(fig, path)
 
 
 __all__ = ["ci_text", "model_text", "paper_number", "start_text", "summary_text", "write_report"]

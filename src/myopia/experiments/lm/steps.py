@@ -1,0 +1,106 @@
+"""The gap against fine-tuning steps: every arm's in-training held-out loss (``train.eval_every``,
+and step 0 with ``train.eval_on_start``), paired per seed and step, with an interval over seeds.
+
+Within a seed every arm is scored on the same held-out batches (a function of the seed), so the
+per-step difference is paired; with several seeds its interval is a 95% t-interval over them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from myopia.analysis import plots
+from myopia.analysis.stats import format_ci, mean_ci
+from myopia.experiments.pairs import Pair
+from myopia.train.loop import MetricsLog
+
+
+def eval_losses(arm_dir: str) -> dict[int, float]:
+    """``{step: held-out loss}`` from an arm's ``metrics.jsonl`` (the last record of a step wins)."""
+    records = MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), enabled=False).read()
+    return {int(r["step"]): float(r["eval_loss"]) for r in records if "eval_loss" in r}
+
+
+def gap_by_step(out: str, seeds: list[int], pairs: list[Pair]) -> dict[str, list[dict]]:
+    """``{pair label: [{"step", "gap", "ci", "treatment_loss", "baseline_loss", "per_seed"}, ...]}``
+    at every step where each seed scored both arms; ``ci`` is ``[low, high]`` over seeds (``None``
+    with one seed). Pairs without such a step are left out."""
+    losses = {seed: {} for seed in seeds}
+    for seed in seeds:
+        for pair in pairs:
+            for arm in (pair.treatment, pair.baseline):
+                if arm not in losses[seed]:
+                    losses[seed][arm] = eval_losses(os.path.join(out, f"seed{seed}", arm))
+    result = {}
+    for pair in pairs:
+        common = set.intersection(*(set(losses[s][pair.treatment]) & set(losses[s][pair.baseline]) for s in seeds))
+        rows = []
+        for step in sorted(common):
+            t = [losses[s][pair.treatment][step] for s in seeds]
+            b = [losses[s][pair.baseline][step] for s in seeds]
+            gap = mean_ci([x - y for x, y in zip(t, b)])
+            rows.append({"step": step, "gap": gap["mean"],
+                         "ci": None if gap["low"] is None else [gap["low"], gap["high"]],
+                         "treatment_loss": mean_ci(t)["mean"], "baseline_loss": mean_ci(b)["mean"],
+                         "per_seed": [x - y for x, y in zip(t, b)]})
+        if rows:
+            result[pair.label] = rows
+    return result
+
+
+def plot(by_step: dict[str, list[dict]], comparisons: dict, main: str, path: str,
+         start_loss: float | None = None) -> str | None:
+    """The main pair's arms' held-out loss (left) and every pair's gap with its interval over seeds
+    (right) against the fine-tuning step."""
+    plt = plots._pyplot()
+    if plt is None:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rows, c = by_step[main], comparisons[main]
+    steps = [r["step"] for r in rows]
+    left.plot(steps, [r["baseline_loss"] for r in rows], "o-", ms=3, label=c["baseline"])
+    left.plot(steps, [r["treatment_loss"] for r in rows], "o-", ms=3, label=c["treatment"])
+    if start_loss is not None:
+        left.axhline(start_loss, color="grey", ls="--", lw=1, label="start model (analysis windows)")
+    plots.finish_axis(left, "fine-tuning step", "held-out cross-entropy (nats)", "Held-out loss (mean over seeds)")
+    for i, (label, rows) in enumerate(by_step.items()):
+        colour = f"C{i % 10}"
+        right.plot([r["step"] for r in rows], [r["gap"] for r in rows], "o-", ms=3, color=colour,
+                   label=f"{comparisons[label]['treatment']} − {comparisons[label]['baseline']}")
+        with_ci = [r for r in rows if r["ci"] is not None]
+        if with_ci:
+            right.fill_between([r["step"] for r in with_ci], [r["ci"][0] for r in with_ci],
+                               [r["ci"][1] for r in with_ci], color=colour, alpha=0.15)
+    right.axhline(0.0, color="grey", ls="--", lw=1)
+    plots.finish_axis(right, "fine-tuning step", "gap (nats; band: 95% CI over seeds)", "Gap against fine-tuning steps")
+    return plots.save_figure(fig, path)
+
+
+def report_lines(by_step: dict[str, list[dict]], comparisons: dict, main: str) -> list[str]:
+    """The report's tables: the main pair's arms and gap per step, then every other pair's gap."""
+    c = comparisons[main]
+    t, b = c["treatment"], c["baseline"]
+    lines = [f"## Gap against fine-tuning steps", "",
+             "In-training held-out loss (`train.eval_batches` batches, the same in every arm of a seed; mean over "
+             "seeds) and the paired gap (95% CI over seeds). At step 0 every arm is the start model: the gap "
+             "there must be 0 (myopic training changes gradients, not the forward pass).", "",
+             f"| step | {b} | {t} | {t} − {b} [95% CI] | per seed |", "|---|---|---|---|---|"]
+    for r in by_step[main]:
+        lines.append(f"| {r['step']} | {r['baseline_loss']:.4f} | {r['treatment_loss']:.4f} | {_gap(r)} | "
+                     + ", ".join(f"{g:+.4f}" for g in r["per_seed"]) + " |")
+    others = [label for label in by_step if label != main]
+    if others:
+        lines += ["", "| step | " + " | ".join(f"{comparisons[o]['treatment']} − {comparisons[o]['baseline']}"
+                                              for o in others) + " |", "|---|" + "---|" * len(others)]
+        for i, r in enumerate(by_step[main]):
+            cells = [_gap(by_step[o][i]) if i < len(by_step[o]) else "-" for o in others]
+            lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _gap(row: dict) -> str:
+    ci = row["ci"] or [None, None]
+    return format_ci({"mean": row["gap"], "low": ci[0], "high": ci[1]}, 4)
+
+
+__all__ = ["eval_losses", "gap_by_step", "plot", "report_lines"]

@@ -1,0 +1,135 @@
+"""Fine-tuning a pretrained model the paper's way (issue 28): the start model scored, the gap against
+fine-tuning steps, long windows, held-out halves, and the SmolLM2 presets' recipe."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_word_corpus
+
+from myopia import cli
+from myopia.config import from_dict
+from myopia.experiments.lm.config import PRESETS, LMExperiment
+from myopia.tasks.text import TextConfig, TextTask
+
+
+def _pretrained(tmp_path, folder):
+    """A tiny GPT trained briefly: the 'pretrained' start of the runs below."""
+    out = tmp_path / "pre"
+    assert cli.main(["lm", "--preset", "tiny", "--data.corpus", str(folder), "--out", str(out), "--arms", "vanilla",
+                     "--train.steps", "20", "--analysis.gradient_split_batches", "0"]) == 0
+    return str(out / "seed0" / "vanilla")
+
+
+def test_fine_tuning_reports_the_start_and_the_gap_against_steps(tmp_path):
+    folder = write_word_corpus(tmp_path / "corpus", 60, 300)
+    start = _pretrained(tmp_path, folder)
+    out = tmp_path / "run"
+    assert cli.main(["lm", "--preset", "tiny", "--data.corpus", str(folder), "--out", str(out),
+                     "--init_from", start, "--arms", "vanilla,myopic", "--seeds", "0,1", "--train.steps", "12",
+                     "--optim.lr", "1e-3", "--train.eval_every", "4", "--train.eval_on_start", "true",
+                     "--analysis.long_window", "16", "--analysis.long_windows", "12",
+                     "--analysis.probe_layers", "0,2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    # the start model, scored on the analysis windows; each arm compared with it, paired
+    assert results["start_loss"]["low"] <= results["start_loss"]["mean"] <= results["start_loss"]["high"]
+    assert set(results["vs_start"]) == {"vanilla", "myopic"}
+    for name in ("vanilla", "myopic"):
+        moved = results["arms"][name]["loss"]["mean"] - results["start_loss"]["mean"]
+        assert results["vs_start"][name]["mean"] == pytest.approx(moved, abs=1e-9)
+    # the gap against fine-tuning steps: step 0 (both arms are the start model) to the end
+    rows = results["gap_by_step"]
+    assert [r["step"] for r in rows] == [0, 4, 8, 12]
+    assert rows[0]["per_seed"] == [0.0, 0.0] and rows[0]["gap"] == 0.0  # same model, same batches
+    assert rows[0]["baseline_loss"] != rows[-1]["baseline_loss"]
+    assert all(r["ci"][0] <= r["gap"] <= r["ci"][1] for r in rows[1:])
+    assert results["comparisons"]["myopic vs vanilla"]["by_step"] == rows
+    per_seed = [json.loads(line)["eval_loss"] for line in (out / "seed1" / "myopic" / "metrics.jsonl").open()
+                if "eval_loss" in line]
+    vanilla = [json.loads(line)["eval_loss"] for line in (out / "seed1" / "vanilla" / "metrics.jsonl").open()
+               if "eval_loss" in line]
+    assert rows[-1]["per_seed"][1] == pytest.approx(per_seed[-1] - vanilla[-1])
+    # long windows and probes on chosen layers
+    long = results["long_window"]
+    assert long["length"] == 16 and long["windows"] == 12 and len(long["arms"]["vanilla"]) == 16
+    assert len(long["comparisons"]["myopic vs vanilla"]["gap_per_position"]) == 16
+    assert results["probes"]["layers"] == [0, 2] and len(results["probes"]["vanilla"]) == 2
+    assert results["resources"]["wall_seconds"] > 0 and results["resources"]["peak_rss_mib"] > 0
+    report = (out / "report.md").read_text()
+    assert "start model (step 0)" in report and "## Gap against fine-tuning steps" in report
+    assert "## Gap by position over 16-token windows" in report and "+1.07" in report
+    for png in ("gap_by_step.png", "gap_by_position_long.png"):
+        assert (out / png).is_file()
+
+
+def test_long_window_beyond_the_models_context_is_a_one_line_error(tmp_path, capsys):
+    folder = write_word_corpus(tmp_path / "corpus", 60, 300)
+    code = cli.main(["lm", "--preset", "tiny", "--data.corpus", str(folder), "--out", str(tmp_path / "r"),
+                     "--arms", "vanilla,myopic", "--train.steps", "2", "--analysis.long_window", "64"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "analysis.long_window=64" in err and "context of 16 tokens" in err
+
+
+def test_a_pretrained_hf_model_is_not_pretrained_again(tmp_path, capsys):
+    """--preset cpu pretrains its start for 1,000 steps at lr 3e-3: on a pretrained model that would
+    destroy it, so it is refused in one line naming the fix."""
+    transformers = pytest.importorskip("transformers")
+    folder = write_word_corpus(tmp_path / "corpus", 20, 100)
+    ckpt = tmp_path / "ckpt"
+    cfg = transformers.GPT2Config(vocab_size=600, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(ckpt)
+    code = cli.main(["lm", "--data.corpus", str(folder), "--data.tokenizer", "bpe", "--data.vocab_size", "512",
+                     "--hf_model", str(ckpt), "--out", str(tmp_path / "r")])  # the default preset: cpu
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "pretrain.steps=1000" in err and "--pretrain.steps 0" in err and "smollm2-cpu" in err
+
+
+def test_heldout_halves_are_disjoint_and_cover_the_heldout_documents(tmp_path):
+    folder = write_word_corpus(tmp_path / "corpus", 80, 200)
+    tasks = {part: TextTask(TextConfig(corpus=str(folder), tokenizer="byte", seq_len=16, heldout_fraction=0.2,
+                                       heldout_part=part, cache_dir=str(tmp_path / "cache")), 0, log=lambda *a: None)
+             for part in ("all", "tune", "report")}
+    titles = {part: set(t.heldout_titles) for part, t in tasks.items()}
+    assert titles["tune"] and titles["report"] and not titles["tune"] & titles["report"]
+    assert titles["tune"] | titles["report"] == titles["all"]
+    assert abs(len(titles["tune"]) - len(titles["report"])) <= 1
+    assert np.array_equal(tasks["tune"].train.tokens, tasks["all"].train.tokens)  # training text unchanged
+    with pytest.raises(ValueError, match="heldout_part='dev'"):
+        TextConfig(heldout_part="dev")
+
+
+@pytest.mark.parametrize("name", ["smollm2-cpu", "smollm2-where-cpu"])
+def test_smollm2_presets_fine_tune_the_pretrained_model(name):
+    """The SmolLM2 presets start every arm from the pretrained model (no pretraining stage), score the
+    start, report on the held-out half the recipe was not chosen on, and trace the gap over steps."""
+    cfg = from_dict(LMExperiment, PRESETS[name])
+    assert cfg.hf_model == "smollm2-135m" and cfg.data.tokenizer == "smollm2"
+    assert cfg.pretrain.steps == 0 and not cfg.init_from
+    assert cfg.data.heldout_part == "report" and cfg.seeds == [0, 1, 2]
+    assert cfg.train.eval_on_start and cfg.train.steps % cfg.train.eval_every == 0
+    assert cfg.train.steps // cfg.train.eval_every + 1 >= 6  # >= 6 points on the gap-by-step curve
+    assert cfg.arms[:2] == ["vanilla", "myopic"]
+    if name == "smollm2-cpu":
+        assert cfg.analysis.heldout_windows * cfg.data.seq_len >= 100_000
+        assert cfg.analysis.long_window == 256
+
+
+def test_bf16_forward_of_the_fused_myopic_op_matches_vanilla_on_cpu():
+    """The SmolLM2 presets train and score in bf16 autocast: at step 0 both arms must give the same
+    held-out loss (the gap-by-step curve starts at 0)."""
+    transformers = pytest.importorskip("transformers")
+    from myopia.hf import make_myopic
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg)
+    x = torch.randint(0, 64, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vanilla = model(input_ids=x, use_cache=False).logits.float()
+        make_myopic(model, "myopic")
+        myopic = model(input_ids=x, use_cache=False).logits.float()
+    assert (myopic - vanilla).abs().max().item() < 2e-2
