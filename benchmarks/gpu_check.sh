@@ -62,6 +62,13 @@ stamp "6. training step, torch.compile"
 timeout 110 python3 benchmarks/train_step.py --device cuda --model gpt2-small --shapes 16x1024 --compile \
     --variants vanilla myopic --warmup 3 --repeats 6 --json "$RUNS/step_gpt2_compile.json" | tail -6
 
+# Not run here: needs the Hugging Face hub (the released Pythia weights and MiniPile), which the device
+# machines cannot reach. The paper's §4.2 protocol (docs/pythia.md), on a machine online, ~5 h for all
+# eight sizes on one H200 (estimated, not measured); `pip install datasets` first. A quick first look
+# with the two smallest models: add --models hf:EleutherAI/pythia-14m,hf:EleutherAI/pythia-70m.
+#   python3 -m myopia.cli sweep --preset pythia-finetune --train.progress false \
+#       --out "$RUNS/sweep-pythia-finetune" > "$RUNS/sweep-pythia-finetune.log" 2>&1
+
 stamp "done; packing"
 (cd "$RUNS" && tar czf "$OUT/runs.tgz" --exclude=checkpoints --exclude='*.safetensors' .)
 

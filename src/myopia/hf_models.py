@@ -82,6 +82,24 @@ HF_PRESETS: dict[str, HFPreset] = {
 }
 
 
+def preset_for(spec: str) -> str | None:
+    """The preset a model name stands for: a preset name itself, or a hub name of a released Pythia
+    model (``hf:EleutherAI/pythia-70m``, also ``-deduped``: trained with the same learning rate);
+    None otherwise (local folders and other hub models)."""
+    if spec in HF_PRESETS:
+        return spec
+    if spec.startswith("hf:EleutherAI/pythia-"):
+        name = spec[len("hf:EleutherAI/"):].lower().removesuffix("-deduped")
+        return name if name in HF_PRESETS else None
+    return None
+
+
+def preset_lr(spec: str) -> float | None:
+    """The learning rate the model's authors trained ``spec`` with (:func:`preset_for`), or None."""
+    name = preset_for(spec)
+    return None if name is None else HF_PRESETS[name].lr
+
+
 class HFCausalLM(nn.Module):
     """A transformers causal LM behind myopia.GPT's call signature."""
 
@@ -229,5 +247,5 @@ def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
     return HFCausalLM(model.train(), spec)
 
 
-__all__ = ["HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "preset_vocab_size", "smollm2_gguf",
-           "zero_attention_dropout"]
+__all__ = ["HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "preset_for", "preset_lr",
+           "preset_vocab_size", "smollm2_gguf", "zero_attention_dropout"]

@@ -4,6 +4,10 @@ document into training and held-out text, read as fixed-length windows.
 Training windows start at random offsets of the concatenated training tokens, a pure function of
 (seed, step); held-out windows are the consecutive non-overlapping windows of every held-out
 document, each labelled with its document (for bootstrap intervals over documents).
+
+``windows="document_starts"`` is the paper's Pythia data instead: one window per document, its first
+``seq_len + 1`` tokens, for every document that long (training and held-out alike); the training
+windows are read in a fixed order (a permutation per seed and epoch), each once per epoch.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from myopia.data.corpus import DataError, fingerprint, load_documents, split_doc
 from myopia.data.tokenizer import build_tokenizer
 from myopia.tasks.base import HELDOUT_STREAM, TRAIN_STREAM, batch_generator
 
-__all__ = ["HELDOUT_PARTS", "DataError", "TextConfig", "TextTask", "default_cache_dir", "heldout_part"]
+__all__ = ["HELDOUT_PARTS", "WINDOWS", "DataError", "TextConfig", "TextTask", "default_cache_dir", "heldout_part"]
 
 
 HELDOUT_PARTS = ("all", "tune", "report")
+WINDOWS = ("random", "document_starts")
+_ORDER_STREAM = 10  # the document_starts epoch permutations (batch_generator's streams are 0-2)
 
 
 def heldout_part(docs: list, part: str) -> list:
@@ -64,8 +70,21 @@ class TextConfig:
     heldout_part: str = "all"
     """Which held-out documents are scored: all | tune (every other one, from the second: choose a
     recipe on these) | report (the others: report figures on these, which the recipe never saw)."""
+    windows: str = "random"
+    """random (training windows at random offsets of the training text; held-out: every non-overlapping
+    window of each held-out document) | document_starts (the paper's Pythia data: one window per
+    document, its first seq_len + 1 tokens, of every document that long, training and held-out alike;
+    training reads them in a shuffled order fixed by the seed, a new one each epoch, each window once
+    per epoch; with seq_len 63 a window is a document's first 64 tokens, as the paper's)."""
+    micro_batches: int = 1
+    """document_starts only: micro-batches per optimiser step, equal to train.grad_accum (`myopia sweep`
+    sets it), so that the micro-batches of one step read consecutive windows of the epoch's order."""
 
     def __post_init__(self) -> None:
+        if self.windows not in WINDOWS:
+            raise ValueError(f"windows={self.windows!r} is not one of {', '.join(WINDOWS)}")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches={self.micro_batches} must be a positive integer (= train.grad_accum)")
         if self.heldout_part not in HELDOUT_PARTS:
             raise ValueError(f"heldout_part={self.heldout_part!r} is not one of {', '.join(HELDOUT_PARTS)}")
         if self.seq_len < 2:
@@ -97,13 +116,33 @@ class TextTask:
         if len(self.train.tokens) <= cfg.seq_len + 1:
             raise DataError(f"data.text.corpus: {cfg.corpus!r} gives only {len(self.train.tokens)} training tokens; "
                             f"use more text or a shorter data.text.seq_len")
+        self.train_windows = self._document_starts(self.train) if cfg.windows == "document_starts" else None
+        if self.train_windows is not None and len(self.train_windows) == 0:
+            raise DataError(f"data.corpus: no training document of {cfg.corpus!r} has seq_len+1={cfg.seq_len + 1} "
+                            "tokens (data.windows document_starts); use longer documents or a shorter data.seq_len")
+        self._order: tuple | None = None  # (seed, epoch, permutation) last used by train_batch
         self.heldout_windows = self._heldout_windows()
         if len(self.heldout_windows) == 0:
             raise DataError(f"data.text.corpus: no held-out document of {cfg.corpus!r} is longer than "
                             f"seq_len+1={cfg.seq_len + 1} tokens; use more text or a shorter data.text.seq_len")
 
+    def _document_starts(self, array) -> np.ndarray:
+        """The first token of every document with at least seq_len + 1 tokens, in document order."""
+        off = np.asarray(array.doc_offsets, dtype=np.int64)
+        return off[:-1][np.diff(off) >= self.seq_len + 1]
+
+    @property
+    def epoch_windows(self) -> int | None:
+        """Training windows in one epoch (document_starts), or None (random windows have no epoch)."""
+        return None if self.train_windows is None else len(self.train_windows)
+
     def _heldout_windows(self) -> np.ndarray:
-        """(start, document) of every non-overlapping window inside a held-out document."""
+        """(start, document) of every non-overlapping window inside a held-out document (document_starts:
+        of each held-out document's first window)."""
+        if self.cfg.windows == "document_starts":
+            off = np.asarray(self.heldout.doc_offsets, dtype=np.int64)
+            docs = np.flatnonzero(np.diff(off) >= self.seq_len + 1)
+            return np.stack([off[docs], docs], 1).astype(np.int64).reshape(-1, 2)
         rows = []
         off = self.heldout.doc_offsets
         span = self.seq_len + 1
@@ -127,7 +166,31 @@ class TextTask:
         w = torch.from_numpy(tokens[idx].astype(np.int64))
         return w[:, :-1], w[:, 1:]
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """document_starts: the order (indices into ``train_windows``) of ``epoch``, fixed by the seed."""
+        if self._order is None or self._order[:2] != (self.seed, epoch):
+            seq = np.random.SeedSequence([self.seed, _ORDER_STREAM, epoch])
+            self._order = (self.seed, epoch, np.random.default_rng(seq).permutation(len(self.train_windows)))
+        return self._order[2]
+
+    def _document_start_batch(self, step: int, micro: int, batch_size: int) -> np.ndarray:
+        """Positions (step * micro_batches + micro) * batch_size ... of the concatenated epoch orders."""
+        m = self.cfg.micro_batches
+        if micro >= m:
+            raise DataError(f"data.micro_batches={m} but the loop asked for micro-batch {micro} of a step; set "
+                            "--data.micro_batches to --train.grad_accum (data.windows document_starts)")
+        n = len(self.train_windows)
+        pos = (step * m + micro) * batch_size + np.arange(batch_size, dtype=np.int64)
+        epochs, index = np.divmod(pos, n)
+        starts = np.empty(batch_size, dtype=np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            starts[sel] = self.train_windows[self.epoch_order(int(e))[index[sel]]]
+        return starts
+
     def train_batch(self, step: int, micro: int, batch_size: int):
+        if self.train_windows is not None:
+            return self._gather(self.train.tokens, self._document_start_batch(step, micro, batch_size))
         gen = batch_generator(self.seed, TRAIN_STREAM, step, micro)
         starts = torch.randint(0, len(self.train.tokens) - self.seq_len - 1, (batch_size,), generator=gen).numpy()
         return self._gather(self.train.tokens, starts)
