@@ -118,7 +118,7 @@ def test_pythia_finetune_preset_end_to_end_from_a_local_checkpoint(tmp_path):
     out = tmp_path / "sweep"
     args = ["sweep", "--preset", "pythia-finetune", "--models", str(ckpt), "--data.corpus", corpus,
             "--data.seq_len", "16", "--data.heldout_fraction", "0.25", "--train.batch_size", "2",
-            "--train.grad_accum", "2", "--train.eval_batches", "2", "--train.progress", "false",
+            "--train.grad_accum", "2", "--train.eval_batches", "2", "--train.progress", "false", "--train.device", "cpu",
             "--analysis.heldout_windows", "8", "--analysis.bootstrap", "50", "--analysis.probe_train_windows", "16",
             "--analysis.probe_classes", "8", "--analysis.top_kl", "3", "--analysis.first_position_tokens", "64",
             "--analysis.gradient_split_batches", "0", "--out", str(out)]
