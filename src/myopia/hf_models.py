@@ -181,7 +181,9 @@ def _from_pretrained(spec: str) -> nn.Module:
         raise ConfigError(f"hf_model {spec!r} is neither a preset ({', '.join(HF_PRESETS)}), a directory with a "
                           "transformers config.json, nor hf:NAME for a hub model")
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=local,
+        # float32 weights whatever the checkpoint stores (Pythia's are float16): training precision is
+        # train.precision's autocast, never the checkpoint's storage dtype
+        return transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=local, dtype=torch.float32,
                                                                  attn_implementation="sdpa")
     except OSError as exc:
         where = "the directory" if local else "the hub (offline? set HF_HUB_OFFLINE=0 and check the name)"
