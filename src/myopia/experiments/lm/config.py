@@ -162,7 +162,7 @@ _GPT2 = {"out": "runs/lm-gpt2",
 _SMOLLM2 = {"hf_model": "smollm2-135m", "seeds": [0, 1, 2],
             "data": {"corpus": "builtin", "tokenizer": "smollm2", "seq_len": 64, "heldout_fraction": 0.1,
                      "heldout_part": "report"},
-            "optim": {"lr": 3e-5, "warmup": 0.1, "weight_decay": 0.01},
+            "optim": {"lr": 1e-4, "warmup": 0.1, "weight_decay": 0.01},
             "train": {"steps": 80, "batch_size": 8, "precision": "bf16", "eval_every": 16, "eval_on_start": True,
                       "eval_batches": 16, "log_every": 8, "checkpoint_every": 40}}
 
