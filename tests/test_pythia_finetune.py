@@ -2,6 +2,7 @@
 both arms, the document-starts windows read once per epoch, Pythia's learning rates for hub names, and
 the gap table; offline, through the same code path, with a tiny GPT-NeoX checkpoint and a text folder."""
 
+from dataclasses import replace
 import json
 
 import numpy as np
@@ -160,7 +161,7 @@ def test_pythia_finetune_preset_end_to_end_from_a_local_checkpoint(tmp_path):
     assert "first 17 tokens as one window" in report and "pretrained weights" in report
 
     # Too few windows for one step: one line naming the fix.
-    cfg = sweep.SweepExperiment(data=data, train=TrainConfig(batch_size=64), epochs=1)
+    cfg = sweep.SweepExperiment(data=replace(data, micro_batches=0), train=TrainConfig(batch_size=64), epochs=1)
     with pytest.raises(ConfigError, match="fewer than one step") as err:
         sweep.epoch_steps(cfg)
     assert "\n" not in str(err.value)
@@ -179,3 +180,11 @@ def test_a_float16_checkpoint_trains_in_float32(tmp_path):
     transformers.GPTNeoXForCausalLM(config).half().save_pretrained(tmp_path / "fp16")
     model = build_hf_model(str(tmp_path / "fp16"), "vanilla", vocab_size=256, seed=0)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_micro_batches_follow_grad_accum_and_a_different_value_is_one_line():
+    data = TextConfig(corpus="unused", windows="document_starts")
+    assert data.micro_batches == 0 and data.for_grad_accum(4).micro_batches == 4
+    assert replace(data, micro_batches=4).for_grad_accum(4).micro_batches == 4
+    with pytest.raises(DataError, match=r"data.micro_batches=2 but train.grad_accum=4.*leave --data.micro_batches at 0"):
+        replace(data, micro_batches=2).for_grad_accum(4)

@@ -54,6 +54,10 @@ def environment() -> dict:
     }
 
 
+COMMAND_STARTED = time.perf_counter()
+"""When this process imported the experiments (the command's start, before any data is read)."""
+
+
 def peak_rss_mib() -> float | None:
     """This process's peak resident memory in MiB (None where the platform does not say)."""
     try:
@@ -76,7 +80,6 @@ class Results:
     body: dict = field(default_factory=dict)
     written: bool = field(default=False, repr=False)
     """Whether this run has written its results.json yet."""
-    started: float = field(default_factory=time.perf_counter, repr=False)
 
     def __getitem__(self, key: str):
         return self.body[key]
@@ -99,9 +102,10 @@ class Results:
                 "environment": self.environment, "resources": self.resources(), **self.body}
 
     def resources(self) -> dict:
-        """What this invocation has used so far: wall time and peak memory (a resumed run counts
-        from its restart)."""
-        out = {"wall_seconds": round(time.perf_counter() - self.started, 1), "peak_rss_mib": peak_rss_mib()}
+        """What this command has used so far: wall time since it started (a resumed run counts from its
+        restart; in a sweep, every model's run counts from the sweep's start) and the process's peak
+        memory."""
+        out = {"wall_seconds": round(time.perf_counter() - COMMAND_STARTED, 1), "peak_rss_mib": peak_rss_mib()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return out

@@ -81,7 +81,7 @@ PRESETS: dict[str, dict] = {
         "models": [f"hf:EleutherAI/pythia-{size}" for size in _PYTHIA_SIZES],
         "arms": ["vanilla", "myopic"], "lr_from_preset": 0.4, "epochs": 1,
         "data": {"corpus": "hf:JeanKaddour/minipile", "tokenizer": "gpt-neox", "seq_len": 63,
-                 "windows": "document_starts", "micro_batches": 4, "heldout_fraction": 0.02},
+                 "windows": "document_starts", "heldout_fraction": 0.02},
         "optim": {"weight_decay": 0.01, "warmup": 0.05},
         "train": {"batch_size": 128, "grad_accum": 4, "eval_every": 200, "eval_on_start": True, "eval_batches": 16,
                   "checkpoint_every": 200, "log_every": 10},
@@ -108,9 +108,7 @@ PRESETS: dict[str, dict] = {
 
 def _data(cfg: SweepExperiment):
     """The data config: document_starts reads one step's micro-batches as consecutive windows."""
-    if cfg.data.windows == "document_starts":
-        return replace(cfg.data, micro_batches=cfg.train.grad_accum)
-    return cfg.data
+    return cfg.data.for_grad_accum(cfg.train.grad_accum)
 
 
 def _lm_config(cfg: SweepExperiment, model: str) -> lm.LMExperiment:

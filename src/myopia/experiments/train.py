@@ -44,15 +44,15 @@ class TrainExperiment:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def make_task(data: DataConfig, seed: int):
+def make_task(data: DataConfig, seed: int, grad_accum: int = 1):
     if data.source == "synthetic":
         return SyntheticTask(data.synthetic, seed)
-    return TextTask(data.text, seed)
+    return TextTask(data.text.for_grad_accum(grad_accum), seed)
 
 
 def run(cfg: TrainExperiment) -> dict:
     arms = parse_arms(cfg.arms)
-    task = make_task(cfg.data, cfg.train.seed)
+    task = make_task(cfg.data, cfg.train.seed, cfg.train.grad_accum)
     overrides = task.model_overrides()
     if cfg.init_from:
         load_model(cfg.init_from, arms[0], overrides)  # fail before any training if the data do not fit

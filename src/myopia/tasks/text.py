@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -76,15 +76,25 @@ class TextConfig:
     document, its first seq_len + 1 tokens, of every document that long, training and held-out alike;
     training reads them in a shuffled order fixed by the seed, a new one each epoch, each window once
     per epoch; with seq_len 63 a window is a document's first 64 tokens, as the paper's)."""
-    micro_batches: int = 1
-    """document_starts only: micro-batches per optimiser step, equal to train.grad_accum (`myopia sweep`
-    sets it), so that the micro-batches of one step read consecutive windows of the epoch's order."""
+    micro_batches: int = 0
+    """document_starts only: micro-batches per optimiser step, so that the micro-batches of one step read
+    consecutive windows of the epoch's order; 0 = train.grad_accum (an experiment fills it in; any other
+    value must equal train.grad_accum)."""
+
+    def for_grad_accum(self, grad_accum: int) -> "TextConfig":
+        """This config with ``micro_batches`` filled in for a loop of ``grad_accum`` micro-batches a step;
+        under document_starts a different explicit value is a one-line error."""
+        if self.windows == "document_starts" and self.micro_batches not in (0, grad_accum):
+            raise DataError(f"data.micro_batches={self.micro_batches} but train.grad_accum={grad_accum}: with "
+                              "data.windows document_starts they must be equal (else windows are skipped or read "
+                              "twice); leave --data.micro_batches at 0, which follows train.grad_accum")
+        return replace(self, micro_batches=grad_accum) if self.micro_batches == 0 else self
 
     def __post_init__(self) -> None:
         if self.windows not in WINDOWS:
             raise ValueError(f"windows={self.windows!r} is not one of {', '.join(WINDOWS)}")
-        if self.micro_batches < 1:
-            raise ValueError(f"micro_batches={self.micro_batches} must be a positive integer (= train.grad_accum)")
+        if self.micro_batches < 0:
+            raise ValueError(f"micro_batches={self.micro_batches} must be 0 (= train.grad_accum) or equal to it")
         if self.heldout_part not in HELDOUT_PARTS:
             raise ValueError(f"heldout_part={self.heldout_part!r} is not one of {', '.join(HELDOUT_PARTS)}")
         if self.seq_len < 2:
@@ -143,12 +153,14 @@ class TextTask:
             off = np.asarray(self.heldout.doc_offsets, dtype=np.int64)
             docs = np.flatnonzero(np.diff(off) >= self.seq_len + 1)
             return np.stack([off[docs], docs], 1).astype(np.int64).reshape(-1, 2)
-        rows = []
-        off = self.heldout.doc_offsets
-        span = self.seq_len + 1
+        return self._windows_inside_documents(self.seq_len)
+
+    def _windows_inside_documents(self, length: int) -> np.ndarray:
+        """(start, document) of every non-overlapping ``length``-token window (+1 target) of each held-out
+        document, in order."""
+        off, span, rows = self.heldout.doc_offsets, length + 1, []
         for d in range(self.heldout.n_docs):
-            for start in range(int(off[d]), int(off[d + 1]) - span + 1, span):
-                rows.append((start, d))
+            rows += [(start, d) for start in range(int(off[d]), int(off[d + 1]) - span + 1, span)]
         return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
 
     def with_seed(self, seed: int) -> TextTask:
@@ -175,7 +187,7 @@ class TextTask:
 
     def _document_start_batch(self, step: int, micro: int, batch_size: int) -> np.ndarray:
         """Positions (step * micro_batches + micro) * batch_size ... of the concatenated epoch orders."""
-        m = self.cfg.micro_batches
+        m = self.cfg.micro_batches or 1
         if micro >= m:
             raise DataError(f"data.micro_batches={m} but the loop asked for micro-batch {micro} of a step; set "
                             "--data.micro_batches to --train.grad_accum (data.windows document_starts)")
@@ -200,6 +212,18 @@ class TextTask:
         gen = batch_generator(self.seed, HELDOUT_STREAM, index)
         rows = torch.randint(0, len(self.heldout_windows), (batch_size,), generator=gen).numpy()
         return self._gather(self.heldout.tokens, self.heldout_windows[rows, 0])
+
+    def windows_of(self, length: int, count: int = 0) -> np.ndarray:
+        """(start, document) of ``count`` (0 = all) non-overlapping held-out windows of ``length`` tokens
+        (+1 target) inside documents, spread evenly over all such windows: longer or shorter windows
+        than ``seq_len`` for an analysis (e.g. 256-token per-position gaps)."""
+        rows = self._windows_inside_documents(length)
+        if len(rows) == 0:
+            raise DataError(f"no held-out document is longer than {length + 1} tokens, so there is no {length}-token "
+                            "window to score; use shorter windows or more held-out text")
+        if count and count < len(rows):
+            rows = rows[np.linspace(0, len(rows) - 1, count).round().astype(np.int64)]
+        return rows
 
     def scored_windows(self, limit: int | None = None) -> np.ndarray:
         """The held-out windows an analysis scores: all of them, or ``limit`` spread evenly over all."""

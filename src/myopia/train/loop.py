@@ -300,7 +300,7 @@ def train_arm(
             last_loss = loss_value
             window_tokens += tokens_per_step
             record = {"step": step, "loss": loss_value, "lr": lr}
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == cfg.steps or step == 1:  # step 1: the start's training loss
                 now = time.perf_counter()
                 tok_s = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0

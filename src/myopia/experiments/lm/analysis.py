@@ -40,18 +40,14 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
     docs = []
     tops: dict[Pair, list] = {pair: [] for pair in pairs}
     window = 0
-    for x, y, doc in task.heldout_all(64, limit):
-        x, y = x.to(device), y.to(device)
-        logps = {}
-        for name, m in models.items():
-            logp = F.log_softmax(m(x).float(), dim=-1)
+    for logps, y, doc in heldout_log_probs(task, models, device, limit):
+        for name, logp in logps.items():
             losses[name].append(-logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).cpu())
-            logps[name] = logp
         docs.append(doc)
         if full and a.top_kl:
             for pair, top in tops.items():
                 _keep_top_kl(top, a.top_kl, logps[pair.baseline], logps[pair.treatment], window)
-        window += x.shape[0]
+        window += y.shape[0]
     per_window = {name: torch.cat(v).double().numpy() for name, v in losses.items()}  # (N, T)
     doc_ids = torch.cat(docs).numpy()
     out: dict = {"heldout": {"windows": len(doc_ids), "documents": len(np.unique(doc_ids)),
@@ -94,21 +90,6 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
     return out
 
 
-def long_windows(task: TextTask, length: int, count: int) -> np.ndarray:
-    """(start, document) of ``count`` non-overlapping held-out windows of ``length`` tokens (+1 target)
-    inside documents, spread evenly over all such windows."""
-    off, span, rows = task.heldout.doc_offsets, length + 1, []
-    for d in range(task.heldout.n_docs):
-        rows += [(s, d) for s in range(int(off[d]), int(off[d + 1]) - span + 1, span)]
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-    if len(rows) == 0:
-        raise ConfigError(f"analysis.long_window={length}: no held-out document is longer than {span} tokens; "
-                          "use a shorter analysis.long_window or more held-out text")
-    if count and count < len(rows):
-        rows = rows[np.linspace(0, len(rows) - 1, count).round().astype(np.int64)]
-    return rows
-
-
 def model_context(model: torch.nn.Module) -> int | None:
     """The longest window ``model`` takes (myopia's GPT: block_size; Hugging Face: max_position_embeddings)."""
     config = getattr(model, "config", None)
@@ -119,11 +100,22 @@ def model_context(model: torch.nn.Module) -> int | None:
     return None
 
 
+def check_context(model: torch.nn.Module, length: int, name: str) -> None:
+    """One-line error if ``model`` cannot take ``length``-token windows (analysis.long_window)."""
+    context = model_context(model)
+    if context is not None and length > context:
+        raise ConfigError(f"analysis.long_window={length}: {name} has a context of {context} tokens; use "
+                          f"--analysis.long_window {context} or less (or a model with a longer context)")
+
+
 @torch.no_grad()
 def long_window_losses(task: TextTask, models: dict, device: torch.device, length: int, count: int,
                        batch_size: int = 8) -> tuple[dict, np.ndarray]:
-    """Each model's loss at every position of long held-out windows: ``({name: (N, length)}, documents)``."""
-    rows = long_windows(task, length, count)
+    """Each model's loss at every position of long held-out windows: ``({name: (N, length)}, documents)``;
+    a model whose context is shorter is a one-line error."""
+    for name, m in models.items():
+        check_context(m, length, name)
+    rows = task.windows_of(length, count)
     idx = rows[:, :1] + np.arange(length + 1)
     losses = {name: [] for name in models}
     for i in range(0, len(rows), batch_size):
@@ -140,12 +132,7 @@ def long_window_analysis(cfg: LMExperiment, task: TextTask, models: dict, device
     """Loss and paired gap by position over ``analysis.long_window``-token windows (the paper's
     Pythia-2.8B curve, R12, used 256), intervals over documents."""
     a = cfg.analysis
-    for name, m in models.items():
-        context = model_context(m)
-        if context is not None and a.long_window > context:
-            raise ConfigError(f"analysis.long_window={a.long_window}: arm {name!r} has a context of {context} tokens; "
-                              f"use --analysis.long_window {context} or less (or a model with a longer context)")
-    per_window, docs = long_window_losses(task, models, device, a.long_window, a.long_windows)
+    per_window, docs = long_window_losses(task, models, device, a.long_window, a.long_window_count)
     out = {"length": a.long_window, "windows": len(docs), "documents": len(np.unique(docs)),
            "tokens": int(len(docs) * a.long_window),
            "arms": {name: arr.mean(0).tolist() for name, arr in per_window.items()}, "comparisons": {}}
@@ -165,17 +152,24 @@ def score_start(cfg: LMExperiment, task: TextTask, model: torch.nn.Module, devic
     a = cfg.analysis
     model.eval().to(device)
     losses, docs = [], []
-    for x, y, doc in task.heldout_all(64, a.heldout_windows or None):
-        logp = F.log_softmax(model(x.to(device)).float(), dim=-1)
-        losses.append(-logp.gather(-1, y.to(device).unsqueeze(-1)).squeeze(-1).double().cpu())
+    for logps, y, doc in heldout_log_probs(task, {"start": model}, device, a.heldout_windows or None):
+        losses.append(-logps["start"].gather(-1, y.unsqueeze(-1)).squeeze(-1).double().cpu())
         docs.append(doc)
     per_window, doc_ids = torch.cat(losses).numpy(), torch.cat(docs).numpy()
     summary = {"loss": cluster_bootstrap_ci(per_window.mean(1), doc_ids, a.bootstrap),
                "per_position": per_window.mean(0).tolist()}
     if a.long_window:
-        long, _ = long_window_losses(task, {"start": model}, device, a.long_window, a.long_windows)
-        summary["long_window_per_position"] = long["start"].mean(0).tolist()
+        long, _ = long_window_losses(task, {"start model": model}, device, a.long_window, a.long_window_count)
+        summary["long_window_per_position"] = long["start model"].mean(0).tolist()
     return {"per_window": per_window, "summary": summary}
+
+
+def heldout_log_probs(task: TextTask, models: dict, device: torch.device, limit: int | None):
+    """Every model on the analysis windows (``task.heldout_all``, the same whatever the seed), batch by
+    batch: yields ``({name: log-probabilities (B, T, V)}, targets, document ids)``."""
+    for x, y, doc in task.heldout_all(64, limit):
+        x = x.to(device)
+        yield {name: F.log_softmax(m(x).float(), dim=-1) for name, m in models.items()}, y.to(device), doc
 
 
 def _keep_top_kl(top: list, k: int, lb: torch.Tensor, lt: torch.Tensor, window: int) -> None:
@@ -221,6 +215,15 @@ def _kl_example(task: TextTask, limit, item) -> dict:
             "next": dec(tokens[t + 1:t + 2]), "baseline_top1": dec([top_b]), "treatment_top1": dec([top_t])}
 
 
+def probe_layers(chosen: list[int], n_streams: int, arm: str) -> list[int]:
+    """The residual streams to probe (``analysis.probe_layers``; empty = all ``n_streams``)."""
+    bad = [l for l in chosen if not 0 <= l < n_streams]
+    if bad:
+        raise ConfigError(f"analysis.probe_layers={chosen}: arm {arm!r} has residual streams 0..{n_streams - 1} "
+                          f"(0 = the embeddings); drop {bad}")
+    return sorted(set(chosen)) if chosen else list(range(n_streams))
+
+
 def probes(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device) -> dict:
     """Linear probes: from layer l's state at t, the token at t+k (top classes + 'other'); held-out
     accuracy of each of ``models`` ({arm name: model})."""
@@ -253,15 +256,13 @@ def probes(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device
         for x, y in batches("train"):
             _, hidden = model(x.to(device), return_hidden_states=True)
             if not stats:  # one probe per chosen residual stream the model returns (any family's width)
-                n_layers = len(hidden)
-                chosen = [l for l in range(n_layers) if not a.probe_layers or l in a.probe_layers]
-                stats = {(l, k): ProbeStats(hidden[0].shape[-1], C) for l in chosen for k in offsets}
+                layers = probe_layers(a.probe_layers, len(hidden), name)
+                stats = {(l, k): ProbeStats(hidden[0].shape[-1], C) for l in layers for k in offsets}
             for k in offsets:
                 onehot = F.one_hot(targets(x, y, k), C).double()
-                for l in chosen:
+                for l in layers:
                     stats[(l, k)].add(hidden[l][:, : T + 1 - k].float().cpu(), onehot)
         fits = {key: s.fit(1e-3) for key, s in stats.items()}
-        layers = [l for l in range(n_layers) if not a.probe_layers or l in a.probe_layers]
         correct = {key: 0 for key in stats}
         total = {k: 0 for k in offsets}
         class_counts = {k: torch.zeros(C, dtype=torch.long) for k in offsets}
@@ -343,5 +344,5 @@ def combine_seeds(per_seed: dict[str, dict]) -> dict:
     return out
 
 
-__all__ = ["analyse", "combine_seeds", "first_position_losses", "long_window_analysis", "long_window_losses",
-           "long_windows", "probes", "score_start"]
+__all__ = ["analyse", "check_context", "combine_seeds", "first_position_losses", "heldout_log_probs",
+           "long_window_analysis", "long_window_losses", "model_context", "probe_layers", "probes", "score_start"]

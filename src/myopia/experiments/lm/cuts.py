@@ -1,5 +1,6 @@
 """Analyses across the cuts of one ``myopia lm`` run: the gap as a function of the horizon, and
-single-layer cuts against the all-layer cut.
+per-layer cuts (single layers, or disjoint sets of layers such as thirds of the blocks) against the
+all-layer cut.
 
 - **Horizon curve.** Comparisons with one baseline whose treatments are myopic cuts that differ only
   in their horizon (mode, beta and layers equal; plain ``myopic`` is horizon 0, ``h >= T - 1`` is
@@ -7,8 +8,9 @@ single-layer cuts against the all-layer cut.
   horizon whose gap interval includes 0 and checks the two ends: gap(h=0) against the plain cut's gap
   and gap(h >= T-1) against 0, within their intervals.
 - **Per-layer sums.** Comparisons with one baseline whose treatments are one cut applied in a single
-  layer each (``myopic:layers=i``), beside the same cut in every layer: is the sum of the
-  single-layer gaps the all-layer gap? The sum's interval is computed where the per-window losses
+  layer or a set of layers each (``myopic:layers=i``, ``myopic:layers=0-9``; pairwise disjoint),
+  beside the same cut in every layer: is the sum of the parts' gaps the all-layer gap? (The results
+  keep the keys ``singles`` and ``sum_of_single_layer_gaps`` for the parts.) The sum's interval is computed where the per-window losses
   are (:func:`layer_sums`, per seed, paired over held-out documents), then combined over seeds.
 """
 
@@ -102,7 +104,9 @@ def layer_groups(pairs: list[Pair], cuts: dict[str, Cut]) -> list[dict]:
     for (baseline, spec), group in groups.items():
         parts = sorted(group["singles"])
         flat = [layer for part in parts for layer in part]
-        if group["all"] is None or len(parts) < 2 or len(flat) != len(set(flat)):
+        if len(flat) != len(set(flat)):  # overlapping parts cannot add up: the single layers alone, if any
+            parts = [part for part in parts if len(part) == 1]
+        if group["all"] is None or len(parts) < 2:
             continue
         out.append({"label": f"{spec} vs {baseline}", "baseline": baseline, "cut": spec, "all": group["all"],
                     "singles": [(part[0] if len(part) == 1 else list(part), group["singles"][part])

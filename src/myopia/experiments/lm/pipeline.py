@@ -42,16 +42,21 @@ def run(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: {cfg.seeds} repeats a seed; give distinct seeds, e.g. --seeds 0,1,2")
     device = resolve_device(cfg.train.device)
-    base_task = TextTask(cfg.data, seeds[0])
+    base_task = TextTask(cfg.data.for_grad_accum(cfg.train.grad_accum), seeds[0])
     overrides = base_task.model_overrides()
     if block_size is not None:
         overrides["block_size"] = max(overrides["block_size"], block_size)
+    if cfg.analysis.long_window > overrides["block_size"] and not cfg.hf_model and not cfg.init_from:
+        raise ConfigError(f"analysis.long_window={cfg.analysis.long_window}: the model's context is "
+                          f"{overrides['block_size']} tokens (data.seq_len); use --analysis.long_window "
+                          f"{overrides['block_size']} or less")
     print(f"myopia lm: {len(seeds)} seed(s) x {len(arms)} arms x {cfg.train.steps} steps of "
           f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens; corpus {cfg.data.corpus}: "
           f"{len(base_task.train.tokens):,} training and {len(base_task.heldout.tokens):,} held-out tokens "
           f"({base_task.heldout.n_docs} held-out documents), tokenizer {base_task.tokenizer.name}", flush=True)
     results = Results("lm", cfg, body={"paper": PAPER, "seeds": seeds, "training": {},
-                                       "start": start_kind(cfg, len(seeds))})
+                                       "start": start_kind(cfg, len(seeds)),
+                                       "analysis_precision": analysis_precision(cfg)})
     with recording(results, cfg.out):
         start = None
         if not cfg.pretrain.per_seed:
@@ -64,7 +69,7 @@ def run(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
         if not cfg.pretrain.per_seed:  # the start all seeds share, on the analysis windows
             start_model = start if start is not None else pretrained_start(cfg, task=base_task, overrides=overrides)
             if start_model is not None:
-                with autocast_for(device, cfg.train.precision):
+                with autocast_for(device, analysis_precision(cfg)):
                     scored_start = score_start(cfg, base_task, start_model, device)
                 results["start_loss"] = scored_start["summary"]["loss"]
                 results["start_model"] = scored_start["summary"]
@@ -94,14 +99,14 @@ def run(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             train = replace(cfg.train, seed=seed)
             status = run_arms(os.path.join(cfg.out, f"seed{seed}"), cfg, arms, task, make, cfg.optim, train,
                               resume=cfg.resume, on_arm_done=keep,
-                              monitor_for=gradient_geometry.monitor_factory(
-                                  task, cfg.analysis.gradient_split_batches, train))
+                              monitor_for=gradient_geometry.monitor_factory(  # reported for the first seed only
+                                  task, cfg.analysis.gradient_split_batches if seed == seeds[0] else 0, train))
             results["training"][str(seed)] = status["arms"]
             if status["status"] != Status.COMPLETED:
                 return results.write(cfg.out, Status(status["status"]))
             counted = models.get("vanilla") or next(iter(models.values()))
             results["parameters"] = sum(p.numel() for p in counted.parameters())
-            with autocast_for(device, cfg.train.precision):  # the arms are scored as they trained
+            with autocast_for(device, analysis_precision(cfg)):
                 per_seed[str(seed)] = analyse(cfg, task, models, device, pairs, full=seed == seeds[0],
                                               probe_arms=probe_arms, start=scored_start)
             del models
@@ -112,6 +117,10 @@ def run(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
         main = PAPER_PAIR.label if PAPER_PAIR.label in by_step else next(iter(by_step), None)
         if main is not None:
             results["gap_by_step"] = by_step[main]
+        checked = steps.first_step_check(cfg.out, seeds, pairs,
+                                         {a.name for a in arms if not a.local and not a.cut.changes_forward})
+        if checked:
+            results["first_step_check"] = checked
         curves = horizon_curves(results["comparisons"], {a.name: a.cut for a in arms if not a.local}, cfg.data.seq_len)
         if curves:
             results["horizon_curves"] = curves
@@ -137,10 +146,23 @@ def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, se
     return with_lora(model, cfg.lora)  # LoRA adapters when --lora.r > 0 (Hugging Face models)
 
 
+def pretrained_hf(cfg: LMExperiment) -> bool:
+    """Whether ``hf_model`` names pretrained weights (a checkpoint folder, hf:NAME, smollm2-135m) rather
+    than a fresh-weight preset."""
+    return bool(cfg.hf_model) and cfg.hf_model not in HF_PRESETS
+
+
+def analysis_precision(cfg: LMExperiment) -> str:
+    """The held-out analysis runs in bf16 autocast only where training asked for it explicitly
+    (``train.precision bf16``, as the SmolLM2 CPU presets); otherwise in float32, also on a GPU whose
+    training autocasts by default."""
+    return "bf16" if cfg.train.precision == "bf16" else "fp32"
+
+
 def pretrained_start(cfg: LMExperiment, task: TextTask, overrides: dict) -> torch.nn.Module | None:
     """The pretrained ``hf_model`` every arm starts from (a checkpoint folder, hf:NAME or smollm2-135m),
     built as vanilla; None for fresh-weight presets."""
-    if not cfg.hf_model or cfg.hf_model in HF_PRESETS:
+    if not pretrained_hf(cfg):
         return None
     return fresh_model(cfg, Arm(name="vanilla", cut=VANILLA), task, overrides, cfg.seed_list()[0])
 
@@ -150,7 +172,7 @@ def start_kind(cfg: LMExperiment, n_seeds: int) -> dict:
     on one starting model (they then leave out the variance of pretraining)."""
     if cfg.init_from:
         kind = "init_from"
-    elif cfg.hf_model and cfg.hf_model not in HF_PRESETS:
+    elif pretrained_hf(cfg):
         kind = "pretrained_hf"
     elif cfg.pretrain.steps:
         kind = "pretrained_per_seed" if cfg.pretrain.per_seed else "pretrained_shared"
@@ -179,7 +201,7 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     if cfg.pretrain.per_seed and not cfg.pretrain.steps:
         raise ConfigError("pretrain.per_seed pretrains a start per seed; set pretrain.steps > 0 too")
     vanilla = Arm(name="vanilla", cut=VANILLA)
-    if cfg.pretrain.steps and cfg.hf_model and cfg.hf_model not in HF_PRESETS:
+    if cfg.pretrain.steps and pretrained_hf(cfg):
         raise ConfigError(f"pretrain.steps={cfg.pretrain.steps}: hf_model {cfg.hf_model!r} is pretrained already, and "
                           f"this would train it further at lr {cfg.pretrain.lr or cfg.optim.lr} before the arms (the "
                           "default --preset cpu does); pass --pretrain.steps 0, or --preset smollm2-cpu for SmolLM2")
@@ -205,4 +227,5 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     return kept.get("model"), status
 
 
-__all__ = ["fresh_model", "pretrain_dir", "pretrained_start", "run", "start_kind", "starting_model"]
+__all__ = ["analysis_precision", "fresh_model", "pretrain_dir", "pretrained_hf", "pretrained_start", "run", "start_kind",
+           "starting_model"]

@@ -12,6 +12,7 @@ from myopia.experiments.lm import cuts, steps
 from myopia.experiments.lm.config import PAPER, PAPER_LONG_WINDOW
 from myopia.experiments.pairs import PAPER_PAIR
 from myopia.experiments.scaffold import write_report as write_lines
+from myopia.hf_models import HF_PRESETS
 
 
 def summary_text(results: dict) -> str:
@@ -80,6 +81,8 @@ def start_text(cfg: dict) -> str:
                 f"{p['lr'] or cfg['optim']['lr']}, seed {p['seed']})")
     if cfg.get("init_from"):
         return f", each fine-tuning the trained model {cfg['init_from']}"
+    if cfg.get("hf_model") and cfg["hf_model"] not in HF_PRESETS:
+        return f", each fine-tuning the pretrained {cfg['hf_model']}"
     return ""
 
 
@@ -110,7 +113,8 @@ def write_report(out: str, results: dict) -> None:
     cfg = results["config"]
     env = results["environment"]
     vs_start = results.get("vs_start") or {}
-    rows = ([f"| start model (step 0) | {format_ci(results['start_loss'])} | - | - |"] if "start_loss" in results else [])
+    rows = ([f"| start model (step 0; CI over held-out documents) | {format_ci(results['start_loss'])} | - | - |"]
+            if "start_loss" in results else [])
     rows += [f"| {name} | {format_ci(a['loss'])} | {format_ci(vs_start[name]) if name in vs_start else '-'} | "
              f"{paper_number(name.replace('_', '-'))} |" for name, a in arms.items()]
     text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
@@ -126,15 +130,22 @@ def write_report(out: str, results: dict) -> None:
             "|---|---|---|---|", *rows, ""]
     used = results.get("resources") or {}
     if used:
-        text += [f"Wall time {used['wall_seconds'] / 60:.1f} min, peak memory {used['peak_rss_mib'] / 1024:.1f} GiB "
-                 f"(resident; {env.get('threads', '?')} threads).", ""]
+        memory = f", peak memory {used['peak_rss_mib'] / 1024:.1f} GiB (resident, the whole process)" \
+            if used.get("peak_rss_mib") else ""
+        text += [f"Wall time {used['wall_seconds'] / 60:.1f} min since the command started{memory}; "
+                 f"{env.get('threads', '?')} threads; analysis in {results.get('analysis_precision', 'fp32')}.", ""]
     by_step = {label: c["by_step"] for label, c in comparisons.items() if c.get("by_step")}
     if by_step:
         main = PAPER_PAIR.label if PAPER_PAIR.label in by_step else next(iter(by_step))
-        if steps.plot(by_step, comparisons, main, os.path.join(out, "gap_by_step.png"),
-                      start_loss=(results.get("start_loss") or {}).get("mean")):
+        if steps.plot(by_step, comparisons, main, os.path.join(out, "gap_by_step.png")):
             made.append("gap_by_step.png")
         text += steps.report_lines(by_step, comparisons, main)
+    for label, check in (results.get("first_step_check") or {}).items():
+        c = comparisons[label]
+        text += [f"Training forward check ({c['treatment']} vs {c['baseline']}): the first step's training loss (same "
+                 f"batch, start weights, before any update) differs by at most {check['max_abs']:.2g} nats over the "
+                 "seeds (" + ", ".join(f"{d:+.2g}" for d in check["per_seed"]) + "): the myopic arm's training "
+                 "forward is vanilla's.", ""]
     long = results.get("long_window")
     if long:
         if plot_long_window(long, results.get("start_model"), os.path.join(out, "gap_by_position_long.png")):
@@ -217,9 +228,10 @@ def write_report(out: str, results: dict) -> None:
         if gradient_geometry.plot(geometry, os.path.join(out, "gradient_geometry.png"), offsets):
             made.append("gradient_geometry.png")
         text += gradient_geometry.report_lines(geometry)
-        first = next(iter(geometry["runs"].items()), None)
-        if first is not None and results.get("start", {}).get("kind") != "fresh":
-            text += gradient_geometry.layer_lines(first[1][0], f"the start model ({first[0]})")
+        label = f"seed {seeds[0]} vanilla"
+        start_run = geometry["runs"].get(label)
+        if start_run and start_run[0]["step"] == 0 and results.get("start", {}).get("kind") != "fresh":
+            text += gradient_geometry.layer_lines(start_run[0], f"the start model ({label})")
     text += [f"![{m}]({m})" for m in made]
     write_lines(out, text)
 
