@@ -58,3 +58,32 @@ def test_reproduce_stops_after_an_interrupted_stage(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(lm, "run", must_not_run)
     assert cli.main(["reproduce", "--out", str(tmp_path / "r"), "--progress", "false"]) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_seed_whose_vanilla_arm_did_not_learn_is_named_first_not_averaged_in():
+    """Issue 32: vanilla within 10% of the trivial loss at one seed is a per-seed verdict in the first
+    line of the summary, the report and reproduce's headline, and the paper's conclusion is withheld."""
+    from myopia.experiments import reproduce, synthetic, synthetic_report
+
+    def arm(ratio, r2, r2u=0.6):
+        return {"ratio_to_trivial": ratio, "probe": {"r2": [[0.0], [r2]]}, "probe_untrained": {"r2": [[0.0], [r2u]]}}
+
+    runs = {"0": {"vanilla": arm(0.2, 0.9), "myopic": arm(1.0, 0.6)},
+            "14": {"vanilla": arm(0.957, 0.08), "myopic": arm(1.0, 0.6)},
+            "15": {"vanilla": arm(0.28, 0.88), "myopic": arm(1.0, 0.6)}}
+    results = {"conditions": {"main": {"runs": runs, "control": False, "task": {"shift": 1, "p": 0.5}}}}
+    for run in runs.values():
+        for r in run.values():
+            r["normalised_loss"] = r["ratio_to_trivial"]
+    results["summary"] = synthetic.summarise(results)
+    results["did_not_learn"] = synthetic.did_not_learn(results)
+    assert results["did_not_learn"] == [{"condition": "main", "seed": 14, "ratio_to_trivial": 0.957}]
+    first = synthetic_report.summary_text(results).strip().splitlines()[0]
+    assert first.startswith("DID NOT LEARN at 1 seed(s), seed 14: vanilla 0.957x trivial")
+    assert "Vanilla did not learn the task at seed(s) 14 of 3" in synthetic_report.conclusion(results)
+    assert "solves the task" not in synthetic_report.conclusion(results)
+    assert reproduce._synthetic_line(results).startswith("DID NOT LEARN at 1 seed(s)")
+    runs["14"]["vanilla"]["ratio_to_trivial"] = 0.89  # learned a little: no verdict
+    assert synthetic.did_not_learn(results) == []
+    results["did_not_learn"] = []
+    assert synthetic_report.failure_line(results) == ""

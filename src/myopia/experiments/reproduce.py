@@ -91,4 +91,5 @@ def _synthetic_line(res: dict) -> str:
         for arm, s in arms.items():
             parts.append(f"{arm} ({name}) {format_ci(s['ratio_to_trivial'])}× trivial, layer-1 R² for f(x_n) "
                          f"{format_ci(s['r2_layer1_fx'])} (untrained {format_ci(s['r2_layer1_fx_untrained'])})")
-    return "; ".join(parts) + ". " + synthetic_report.conclusion(res)
+    failed = synthetic_report.failure_line(res)
+    return (failed + " " if failed else "") + "; ".join(parts) + ". " + synthetic_report.conclusion(res)

@@ -278,6 +278,7 @@ def run(cfg: SyntheticExperiment) -> dict:
                     print(f"interrupted; rerun with --resume --out {cfg.out} to continue", flush=True)
                     return results.write(cfg.out, Status.INTERRUPTED)
         results["summary"] = summarise(results.body)
+        results["did_not_learn"] = did_not_learn(results.body)
         results["comparisons"] = compare(results.body, pairs)
         grid = synthetic_horizon.horizon_grid(results.body, {a.name: a.cut for a in conds[0].arms})
         if grid is not None:
@@ -356,6 +357,18 @@ def summarise(results: dict) -> dict:
                 "seeds": len(runs),
             }
     return summary
+
+
+DID_NOT_LEARN_RATIO = 0.9
+"""A vanilla arm whose held-out loss ends above this multiple of the trivial loss did not learn the task."""
+
+
+def did_not_learn(results: dict) -> list[dict]:
+    """Every (condition, seed) whose vanilla arm ended within 10% of the trivial loss: at such a seed
+    vanilla never left the plateau, so its myopic arm's result says nothing about pre-caching."""
+    return [{"condition": label, "seed": int(seed), "ratio_to_trivial": runs["vanilla"]["ratio_to_trivial"]}
+            for label, entry in results["conditions"].items() for seed, runs in entry["runs"].items()
+            if "vanilla" in runs and runs["vanilla"]["ratio_to_trivial"] > DID_NOT_LEARN_RATIO]
 
 
 def compare(results: dict, pairs: list[Pair]) -> dict:
