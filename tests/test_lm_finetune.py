@@ -137,7 +137,7 @@ def test_smollm2_presets_fine_tune_the_pretrained_model(name):
 
 
 def test_bf16_forward_of_the_fused_myopic_op_matches_vanilla_on_cpu():
-    """The SmolLM2 presets train in bf16 autocast: the myopic arm's training forward (the fused op, with
+    """Under bf16 autocast (--train.precision bf16) the myopic arm's training forward (the fused op, with
     gradients on) must give vanilla's logits to bf16 precision."""
     transformers = pytest.importorskip("transformers")
     from myopia.hf import make_myopic

