@@ -87,3 +87,7 @@ def test_a_seed_whose_vanilla_arm_did_not_learn_is_named_first_not_averaged_in()
     assert synthetic.did_not_learn(results) == []
     results["did_not_learn"] = []
     assert synthetic_report.failure_line(results) == ""
+    runs["14"]["vanilla"]["ratio_to_trivial"] = float("nan")  # diverged: not learned either
+    assert [f["seed"] for f in synthetic.did_not_learn(results)] == [14]
+    del results["did_not_learn"]  # an older results.json: worked out from the runs
+    assert synthetic_report.failure_line(results).startswith("DID NOT LEARN at 1 seed(s), seed 14")

@@ -159,3 +159,23 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     stopped = results["arms"]["myopic"]["steps"]
     assert 0 < stopped < 3000
     assert latest_checkpoint(str(out / "myopic" / "checkpoints")).endswith(f"step_{stopped:07d}")
+
+
+def test_bf16_autocast_on_a_cpu_without_native_bf16_warns_once(monkeypatch):
+    """Emulated bf16 (no AMX / AVX512-BF16) is several times slower than float32: say so, once."""
+    import warnings
+
+    from myopia.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(loop, "_warned_slow_bf16", False)
+    cpu = torch.device("cpu")
+    with pytest.warns(UserWarning, match="--train.precision fp32"):
+        with loop.autocast_for(cpu, "bf16"):
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with loop.autocast_for(cpu, "bf16"):  # once per process
+            pass
+        with loop.autocast_for(cpu, "auto"):  # float32 on a CPU: nothing to say
+            pass

@@ -368,7 +368,7 @@ def did_not_learn(results: dict) -> list[dict]:
     vanilla never left the plateau, so its myopic arm's result says nothing about pre-caching."""
     return [{"condition": label, "seed": int(seed), "ratio_to_trivial": runs["vanilla"]["ratio_to_trivial"]}
             for label, entry in results["conditions"].items() for seed, runs in entry["runs"].items()
-            if "vanilla" in runs and runs["vanilla"]["ratio_to_trivial"] > DID_NOT_LEARN_RATIO]
+            if "vanilla" in runs and not runs["vanilla"]["ratio_to_trivial"] <= DID_NOT_LEARN_RATIO]  # NaN too
 
 
 def compare(results: dict, pairs: list[Pair]) -> dict:

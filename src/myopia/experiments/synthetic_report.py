@@ -9,6 +9,7 @@ from myopia.analysis.stats import format_ci
 from myopia.experiments import gradient_geometry, synthetic_horizon
 from myopia.experiments.pairs import PAPER_PAIR
 from myopia.experiments.scaffold import write_report
+from myopia.experiments.synthetic import did_not_learn
 from myopia.train.loop import MetricsLog
 
 
@@ -19,13 +20,14 @@ def _ci(summary: dict, key: str) -> str:
 def failure_line(results: dict) -> str:
     """'' when every vanilla arm learned; else one line naming each seed whose vanilla arm did not
     (``results['did_not_learn']``), so that no average hides it."""
-    failed = results.get("did_not_learn") or []
+    failed = results["did_not_learn"] if "did_not_learn" in results else did_not_learn(results)
     if not failed:
         return ""
     several = len(results["conditions"]) > 1
     where = "; ".join(f"seed {f['seed']}{' (' + f['condition'] + ')' if several else ''}: vanilla "
                       f"{f['ratio_to_trivial']:.3f}x trivial" for f in failed)
-    return (f"DID NOT LEARN at {len(failed)} seed(s), {where}: vanilla ended within 10% of the trivial loss, so "
+    seeds = len({f["seed"] for f in failed})
+    return (f"DID NOT LEARN at {seeds} seed(s), {where}: vanilla ended within 10% of the trivial loss, so "
             "myopic vs vanilla at that seed says nothing about pre-caching, and the averages below include it.")
 
 
@@ -50,7 +52,8 @@ def conclusion(results: dict) -> str:
     v, m = summary[main][baseline], summary[main][treatment]
     vr, mr = v["ratio_to_trivial"]["mean"], m["ratio_to_trivial"]["mean"]
     vg, mg = v["r2_layer1_fx_gain"]["mean"], m["r2_layer1_fx_gain"]["mean"]
-    failed = sorted({f["seed"] for f in results.get("did_not_learn") or [] if f["condition"] == main})
+    every = results["did_not_learn"] if "did_not_learn" in results else did_not_learn(results)
+    failed = sorted({f["seed"] for f in every if f["condition"] == main})
     if failed:
         verdict = (f"Vanilla did not learn the task at seed(s) {', '.join(map(str, failed))} of "
                    f"{len(results['conditions'][main]['runs'])}, so this run cannot say that only the off-diagonal "

@@ -189,8 +189,9 @@ class TextTask:
         """Positions (step * micro_batches + micro) * batch_size ... of the concatenated epoch orders."""
         m = self.cfg.micro_batches or 1
         if micro >= m:
-            raise DataError(f"data.micro_batches={m} but the loop asked for micro-batch {micro} of a step; set "
-                            "--data.micro_batches to --train.grad_accum (data.windows document_starts)")
+            raise DataError(f"data.micro_batches={self.cfg.micro_batches} but the loop asked for micro-batch {micro} of a "
+                            "step (data.windows document_starts); build the task from "
+                            "data.for_grad_accum(train.grad_accum), as the experiments do")
         n = len(self.train_windows)
         pos = (step * m + micro) * batch_size + np.arange(batch_size, dtype=np.int64)
         epochs, index = np.divmod(pos, n)

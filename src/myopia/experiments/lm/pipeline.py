@@ -154,7 +154,7 @@ def pretrained_hf(cfg: LMExperiment) -> bool:
 
 def analysis_precision(cfg: LMExperiment) -> str:
     """The held-out analysis runs in bf16 autocast only where training asked for it explicitly
-    (``train.precision bf16``, as the SmolLM2 CPU presets); otherwise in float32, also on a GPU whose
+    (``train.precision bf16``); otherwise in float32, also on a GPU whose
     training autocasts by default."""
     return "bf16" if cfg.train.precision == "bf16" else "fp32"
 
