@@ -25,6 +25,7 @@ from myopia.experiments.arms import Arm, build_model, parse_arms
 from myopia.experiments.pairs import Pair, parse_pairs
 from myopia.experiments.runner import run_arms
 from myopia.experiments.scaffold import Results, Status, recording
+from myopia.experiments.synthetic_report import did_not_learn
 from myopia.model import GPTConfig
 from myopia.tasks.base import PROBE_STREAM, batch_generator
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask, generate
@@ -357,18 +358,6 @@ def summarise(results: dict) -> dict:
                 "seeds": len(runs),
             }
     return summary
-
-
-DID_NOT_LEARN_RATIO = 0.9
-"""A vanilla arm whose held-out loss ends above this multiple of the trivial loss did not learn the task."""
-
-
-def did_not_learn(results: dict) -> list[dict]:
-    """Every (condition, seed) whose vanilla arm ended within 10% of the trivial loss: at such a seed
-    vanilla never left the plateau, so its myopic arm's result says nothing about pre-caching."""
-    return [{"condition": label, "seed": int(seed), "ratio_to_trivial": runs["vanilla"]["ratio_to_trivial"]}
-            for label, entry in results["conditions"].items() for seed, runs in entry["runs"].items()
-            if "vanilla" in runs and not runs["vanilla"]["ratio_to_trivial"] <= DID_NOT_LEARN_RATIO]  # NaN too
 
 
 def compare(results: dict, pairs: list[Pair]) -> dict:
