@@ -1,13 +1,7 @@
-"""Causal self-attention in every mode myopia studies, behind one function.
-
->>> out = attention(q, k, v, cut="myopic", k_past=k_of_detached_input, v_past=v_of_detached_input)
->>> out = attention(q, k, v, cut=Cut.parse("myopic_kv:h=8"))
-
-The gradient cut is a :class:`~myopia.attention.cut.Cut` (or its text form) for *one* layer: a model
-resolves per-layer cuts with ``cut.for_layer(i)`` before calling.
-
-Shapes are SDPA's, ``(batch, heads, time, head_dim)``; keys and values may have fewer heads than
-queries (grouped-query attention). See :mod:`myopia.attention.fused` for the gradient each mode gives.
+"""Which backend computes one layer's attention: :func:`attention` routes a call to SDPA (vanilla),
+the fused O(n)-memory op (:mod:`myopia.attention.fused`) or the eager n×n reference
+(:mod:`myopia.attention.reference`), from the cut, the inputs and the kernels available
+(:mod:`myopia.attention.kernels`).
 """
 
 from __future__ import annotations
@@ -19,36 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from myopia.attention import kernels
-from myopia.attention.fused import fused_attention_with_lse, fused_myopic_attention
-from myopia.attention.cut import (
-    ATTENTION_MODES,
-    BACKENDS,
-    MYOPIC_MODES,
-    VANILLA,
-    Cut,
-    CutError,
-    check_backend,
-)
-from myopia.attention.reference import (
-    causal_additive_mask,
-    expand_kv,
-    reference_attention,
-)
-
-__all__ = [
-    "ATTENTION_MODES",
-    "BACKENDS",
-    "MYOPIC_MODES",
-    "VANILLA",
-    "Cut",
-    "CutError",
-    "additive_mask",
-    "attention",
-    "causal_additive_mask",
-    "expand_kv",
-    "fused_attention_with_lse",
-    "reference_attention",
-]
+from myopia.attention.cut import MYOPIC_MODES, VANILLA, Cut, check_backend
+from myopia.attention.fused import fused_myopic_attention
+from myopia.attention.reference import expand_kv, reference_attention
 
 _warned: set[str] = set()
 
@@ -165,3 +132,6 @@ def attention(
             enable_gqa=k.shape[1] != q.shape[1],
         )
     return fused_myopic_attention(q, k, v, scale=scale, beta=cut.beta, horizon=cut.horizon, mask=mask, **past)
+
+
+__all__ = ["additive_mask", "attention"]
