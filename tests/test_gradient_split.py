@@ -131,7 +131,7 @@ def test_monitor_does_not_change_training(tmp_path):
 @pytest.mark.parametrize("preset", ["pythia-14m", "llama-tiny"])
 def test_split_of_a_hugging_face_model(preset):
     pytest.importorskip("transformers")
-    from myopia.hf_models import build_hf_model
+    from myopia.models.hf.presets import build_hf_model
 
     task = TokenTask(vocab=64)
     model = build_hf_model(preset, "myopic", vocab_size=64, seed=0)

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from myopia.cli import main
 from myopia.export import ExportError, gpt_to_transformers, save_tokenizer
-from myopia.model import GPT, GPTConfig
+from myopia.models.gpt import GPT, GPTConfig
 
 SHAPES = {
     "gpt2": dict(),
@@ -270,10 +270,10 @@ def test_eval_offline_end_to_end(run, tmp_path):
 
 
 def test_core_import_needs_no_extra():
-    """import myopia, myopia.model, the CLI's config and training loop with every extra blocked."""
+    """import myopia, myopia.models.gpt, the CLI's config and training loop with every extra blocked."""
     blocked = ["transformers", "tokenizers", "peft", "lm_eval", "tensorboard", "wandb", "matplotlib", "datasets"]
     script = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
-              + "import myopia, myopia.model, myopia.train.loop, myopia.train.trackers, myopia.lora, "
+              + "import myopia, myopia.models.gpt, myopia.train.loop, myopia.train.trackers, myopia.models.hf.lora, "
                 "myopia.export, myopia.evaluation, myopia.cli\nmyopia.cli._commands()\nprint('ok')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

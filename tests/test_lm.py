@@ -8,7 +8,7 @@ import torch
 from conftest import write_word_corpus
 
 from myopia import GPT, GPTConfig, cli
-from myopia.local_myopia import LocalMyopicGPT
+from myopia.models.local import LocalMyopicGPT
 
 
 def test_lm_experiment_end_to_end(tmp_path):
@@ -70,7 +70,7 @@ def test_lm_several_seeds_give_intervals_over_seeds(tmp_path):
 def test_one_token_contexts_give_the_windows_position_0_losses(tmp_path, family):
     """The position-0 gap over all held-out tokens rests on this: position 0 sees only its own token."""
     from myopia.experiments.lm.analysis import first_position_losses
-    from myopia.hf_models import build_hf_model
+    from myopia.models.hf.presets import build_hf_model
     from myopia.tasks.text import TextConfig, TextTask
 
     folder = write_word_corpus(tmp_path / "corpus", 40, 200)

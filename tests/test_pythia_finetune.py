@@ -173,7 +173,7 @@ def test_a_float16_checkpoint_trains_in_float32(tmp_path):
     """The released Pythia checkpoints are stored in float16; transformers 5 loads a checkpoint in its
     stored dtype by default. myopia fine-tunes float32 weights (autocast does the low precision)."""
     transformers = pytest.importorskip("transformers")
-    from myopia.hf_models import build_hf_model
+    from myopia.models.hf.presets import build_hf_model
 
     config = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                         intermediate_size=64, vocab_size=300, max_position_embeddings=64)

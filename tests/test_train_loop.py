@@ -13,7 +13,7 @@ import torch
 
 from myopia.attention import Cut
 from myopia.experiments.arms import Arm, build_model
-from myopia.model import GPTConfig
+from myopia.models.gpt import GPTConfig
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
 from myopia.train.checkpoint import (
     CheckpointError,

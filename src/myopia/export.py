@@ -253,19 +253,19 @@ def load_arm_model(arm_dir: str, ckpt: str, config: dict, vocab_size: int) -> to
                           "themselves there): a transformers model would compute ordinary causal attention, a "
                           "different forward")
     if config.get("hf_model"):
-        from myopia.hf_models import build_hf_model
+        from myopia.models.hf.presets import build_hf_model
 
         seed = (config.get("train") or {}).get("seed", 0)
         wrapper = build_hf_model(config["hf_model"], "vanilla", vocab_size, seed)
         lora = config.get("lora") or {}
         if lora.get("r"):
-            from myopia.lora import LoraConfig, with_lora
+            from myopia.models.hf.lora import LoraConfig, with_lora
 
             wrapper = with_lora(wrapper, LoraConfig(**lora))
         wrapper.load_state_dict(weights)
         hf = wrapper.hf.merge_and_unload() if lora.get("r") else wrapper.hf  # LoRA merged into the weights
         return hf.eval()
-    from myopia.model import GPT, GPTConfig
+    from myopia.models.gpt import GPT, GPTConfig
 
     if any(k.startswith("frozen.") for k in weights):
         raise ExportError(f"{arm_dir} is a local-myopic arm: it reads a frozen model's past states, which no "

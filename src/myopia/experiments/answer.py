@@ -25,7 +25,7 @@ from myopia.experiments.arms import Arm, build_model, parse_arms
 from myopia.experiments.pairs import Pair, parse_pairs
 from myopia.experiments.runner import run_arms
 from myopia.experiments.scaffold import Results, Status, recording
-from myopia.model import GPTConfig
+from myopia.models.gpt import GPTConfig
 from myopia.tasks.answer import (
     PATH_STAR_MODES,
     AnswerTask,

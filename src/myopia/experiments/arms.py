@@ -10,7 +10,7 @@ import torch
 
 from myopia.attention.cut import GRAMMAR, Cut, CutError
 from myopia.config import ConfigError
-from myopia.model import GPT, GPTConfig
+from myopia.models.gpt import GPT, GPTConfig
 
 LOCAL_ARM = "local-myopic"
 
@@ -58,7 +58,7 @@ def cut_layers(model: torch.nn.Module) -> tuple[int, str] | None:
         return len(blocks), f"GPT with n_layer={len(blocks)}"
     hf = getattr(model, "hf", None)
     if hf is not None:
-        from myopia.hf import attention_modules
+        from myopia.models.hf.myopic import attention_modules
 
         return len(attention_modules(hf)), f"{type(hf).__name__} with {len(attention_modules(hf))} attention layers"
     return None

@@ -22,7 +22,7 @@ from myopia.experiments import lm
 from myopia.experiments.arms import parse_arms
 from myopia.experiments.pairs import PAPER_PAIR, parse_pairs
 from myopia.experiments.scaffold import Results, Status, recording, write_report
-from myopia.hf_models import preset_for, preset_lr
+from myopia.models.hf.presets import preset_for, preset_lr
 from myopia.tasks.text import TextTask
 
 # Held-out myopia gap per Pythia size in the paper (one 32-sequence batch; §4.2 of our notes).

@@ -21,9 +21,9 @@ from myopia.experiments.lm.report import summary_text, write_report
 from myopia.experiments.pairs import PAPER_PAIR, parse_pairs
 from myopia.experiments.runner import run_arms
 from myopia.experiments.scaffold import Results, Status, recording
-from myopia.hf_models import HF_PRESETS, build_hf_model
-from myopia.lora import with_lora
-from myopia.local_myopia import LocalMyopicGPT
+from myopia.models.hf.lora import with_lora
+from myopia.models.hf.presets import HF_PRESETS, build_hf_model
+from myopia.models.local import LocalMyopicGPT
 from myopia.tasks.text import TextTask
 from myopia.train.loop import autocast_for, resolve_device
 

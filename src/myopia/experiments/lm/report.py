@@ -12,7 +12,7 @@ from myopia.experiments.lm import cuts, steps
 from myopia.experiments.lm.config import PAPER, PAPER_LONG_WINDOW
 from myopia.experiments.pairs import PAPER_PAIR
 from myopia.experiments.scaffold import write_report as write_lines
-from myopia.hf_models import HF_PRESETS
+from myopia.models.hf.presets import HF_PRESETS
 
 
 def summary_text(results: dict) -> str:

@@ -55,7 +55,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, init: bool | str = True) -> nn
 
 def with_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """An experiment's arm model with LoRA when ``cfg.r`` > 0: the Hugging Face model inside an
-    :class:`~myopia.hf_models.HFCausalLM` gets the adapters; myopia's own GPT is refused."""
+    :class:`~myopia.models.hf.presets.HFCausalLM` gets the adapters; myopia's own GPT is refused."""
     if cfg.r == 0:
         return model
     inner = getattr(model, "hf", None)

@@ -17,7 +17,7 @@ import torch
 
 from myopia.attention import VANILLA, reference_attention
 from myopia.attention.reference import causal_additive_mask
-from myopia.model import GPT
+from myopia.models.gpt import GPT
 
 
 class GenerationError(ValueError):
