@@ -153,7 +153,7 @@ def test_lm_hf_model_with_lora_trains_adapters_and_exports(tmp_path):
     from conftest import write_word_corpus
 
     from myopia.cli import main
-    from myopia.export import load_arm_model, resolve_arm, run_config
+    from myopia.interop.export import load_arm_model, resolve_arm, run_config
     from myopia.models.hf.lora import with_lora
     from myopia.models.hf.presets import build_hf_model
     from myopia.train.checkpoint import read_checkpoint

@@ -1,7 +1,7 @@
 """``myopia eval``: zero-shot benchmarks with EleutherAI's lm-evaluation-harness on every arm of a run.
 
 Each path is a run folder (every arm of every seed), an arm or checkpoint folder (exported to a
-temporary transformers checkpoint with :mod:`myopia.export`), or a transformers checkpoint folder
+temporary transformers checkpoint with :mod:`myopia.interop.export`), or a transformers checkpoint folder
 (``config.json``). Every model goes through the harness's own Hugging Face model (``hf``) and
 ``lm_eval.simple_evaluate``; ``results.json`` and ``report.md`` hold the harness's numbers unchanged
 (each metric with its standard error) and, per task and arm, the *paired* difference to the
@@ -130,7 +130,7 @@ def as_checkpoint(path: str, tmp: str) -> str:
     """A transformers checkpoint folder for ``path`` (exported to ``tmp`` unless it is one)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    from myopia.export import export
+    from myopia.interop.export import export
 
     out = os.path.join(tmp, f"model{len(os.listdir(tmp))}")
     return export(path, out)
