@@ -153,8 +153,8 @@ def test_split_of_a_hugging_face_model(preset):
 
 
 def test_monitor_factory_skips_what_cannot_be_split(monkeypatch):
-    from myopia.experiments.arms import Arm
-    from myopia.experiments.gradient_geometry import monitor_factory
+    from myopia.runs.arms import Arm
+    from myopia.runs.gradient_geometry import monitor_factory
 
     task = TokenTask()
     make = lambda parallel="ddp": monitor_factory(task, 1, TrainConfig(steps=5, batch_size=2, eval_every=0,  # noqa: E731

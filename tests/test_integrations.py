@@ -177,8 +177,8 @@ def test_missing_tracker_extra_is_one_line_error(tmp_path, monkeypatch, capsys):
 def test_export_cli_loads_without_myopia(run, tmp_path):
     """myopia export RUN/ARM OUT: plain transformers (myopia blocked from import) loads the model and
     the tokenizer; logits equal myopia's to 1e-5 and the tokenizer round-trips text."""
-    from myopia.experiments.arms import Arm, load_model
     from myopia.interop.export import run_config, run_tokenizer
+    from myopia.runs.arms import Arm, load_model
 
     out, _, _ = run
     assert main(["export", str(out / "myopic"), str(tmp_path / "hf")]) == 0

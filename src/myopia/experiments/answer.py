@@ -21,11 +21,11 @@ import torch
 from myopia.analysis.answers import heldout_prompts, score, training_prompt_keys
 from myopia.analysis.stats import mean_ci
 from myopia.config import ConfigError
-from myopia.experiments.arms import Arm, build_model, parse_arms
-from myopia.experiments.pairs import Pair, parse_pairs
-from myopia.experiments.runner import run_arms
-from myopia.experiments.scaffold import Results, Status, recording
 from myopia.models.gpt import GPTConfig
+from myopia.runs.arms import Arm, build_model, parse_arms
+from myopia.runs.pairs import Pair, parse_pairs
+from myopia.runs.results import Results, Status, recording
+from myopia.runs.runner import run_arms
 from myopia.tasks.answer import (
     PATH_STAR_MODES,
     AnswerTask,

@@ -6,7 +6,7 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
-from myopia.experiments.scaffold import write_report
+from myopia.runs.results import write_report
 
 
 def _em(s: dict, kind: str = "generated") -> str:

@@ -19,10 +19,10 @@ from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
 from myopia.config import ConfigError
 from myopia.experiments import lm
-from myopia.experiments.arms import parse_arms
-from myopia.experiments.pairs import PAPER_PAIR, parse_pairs
-from myopia.experiments.scaffold import Results, Status, recording, write_report
 from myopia.models.hf.presets import preset_for, preset_lr
+from myopia.runs.arms import parse_arms
+from myopia.runs.pairs import PAPER_PAIR, parse_pairs
+from myopia.runs.results import Results, Status, recording, write_report
 from myopia.tasks.text import TextTask
 
 # Held-out myopia gap per Pythia size in the paper (one 32-sequence batch; §4.2 of our notes).

@@ -20,13 +20,14 @@ from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import mean_ci
 from myopia.attention.cut import Cut
 from myopia.config import ConfigError
-from myopia.experiments import gradient_geometry, synthetic_horizon
-from myopia.experiments.arms import Arm, build_model, parse_arms
-from myopia.experiments.pairs import Pair, parse_pairs
-from myopia.experiments.runner import run_arms
-from myopia.experiments.scaffold import Results, Status, recording
+from myopia.experiments import synthetic_horizon
 from myopia.experiments.synthetic_report import did_not_learn
 from myopia.models.gpt import GPTConfig
+from myopia.runs import gradient_geometry
+from myopia.runs.arms import Arm, build_model, parse_arms
+from myopia.runs.pairs import Pair, parse_pairs
+from myopia.runs.results import Results, Status, recording
+from myopia.runs.runner import run_arms
 from myopia.tasks.base import PROBE_STREAM, batch_generator
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask, generate
 from myopia.train.config import OptimConfig, TrainConfig

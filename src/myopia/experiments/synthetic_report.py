@@ -6,9 +6,10 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
-from myopia.experiments import gradient_geometry, synthetic_horizon
-from myopia.experiments.pairs import PAPER_PAIR
-from myopia.experiments.scaffold import write_report
+from myopia.experiments import synthetic_horizon
+from myopia.runs import gradient_geometry
+from myopia.runs.pairs import PAPER_PAIR
+from myopia.runs.results import write_report
 from myopia.train.loop import MetricsLog
 
 

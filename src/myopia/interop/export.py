@@ -245,7 +245,7 @@ def load_arm_model(arm_dir: str, ckpt: str, config: dict, vocab_size: int) -> to
 
     spec = (state.get("model_config") or {}).get("attention")
     if spec is None and state.get("arm"):
-        from myopia.experiments.arms import parse_arm
+        from myopia.runs.arms import parse_arm
 
         spec = parse_arm(state["arm"]).cut
     if spec is not None and Cut.parse(spec).changes_forward:

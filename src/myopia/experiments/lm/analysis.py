@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci, mean_ci
 from myopia.config import ConfigError
-from myopia.experiments.arms import LOCAL_ARM, parse_arms
-from myopia.experiments.lm.cuts import LAYER_SCALARS, layer_groups, layer_sums
 from myopia.experiments.lm.config import LMExperiment
-from myopia.experiments.pairs import Pair, default_pairs
+from myopia.experiments.lm.cuts import LAYER_SCALARS, layer_groups, layer_sums
+from myopia.runs.arms import LOCAL_ARM, parse_arms
+from myopia.runs.pairs import Pair, default_pairs
 from myopia.tasks.text import TextTask
 
 _SCALARS = ("gap", "first_position_gap")

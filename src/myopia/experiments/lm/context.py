@@ -15,7 +15,7 @@ from myopia.analysis import plots
 from myopia.analysis.stats import format_ci, mean_ci
 from myopia.config import ConfigError
 from myopia.experiments.lm.config import LMExperiment
-from myopia.experiments.scaffold import Results, Status, recording, write_report
+from myopia.runs.results import Results, Status, recording, write_report
 
 BINS = 8
 """Relative-position bins of the gap (each 1/8 of the window)."""

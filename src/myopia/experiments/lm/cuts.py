@@ -22,7 +22,7 @@ import numpy as np
 
 from myopia.analysis.stats import cluster_bootstrap_ci
 from myopia.attention.cut import MYOPIC_MODES, Cut
-from myopia.experiments.pairs import Pair
+from myopia.runs.pairs import Pair
 
 
 def _includes_zero(ci: dict) -> bool | None:

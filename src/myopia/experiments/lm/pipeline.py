@@ -11,19 +11,19 @@ import torch
 
 from myopia.attention.cut import VANILLA
 from myopia.config import ConfigError
-from myopia.experiments import gradient_geometry
-from myopia.experiments.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
 from myopia.experiments.lm import steps
 from myopia.experiments.lm.analysis import analyse, combine_seeds, score_start
 from myopia.experiments.lm.config import PAPER, LMExperiment
 from myopia.experiments.lm.cuts import horizon_curves
 from myopia.experiments.lm.report import summary_text, write_report
-from myopia.experiments.pairs import PAPER_PAIR, parse_pairs
-from myopia.experiments.runner import run_arms
-from myopia.experiments.scaffold import Results, Status, recording
 from myopia.models.hf.lora import with_lora
 from myopia.models.hf.presets import HF_PRESETS, build_hf_model
 from myopia.models.local import LocalMyopicGPT
+from myopia.runs import gradient_geometry
+from myopia.runs.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
+from myopia.runs.pairs import PAPER_PAIR, parse_pairs
+from myopia.runs.results import Results, Status, recording
+from myopia.runs.runner import run_arms
 from myopia.tasks.text import TextTask
 from myopia.train.loop import autocast_for, resolve_device
 

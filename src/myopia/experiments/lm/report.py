@@ -7,12 +7,12 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
-from myopia.experiments import gradient_geometry
 from myopia.experiments.lm import cuts, steps
 from myopia.experiments.lm.config import PAPER, PAPER_LONG_WINDOW
-from myopia.experiments.pairs import PAPER_PAIR
-from myopia.experiments.scaffold import write_report as write_lines
 from myopia.models.hf.presets import HF_PRESETS
+from myopia.runs import gradient_geometry
+from myopia.runs.pairs import PAPER_PAIR
+from myopia.runs.results import write_report as write_lines
 
 
 def summary_text(results: dict) -> str:

@@ -11,7 +11,7 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci, mean_ci
-from myopia.experiments.pairs import Pair
+from myopia.runs.pairs import Pair
 from myopia.train.loop import MetricsLog
 
 

@@ -9,8 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from myopia.config import dump_yaml
-from myopia.experiments.arms import Arm, check_arms_fit
-from myopia.experiments.scaffold import Results, Status
+from myopia.runs.arms import Arm, check_arms_fit
+from myopia.runs.results import Results, Status
 from myopia.tasks.base import Task
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import setup
