@@ -20,8 +20,8 @@ from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import mean_ci
 from myopia.attention.cut import Cut
 from myopia.config import ConfigError
-from myopia.experiments import synthetic_horizon
-from myopia.experiments.synthetic_report import did_not_learn
+from myopia.experiments.synthetic import horizon
+from myopia.experiments.synthetic.report import did_not_learn
 from myopia.models.gpt import GPTConfig
 from myopia.runs import gradient_geometry
 from myopia.runs.arms import Arm, build_model, parse_arms
@@ -282,7 +282,7 @@ def run(cfg: SyntheticExperiment) -> dict:
         results["summary"] = summarise(results.body)
         results["did_not_learn"] = did_not_learn(results.body)
         results["comparisons"] = compare(results.body, pairs)
-        grid = synthetic_horizon.horizon_grid(results.body, {a.name: a.cut for a in conds[0].arms})
+        grid = horizon.horizon_grid(results.body, {a.name: a.cut for a in conds[0].arms})
         if grid is not None:
             results["horizon_grid"] = grid
         geometry = gradient_geometry.collect({f"{cond.label} {arm.name}": os.path.join(cfg.out, f"seed{cfg.seeds[0]}",
@@ -291,10 +291,10 @@ def run(cfg: SyntheticExperiment) -> dict:
         if geometry is not None:
             results["gradient_geometry"] = geometry
         data = results.write(cfg.out, Status.COMPLETED)
-    from myopia.experiments import synthetic_report
+    from myopia.experiments.synthetic import report
 
-    synthetic_report.write(cfg.out, data)
-    print(synthetic_report.summary_text(data), flush=True)
+    report.write(cfg.out, data)
+    print(report.summary_text(data), flush=True)
     print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
     return data
 

@@ -232,10 +232,10 @@ def run(cfg: AnswerExperiment) -> dict:
         if cfg.task == "multiply" and len(conds) > 1:
             results["filler_gain"] = filler_gain(results.body, conds[0].label, conds[-1].label, pairs)
         data = results.write(cfg.out, Status.COMPLETED)
-    from myopia.experiments import answer_report
+    from myopia.experiments.answer import report
 
-    answer_report.write(cfg.out, data)
-    print(answer_report.summary_text(data), flush=True)
+    report.write(cfg.out, data)
+    print(report.summary_text(data), flush=True)
     print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
     return data
 
