@@ -13,7 +13,7 @@ Modules: :mod:`~myopia.experiments.lm.config` (configuration and presets), :mod:
 
 from myopia.experiments.lm.analysis import analyse, combine_seeds, first_position_losses
 from myopia.experiments.lm.config import PAPER, PRESETS, AnalysisConfig, LMExperiment, PretrainConfig
-from myopia.experiments.lm.pipeline import run, starting_model
+from myopia.experiments.lm.single import run, starting_model
 from myopia.experiments.lm.report import ci_text, paper_number, start_text
 
 __all__ = ["PAPER", "PRESETS", "AnalysisConfig", "LMExperiment", "PretrainConfig", "analyse", "ci_text",

@@ -57,7 +57,7 @@ def gather(res: dict) -> dict:
 
 
 def run_context(cfg: LMExperiment) -> dict:
-    from myopia.experiments.lm.pipeline import run
+    from myopia.experiments.lm.single import run
 
     lengths = sorted(set(cfg.context_lengths))
     subs = [sub_config(cfg, T) for T in lengths]  # every length checked before anything trains
