@@ -15,6 +15,7 @@ from myopia.analysis import plots
 from myopia.analysis.stats import format_ci, mean_ci
 from myopia.config import ConfigError
 from myopia.experiments.lm.config import LMExperiment
+from myopia.experiments.lm.single import run_single
 from myopia.runs.results import Results, Status, recording, write_report
 
 BINS = 8
@@ -57,15 +58,14 @@ def gather(res: dict) -> dict:
 
 
 def run_context(cfg: LMExperiment) -> dict:
-    from myopia.experiments.lm.single import run
-
+    """The experiment once per window length in ``cfg.context_lengths``, gathered (module docstring)."""
     lengths = sorted(set(cfg.context_lengths))
     subs = [sub_config(cfg, T) for T in lengths]  # every length checked before anything trains
     results = Results("lm", cfg, body={"seeds": cfg.seed_list(), "context_lengths": {}})
     with recording(results, cfg.out):
         for T, sub in zip(lengths, subs):
             print(f"myopia lm: context length {T} (batch {sub.train.batch_size}) -> {sub.out}", flush=True)
-            res = run(sub, block_size=max(lengths))
+            res = run_single(sub, block_size=max(lengths))
             if res["status"] != Status.COMPLETED:
                 print("myopia lm: interrupted; rerun with --resume to continue", flush=True)
                 return results.write(cfg.out, Status(res["status"]))

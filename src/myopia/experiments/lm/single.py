@@ -1,5 +1,6 @@
-"""``myopia lm``'s orchestration: the starting model, every seed's arms trained, analysed and
-combined, then results.json, report.md and plots."""
+"""One ``myopia lm`` run at one window length: the starting model, every seed's arms trained,
+analysed and combined, then results.json, report.md and plots. (The context sweep,
+:mod:`~myopia.experiments.lm.context`, calls it once per window length.)"""
 
 from __future__ import annotations
 
@@ -28,13 +29,9 @@ from myopia.tasks.text import TextTask
 from myopia.train.loop import autocast_for, resolve_device
 
 
-def run(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
-    """The experiment; ``block_size`` (the context runner's) sizes the model's context beyond the
-    window, so that runs at several window lengths train the same model."""
-    if cfg.context_lengths:
-        from myopia.experiments.lm.context import run_context
-
-        return run_context(cfg)
+def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
+    """The experiment at ``cfg.data.seq_len``; ``block_size`` (the context sweep's) sizes the model's
+    context beyond the window, so that runs at several window lengths train the same model."""
     arms = parse_arms(cfg.arms, allow_local=True)
     pairs = parse_pairs(cfg.analysis.pairs, [a.name for a in arms], "analysis.pairs")
     probe_arms = {a.name for a in arms if not a.cut.changes_forward}  # a bigram state sees one token
@@ -227,5 +224,5 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     return kept.get("model"), status
 
 
-__all__ = ["analysis_precision", "fresh_model", "pretrain_dir", "pretrained_hf", "pretrained_start", "run", "start_kind",
-           "starting_model"]
+__all__ = ["analysis_precision", "fresh_model", "pretrain_dir", "pretrained_hf", "pretrained_start", "run_single",
+           "start_kind", "starting_model"]
