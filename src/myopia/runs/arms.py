@@ -96,13 +96,14 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
     switched to the arm's attention mode."""
     import os
 
+    from myopia.runs.layout import checkpoints_dir
     from myopia.train.checkpoint import (
         CheckpointError,
         latest_checkpoint,
         read_checkpoint,
     )
 
-    folder = path if os.path.isfile(os.path.join(path, "state.json")) else latest_checkpoint(os.path.join(path, "checkpoints"))
+    folder = path if os.path.isfile(os.path.join(path, "state.json")) else latest_checkpoint(checkpoints_dir(path))
     if folder is None or not os.path.isdir(folder):
         raise ConfigError(f"init_from: {path!r} is neither a checkpoint folder nor an arm folder holding checkpoints")
     weights, _, state, _ = read_checkpoint(folder)

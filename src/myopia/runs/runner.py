@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from myopia.config import dump_yaml
 from myopia.runs.arms import Arm, check_arms_fit
+from myopia.runs.layout import config_path
 from myopia.runs.results import Results, Status
 from myopia.tasks.base import Task
 from myopia.train.config import OptimConfig, TrainConfig
@@ -41,7 +42,7 @@ def run_arms(
     dist = setup(train_cfg.device)
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
-        dump_yaml(config, os.path.join(out_dir, "config.yaml"))
+        dump_yaml(config, config_path(out_dir))
     results = Results(experiment, config, body={"arms": {}})
     stop = StopSignal()
     with graceful_interrupt(stop):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,22 +22,28 @@ import torch
 from myopia.analysis.answers import heldout_prompts, score, training_prompt_keys
 from myopia.analysis.stats import mean_ci
 from myopia.config import ConfigError
+from myopia.experiments.answer import report
 from myopia.experiments.answer.config import PAPER, AnswerExperiment
-from myopia.runs.arms import Arm, build_model, parse_arms
+from myopia.runs.arms import Arm, parse_arms
+from myopia.runs.grid import Cell, paired_runs, runs_by_arm, train_grid
 from myopia.runs.pairs import Pair, parse_pairs
-from myopia.runs.results import Results, Status, recording
-from myopia.runs.runner import run_arms
+from myopia.runs.results import Results, Status, publish, recording
 from myopia.tasks.answer import AnswerTask, MultiplyTask, ParityTask, PathStarTask
 from myopia.train.checkpoint import atomic_write_text
 from myopia.train.config import TrainConfig
 from myopia.train.loop import resolve_device
 
+
 @dataclass(frozen=True)
 class Condition:
+    """One setting of the task (a pad, a path-star mode, parity's one setting) and the arms trained on it."""
+
     label: str
-    make: object  # seed -> AnswerTask
+    make_task: Callable[[int], AnswerTask]
+    """seed -> the condition's task."""
     pad: int | None = None
     mode: str | None = None
+    arms: tuple[Arm, ...] = ()
 
 
 def conditions(cfg: AnswerExperiment) -> list[Condition]:
@@ -62,17 +69,18 @@ def conditions(cfg: AnswerExperiment) -> list[Condition]:
     if len({c.label for c in out}) != len(out):
         raise ConfigError(f"{'pads' if cfg.task == 'multiply' else 'modes'}: a value is given twice")
     for cond in out:
-        task: AnswerTask = cond.make(0)
+        task: AnswerTask = cond.make_task(0)
         if task.seq_len > cfg.model.block_size:
             raise ConfigError(f"model.block_size={cfg.model.block_size} is shorter than {cond.label}'s prompt + "
                               f"answer ({task.prompt_len} + {task.answer_len} tokens, {task.seq_len} model inputs); "
                               f"set --model.block_size {task.seq_len} or more")
-    return out
+    arms = tuple(parse_arms(cfg.arms))
+    return [replace(cond, arms=arms) for cond in out]
 
 
 def run(cfg: AnswerExperiment) -> dict:
     conds = conditions(cfg)
-    arms = parse_arms(cfg.arms)
+    arms = conds[0].arms
     pairs = parse_pairs(cfg.pairs, [a.name for a in arms], "pairs")
     device = resolve_device(cfg.train.device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -81,26 +89,18 @@ def run(cfg: AnswerExperiment) -> dict:
     results = Results("answer", cfg, body={"task": cfg.task, "paper": PAPER[cfg.task], "conditions": {}})
     with recording(results, cfg.out):
         for cond in conds:
-            task = cond.make(0)
+            task = cond.make_task(0)
             results["conditions"][cond.label] = {
                 "pad": cond.pad, "mode": cond.mode, "prompt_len": task.prompt_len, "answer_len": task.answer_len,
                 "example": _example(task), "runs": {}}
-        for seed in cfg.seeds:
-            for cond in conds:
-                if not _train_condition(cfg, results, cond, arms, seed, device):
-                    print(f"interrupted; rerun with --resume --out {cfg.out} to continue", flush=True)
-                    return results.write(cfg.out, Status.INTERRUPTED)
+        if not train_grid(cfg, results, conds, lambda cell: _scorer(cfg, cell, device)):
+            return results.write(cfg.out, Status.INTERRUPTED)
         results["summary"] = summarise(results.body)
         results["comparisons"] = compare(results.body, pairs)
         if cfg.task == "multiply" and len(conds) > 1:
             results["filler_gain"] = filler_gain(results.body, conds[0].label, conds[-1].label, pairs)
         data = results.write(cfg.out, Status.COMPLETED)
-    from myopia.experiments.answer import report
-
-    report.write(cfg.out, data)
-    print(report.summary_text(data), flush=True)
-    print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
-    return data
+    return publish(cfg.out, data, report.write, report.summary_text)
 
 
 def _example(task: AnswerTask) -> dict:
@@ -110,39 +110,31 @@ def _example(task: AnswerTask) -> dict:
     return {"prompt": task.decode(prompt[0]), "answer": task.decode(answer[0])}
 
 
-def _train_condition(cfg: AnswerExperiment, results: Results, cond: Condition, arms: list[Arm], seed: int,
-                     device) -> bool:
-    entry = results["conditions"][cond.label]
-    task = cond.make(seed)
-    overrides = task.model_overrides()
-    train_cfg = replace(cfg.train, seed=seed)
-    seed_runs: dict = {}
-    arm_root = os.path.join(cfg.out, f"seed{seed}", cond.label)
+def _scorer(cfg: AnswerExperiment, cell: Cell, device):
+    """Each trained arm of one condition and seed: its answers to held-out prompts by greedy
+    generation (and teacher-forced), with how many of those prompts training drew too. With
+    ``--exclude_heldout`` the task first leaves them out of its training stream."""
+    task, train_cfg, label, seed = cell.task, cell.train, cell.condition.label, cell.seed
     score_batch = min(cfg.train.batch_size, 512)
-    _exclude_heldout(cfg, task, train_cfg, score_batch, arm_root)
+    _exclude_heldout(cfg, task, train_cfg, score_batch, cell.folder)
     seen: dict = {}  # steps trained -> the training prompts' keys (regenerated once per step count)
 
-    def after_arm(arm, model, result):
+    def score_arm(arm, model, result) -> dict:
         if result.steps not in seen:
             seen[result.steps] = training_prompt_keys(task, result.steps, train_cfg.batch_size, train_cfg.grad_accum)
         scores = score(model, task, cfg.eval_samples, score_batch, device,
                        seen=seen[result.steps])
-        seed_runs[arm.name] = {"eval_loss": result.eval["loss"], "train_seconds": result.seconds,
-                               "steps": result.steps, **scores,
-                               "metrics": os.path.relpath(os.path.join(arm_root, arm.name, "metrics.jsonl"), cfg.out)}
         g = scores["generated"]
         unseen = ("training drew every held-out prompt" if g["unseen"] is None else
                   f"{g['unseen']['exact_match']:.3f} on the {g['unseen']['n']} never drawn in training")
-        print(f"  -> {cond.label} seed {seed} {arm.name}: exact match {g['exact_match']:.3f} "
+        print(f"  -> {label} seed {seed} {arm.name}: exact match {g['exact_match']:.3f} "
               f"[{g['exact_match_ci'][0]:.3f}, {g['exact_match_ci'][1]:.3f}], first token "
               f"{g['position_accuracy'][0]:.3f}, {unseen}, "
               f"answer loss {result.eval['loss']:.4f} ({result.seconds:.0f} s)",
               flush=True)
+        return {"eval_loss": result.eval["loss"], "train_seconds": result.seconds, "steps": result.steps, **scores}
 
-    run_result = run_arms(arm_root, cfg, list(arms), task, lambda arm: build_model(cfg.model, arm, overrides, seed),
-                          cfg.optim, train_cfg, resume=cfg.resume, on_arm_done=after_arm, experiment="arms")
-    entry["runs"][str(seed)] = seed_runs
-    return run_result["status"] == Status.COMPLETED
+    return score_arm
 
 
 def _exclude_heldout(cfg: AnswerExperiment, task: AnswerTask, train_cfg: TrainConfig, score_batch: int,
@@ -190,9 +182,7 @@ def summarise(results: dict) -> dict:
     summary: dict = {}
     for label, entry in results["conditions"].items():
         first = _first_index(entry)
-        names = [a for runs in entry["runs"].values() for a in runs]
-        for arm in dict.fromkeys(names):
-            runs = [r[arm] for r in entry["runs"].values() if arm in r]
+        for arm, runs in runs_by_arm(entry).items():
             out = {"seeds": len(runs), "eval_loss": mean_ci([r["eval_loss"] for r in runs])}
             for kind in ("generated", "teacher_forced"):
                 acc = [r[kind]["position_accuracy"] for r in runs]
@@ -221,7 +211,7 @@ def compare(results: dict, pairs: list[Pair]) -> dict:
     out: dict = {}
     for label, entry in results["conditions"].items():
         for pair in pairs:
-            runs = [r for r in entry["runs"].values() if pair.treatment in r and pair.baseline in r]
+            runs = paired_runs(entry, pair)
             if runs:
                 out.setdefault(label, {})[pair.label] = {
                     "treatment": pair.treatment, "baseline": pair.baseline, "seeds": len(runs),

@@ -122,7 +122,7 @@ def write(out: str, results: dict) -> None:
 
 
 def make_plots(out: str, results: dict) -> list[str]:
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     if plt is None:
         return []
     import numpy as np

@@ -67,7 +67,6 @@ def run_context(cfg: LMExperiment) -> dict:
             print(f"myopia lm: context length {T} (batch {sub.train.batch_size}) -> {sub.out}", flush=True)
             res = run_single(sub, block_size=max(lengths))
             if res["status"] != Status.COMPLETED:
-                print("myopia lm: interrupted; rerun with --resume to continue", flush=True)
                 return results.write(cfg.out, Status(res["status"]))
             results["context_lengths"][str(T)] = {"results": os.path.relpath(os.path.join(sub.out, "results.json"),
                                                                              cfg.out), **gather(res)}
@@ -80,7 +79,7 @@ def run_context(cfg: LMExperiment) -> dict:
 
 
 def plot(results: dict, path: str) -> str | None:
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     entries = results["context_lengths"]
     if plt is None or not entries:
         return None

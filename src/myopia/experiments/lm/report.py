@@ -258,7 +258,7 @@ def long_window_lines(long: dict) -> list[str]:
 
 def plot_long_window(long: dict, start: dict | None, path: str) -> str | None:
     """Loss by position of every arm (and the start model) and each pair's gap beside the paper's points."""
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     if plt is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))

@@ -20,10 +20,11 @@ from myopia.experiments.lm.report import summary_text, write_report
 from myopia.models.hf.lora import with_lora
 from myopia.models.hf.presets import HF_PRESETS, build_hf_model
 from myopia.models.local import LocalMyopicGPT
-from myopia.runs import gradient_geometry
+from myopia.runs import gradient_geometry, layout
 from myopia.runs.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
+from myopia.runs.layout import seed_dir
 from myopia.runs.pairs import PAPER_PAIR, parse_pairs
-from myopia.runs.results import Results, Status, recording
+from myopia.runs.results import Results, Status, publish, recording
 from myopia.runs.runner import run_arms
 from myopia.tasks.text import TextTask
 from myopia.train.loop import autocast_for, resolve_device
@@ -94,7 +95,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                 return fresh_model(cfg, arm, task, overrides, seed)
 
             train = replace(cfg.train, seed=seed)
-            status = run_arms(os.path.join(cfg.out, f"seed{seed}"), cfg, arms, task, make, cfg.optim, train,
+            status = run_arms(seed_dir(cfg.out, seed), cfg, arms, task, make, cfg.optim, train,
                               resume=cfg.resume, on_arm_done=keep,
                               monitor_for=gradient_geometry.monitor_factory(  # reported for the first seed only
                                   task, cfg.analysis.gradient_split_batches if seed == seeds[0] else 0, train))
@@ -124,14 +125,11 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
         pretrained = pretrain_dir(cfg, seeds[0] if cfg.pretrain.per_seed else None)
         geometry = gradient_geometry.collect(
             {**({"pretraining": pretrained} if cfg.pretrain.steps and not cfg.init_from else {}),
-             **{f"seed {seeds[0]} {a.name}": os.path.join(cfg.out, f"seed{seeds[0]}", a.name) for a in arms}})
+             **{f"seed {seeds[0]} {a.name}": os.path.join(seed_dir(cfg.out, seeds[0]), a.name) for a in arms}})
         if geometry is not None:
             results["gradient_geometry"] = geometry
         data = results.write(cfg.out, Status.COMPLETED)
-    write_report(cfg.out, data)
-    print(summary_text(data), flush=True)
-    print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
-    return data
+    return publish(cfg.out, data, write_report, summary_text)
 
 
 def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
@@ -180,10 +178,8 @@ def start_kind(cfg: LMExperiment, n_seeds: int) -> dict:
 
 
 def pretrain_dir(cfg: LMExperiment, seed: int | None = None) -> str:
-    """The pretrained start's arm folder: ``<out>/pretrain/vanilla``, or per seed
-    ``<out>/pretrain/seed<N>/vanilla``."""
-    root = os.path.join(cfg.out, "pretrain")
-    return os.path.join(root, f"seed{seed}", "vanilla") if seed is not None else os.path.join(root, "vanilla")
+    """The pretrained start's arm folder (:func:`myopia.runs.layout.pretrain_dir`)."""
+    return layout.pretrain_dir(cfg.out, seed)
 
 
 def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,

@@ -90,7 +90,6 @@ def run(cfg: SweepExperiment) -> dict:
             print(f"myopia sweep: {model} (lr {sub.optim.lr:g}) -> {sub.out}", flush=True)
             res = lm.run(sub)
             if res["status"] != Status.COMPLETED:
-                print("myopia sweep: interrupted; rerun with --resume to continue", flush=True)
                 break
             rows.append({"model": model, "parameters": res["parameters"], "lr": sub.optim.lr,
                          "arms": {k: v["loss"] for k, v in res["arms"].items()},

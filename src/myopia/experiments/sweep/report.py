@@ -17,7 +17,7 @@ def write(out: str, results: dict) -> None:
     rows = results["models"]
     labels = list(dict.fromkeys(label for r in rows for label in r["comparisons"]))
     made = None
-    plt = plots._pyplot() if rows else None
+    plt = plots.pyplot() if rows else None
     if plt is not None:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for label in labels:
@@ -33,10 +33,7 @@ def write(out: str, results: dict) -> None:
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
         plots.finish_axis(ax, "parameters", "gap, treatment - baseline (nats)", "Gap vs model size")
-        fig.tight_layout()
-        made = os.path.join(out, "gap_vs_params.png")
-        fig.savefig(made, dpi=130)
-        plt.close(fig)
+        made = plots.save_figure(fig, os.path.join(out, "gap_vs_params.png"))
     cfg = results["config"]
     data, train = cfg["data"], cfg["train"]
     per_step = train["batch_size"] * train.get("grad_accum", 1)

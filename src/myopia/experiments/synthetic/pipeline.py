@@ -20,24 +20,29 @@ from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import mean_ci
 from myopia.attention.cut import Cut
 from myopia.config import ConfigError
-from myopia.experiments.synthetic import horizon
+from myopia.experiments.synthetic import horizon, report
 from myopia.experiments.synthetic.config import PAPER, ProbeConfig, SyntheticExperiment
-from myopia.experiments.synthetic.report import did_not_learn
 from myopia.runs import gradient_geometry
 from myopia.runs.arms import Arm, build_model, parse_arms
+from myopia.runs.grid import Cell, arm_folders, paired_runs, runs_by_arm, train_grid
 from myopia.runs.pairs import Pair, parse_pairs
-from myopia.runs.results import Results, Status, recording
-from myopia.runs.runner import run_arms
+from myopia.runs.results import Results, Status, publish, recording
 from myopia.tasks.base import PROBE_STREAM, batch_generator
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask, generate
 from myopia.train.loop import resolve_device
 
+
 @dataclass(frozen=True)
 class Condition:
+    """One setting of the task (a shift and p, or the shift-0 control) and the arms trained on it."""
+
     label: str
     task: SyntheticConfig
     arms: tuple[Arm, ...]
     control: bool
+
+    def make_task(self, seed: int) -> SyntheticTask:
+        return SyntheticTask(self.task, seed)
 
 
 def conditions(cfg: SyntheticExperiment) -> list[Condition]:
@@ -137,76 +142,58 @@ def run(cfg: SyntheticExperiment) -> dict:
             trivial = task_trivial_loss(cond.task, 10**6 + 7)
             results["conditions"][cond.label] = {"task": _asdict(cond.task), "control": cond.control,
                                                  "trivial_loss": trivial, "runs": {}}
-        for seed in cfg.seeds:
-            for cond in conds:
-                if not _train_condition(cfg, results, cond, seed, device):
-                    print(f"interrupted; rerun with --resume --out {cfg.out} to continue", flush=True)
-                    return results.write(cfg.out, Status.INTERRUPTED)
+
+        def scorer(cell: Cell):
+            return _scorer(cfg, results["conditions"][cell.condition.label], cell, device)
+
+        def monitor(cell: Cell):
+            return gradient_geometry.monitor_factory(cell.task, cfg.gradient_split_batches, cell.train)
+
+        if not train_grid(cfg, results, conds, scorer, monitor):
+            return results.write(cfg.out, Status.INTERRUPTED)
         results["summary"] = summarise(results.body)
-        results["did_not_learn"] = did_not_learn(results.body)
+        results["did_not_learn"] = report.did_not_learn(results.body)
         results["comparisons"] = compare(results.body, pairs)
         grid = horizon.horizon_grid(results.body, {a.name: a.cut for a in conds[0].arms})
         if grid is not None:
             results["horizon_grid"] = grid
-        geometry = gradient_geometry.collect({f"{cond.label} {arm.name}": os.path.join(cfg.out, f"seed{cfg.seeds[0]}",
-                                                                                     cond.label, arm.name)
-                                              for cond in conds for arm in cond.arms})
+        geometry = gradient_geometry.collect(arm_folders(cfg.out, cfg.seeds[0], conds))
         if geometry is not None:
             results["gradient_geometry"] = geometry
         data = results.write(cfg.out, Status.COMPLETED)
-    from myopia.experiments.synthetic import report
-
-    report.write(cfg.out, data)
-    print(report.summary_text(data), flush=True)
-    print(f"wrote {os.path.join(cfg.out, 'results.json')}, report.md and plots", flush=True)
-    return data
+    return publish(cfg.out, data, report.write, report.summary_text)
 
 
-def _train_condition(cfg: SyntheticExperiment, results: Results, cond: Condition, seed: int,
-                     device: torch.device) -> bool:
-    """Train and probe one condition's arms for one seed into ``results``; False if interrupted."""
-    entry = results["conditions"][cond.label]
-    task = SyntheticTask(cond.task, seed)
-    overrides = task.model_overrides()
-    train_cfg = replace(cfg.train, seed=seed)
-    seed_runs: dict = {}
-    arm_root = os.path.join(cfg.out, f"seed{seed}", cond.label)
+def _scorer(cfg: SyntheticExperiment, entry: dict, cell: Cell, device: torch.device):
+    """Each trained arm of one condition and seed: its held-out loss against the condition's trivial
+    loss (``entry``), and the probes of the trained model beside the same probes of the untrained one."""
+    cond, seed, overrides = cell.condition, cell.seed, cell.task.model_overrides()
 
-    def after_arm(arm, model, result):
+    def score(arm, model, result) -> dict:
         loss = result.eval["loss"]
         normalised = loss / cond.task.p
         probes = probe_model(model, cond.task, cfg.probe, seed, device)
         untrained = build_model(cfg.model, arm, overrides, seed).to(device)
         probes_untrained = probe_model(untrained, cond.task, cfg.probe, seed, device)
-        seed_runs[arm.name] = {
-            "eval_loss": loss, "normalised_loss": normalised,
-            "ratio_to_trivial": normalised / entry["trivial_loss"],
-            "per_position_loss": result.eval["per_position"],
-            "train_seconds": result.seconds, "steps": result.steps,
-            "probe": probes, "probe_untrained": probes_untrained,
-            "metrics": os.path.relpath(os.path.join(arm_root, arm.name, "metrics.jsonl"), cfg.out),
-        }
         r2 = probes["r2"][1][0] if len(probes["r2"]) > 1 else float("nan")
         r2u = probes_untrained["r2"][1][0] if len(probes_untrained["r2"]) > 1 else float("nan")
         print(f"  -> {cond.label} seed {seed} {arm.name}: normalised loss {normalised:.4f} "
-              f"({seed_runs[arm.name]['ratio_to_trivial']:.3f} x trivial); layer-1 R² for f(x_n) "
+              f"({normalised / entry['trivial_loss']:.3f} x trivial); layer-1 R² for f(x_n) "
               f"{r2:.3f} (untrained {r2u:.3f})", flush=True)
+        return {"eval_loss": loss, "normalised_loss": normalised, "ratio_to_trivial": normalised / entry["trivial_loss"],
+                "per_position_loss": result.eval["per_position"], "train_seconds": result.seconds,
+                "steps": result.steps, "probe": probes, "probe_untrained": probes_untrained}
 
-    run_result = run_arms(arm_root, cfg, list(cond.arms), task,
-                          lambda arm: build_model(cfg.model, arm, overrides, seed),
-                          cfg.optim, train_cfg, resume=cfg.resume, on_arm_done=after_arm,
-                          monitor_for=gradient_geometry.monitor_factory(task, cfg.gradient_split_batches, train_cfg))
-    entry["runs"][str(seed)] = seed_runs
-    return run_result["status"] == Status.COMPLETED
+    return score
 
 
 def summarise(results: dict) -> dict:
     """Mean and 95% CI over seeds for each condition and arm."""
     summary: dict = {}
     for label, entry in results["conditions"].items():
-        arms = sorted({a for runs in entry["runs"].values() for a in runs})
-        for arm in arms:
-            runs = [r[arm] for r in entry["runs"].values() if arm in r]
+        by_arm = runs_by_arm(entry)
+        for arm in sorted(by_arm):
+            runs = by_arm[arm]
 
             def layer1(probe_key, k=0, runs=runs):
                 return [r[probe_key]["r2"][1][k] for r in runs]
@@ -230,7 +217,7 @@ def compare(results: dict, pairs: list[Pair]) -> dict:
     out: dict = {}
     for label, entry in results["conditions"].items():
         for pair in pairs:
-            runs = [r for r in entry["runs"].values() if pair.treatment in r and pair.baseline in r]
+            runs = paired_runs(entry, pair)
             if not runs:
                 continue
 
