@@ -200,7 +200,7 @@ def test_top_kl_tokens_are_the_largest(tmp_path):
                                      block_size=16)).eval()
     cfg = LMExperiment(data=data)
     cfg.analysis.top_kl, cfg.analysis.probe_train_windows, cfg.analysis.first_position_tokens = 4, 16, -1
-    top = analyse(cfg, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"]
+    top = analyse(cfg.analysis, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"]
     kls = []
     with torch.no_grad():
         for x, _, _ in task.heldout_all(64):
@@ -212,7 +212,7 @@ def test_top_kl_tokens_are_the_largest(tmp_path):
     for r in top:  # (ties between identical contexts make the positions themselves ambiguous)
         assert float(kl[r["window"], r["position"]]) == pytest.approx(r["kl"], rel=1e-5)
     cfg.analysis.top_kl = 0
-    assert analyse(cfg, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"] == []
+    assert analyse(cfg.analysis, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"] == []
 
 
 def _latest_weights(arm_dir):

@@ -112,7 +112,7 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
     cfg = GPTConfig.from_dict(state["model_config"])
     check_fits(cfg, overrides, folder)
     try:
-        model = GPT(replace(cfg, attention=str(arm.cut)))
+        model = GPT(cfg).set_attention(arm.cut)
     except CutError as exc:
         raise ConfigError(f"arm {arm.name!r}: {str(exc).split(': ', 1)[-1]}") from None
     model.load_state_dict(weights)
@@ -120,11 +120,12 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
 
 
 def build_model(base: GPTConfig, arm: Arm, overrides: dict, seed: int) -> GPT:
-    """The arm's model: identical initial weights in every arm (same seed, same shapes)."""
+    """The arm's model: identical initial weights in every arm (same seed, same shapes), switched to
+    the arm's cut."""
     try:
-        cfg = replace(base, **overrides, attention=str(arm.cut))
+        cfg = replace(base, **overrides)
         torch.manual_seed(seed)
-        return GPT(cfg)
+        return GPT(cfg).set_attention(arm.cut)
     except CutError as exc:
         raise ConfigError(f"arm {arm.name!r}: {str(exc).split(': ', 1)[-1]}") from None
     except ValueError as exc:

@@ -36,6 +36,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
     arms = parse_arms(cfg.arms, allow_local=True)
     pairs = parse_pairs(cfg.analysis.pairs, [a.name for a in arms], "analysis.pairs")
     probe_arms = {a.name for a in arms if not a.cut.changes_forward}  # a bigram state sees one token
+    cuts = {a.name: a.cut for a in arms if not a.local}
     seeds = cfg.seed_list()
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: {cfg.seeds} repeats a seed; give distinct seeds, e.g. --seeds 0,1,2")
@@ -68,7 +69,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             start_model = start if start is not None else pretrained_start(cfg, task=base_task, overrides=overrides)
             if start_model is not None:
                 with autocast_for(device, analysis_precision(cfg)):
-                    scored_start = score_start(cfg, base_task, start_model, device)
+                    scored_start = score_start(cfg.analysis, base_task, start_model, device)
                 results["start_loss"] = scored_start["summary"]["loss"]
                 results["start_model"] = scored_start["summary"]
                 del start_model
@@ -105,8 +106,8 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             counted = models.get("vanilla") or next(iter(models.values()))
             results["parameters"] = sum(p.numel() for p in counted.parameters())
             with autocast_for(device, analysis_precision(cfg)):
-                per_seed[str(seed)] = analyse(cfg, task, models, device, pairs, full=seed == seeds[0],
-                                              probe_arms=probe_arms, start=scored_start)
+                per_seed[str(seed)] = analyse(cfg.analysis, task, models, device, pairs, full=seed == seeds[0],
+                                              probe_arms=probe_arms, start=scored_start, cuts=cuts)
             del models
         results.update(combine_seeds(per_seed))
         by_step = steps.gap_by_step(cfg.out, seeds, pairs)
@@ -119,7 +120,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                                          {a.name for a in arms if not a.local and not a.cut.changes_forward})
         if checked:
             results["first_step_check"] = checked
-        curves = horizon_curves(results["comparisons"], {a.name: a.cut for a in arms if not a.local}, cfg.data.seq_len)
+        curves = horizon_curves(results["comparisons"], cuts, cfg.data.seq_len)
         if curves:
             results["horizon_curves"] = curves
         pretrained = pretrain_dir(cfg, seeds[0] if cfg.pretrain.per_seed else None)
