@@ -12,9 +12,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from myopia.attention import kernels
+from myopia.attention import fused, kernels
 from myopia.attention.cut import MYOPIC_MODES, VANILLA, Cut, check_backend
-from myopia.attention.fused import fused_myopic_attention
 from myopia.attention.reference import expand_kv, reference_attention
 
 _warned: set[str] = set()
@@ -109,12 +108,18 @@ def attention(
                          "use backend='auto' or 'reference'")
     if backend == "fused" and dropout_p > 0.0 and cut.cuts_gradient:
         raise ValueError("attention backend 'fused' does not support attention dropout; use 'reference'")
+    if backend == "fused" and cut.mode in MYOPIC_MODES and cut.mode not in fused.MODES:
+        raise ValueError(f"attention backend 'fused' does not implement cut {cut.spec!r}; use 'auto' or 'reference'")
     use_reference = backend == "reference"
     if cut.mode in MYOPIC_MODES and not use_reference:
         if not _needs_grad(q, k, v, k_past, v_past):
             cut = VANILLA  # identical forward value; no gradient to shape
         elif dropout_p > 0.0:
             _warn_once("dropout", "myopic attention with attention dropout runs the eager n×n reference")
+            use_reference = True
+        elif cut.mode not in fused.MODES:
+            _warn_once(f"nofused-mode-{cut.mode}", f"the fused op does not implement cut mode {cut.mode!r}: it runs "
+                       "on the eager n×n reference (memory grows as T²)")
             use_reference = True
         elif not fused_ok:
             _warn_once(
@@ -131,7 +136,7 @@ def attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
-    return fused_myopic_attention(q, k, v, scale=scale, beta=cut.beta, horizon=cut.horizon, mask=mask, **past)
+    return fused.fused_myopic_attention(q, k, v, scale=scale, beta=cut.beta, horizon=cut.horizon, mask=mask, **past)
 
 
 __all__ = ["additive_mask", "attention"]
