@@ -1,13 +1,24 @@
-"""``myopia answer``'s configuration: the experiment's dataclass, its presets (per task) and the
-paper's numbers."""
+"""``myopia answer``'s configuration: the experiment's dataclass, its presets (per task), the paper's
+numbers, and the conditions (pads, path-star modes) a configuration expands into."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from myopia.config import ConfigError
 from myopia.models.gpt import GPTConfig
-from myopia.tasks.answer import PATH_STAR_MODES, MultiplyConfig, ParityConfig, PathStarConfig
+from myopia.runs.arms import Arm, parse_arms
+from myopia.tasks.answer import (
+    PATH_STAR_MODES,
+    AnswerTask,
+    MultiplyConfig,
+    MultiplyTask,
+    ParityConfig,
+    ParityTask,
+    PathStarConfig,
+    PathStarTask,
+)
 from myopia.train.config import OptimConfig, TrainConfig
 
 TASKS = ("multiply", "path-star", "parity")
@@ -138,4 +149,50 @@ def preset_for(name: str, given: dict) -> dict:
     return {**table[name], "task": task}
 
 
-__all__ = ["PAPER", "PRESETS", "TASKS", "TASK_PRESETS", "AnswerExperiment", "preset_for"]
+@dataclass(frozen=True)
+class Condition:
+    """One setting of the task (a pad, a path-star mode, parity's one setting) and the arms trained on it."""
+
+    label: str
+    make_task: Callable[[int], AnswerTask]
+    """seed -> the condition's task."""
+    pad: int | None = None
+    mode: str | None = None
+    arms: tuple[Arm, ...] = ()
+
+
+def conditions(cfg: AnswerExperiment) -> list[Condition]:
+    """The grid's conditions: one per pad (multiply), per path-star mode, or parity's one setting,
+    each with the arms; one-line errors for settings that do not fit the task or the model."""
+    out = []
+    if cfg.task == "multiply":
+        for pad in cfg.pads or [None]:
+            if pad is not None and pad < cfg.multiply.max_digits:
+                raise ConfigError(f"pads: pad {pad} does not fit multiply.max_digits={cfg.multiply.max_digits} digits; "
+                                  f"use pads of {cfg.multiply.max_digits} or more (or lower --multiply.max_digits)")
+            mcfg = cfg.multiply if pad is None else replace(cfg.multiply, x_pad=int(pad), y_pad=int(pad))
+            task = MultiplyTask(mcfg, 0)
+            label = f"pad{task.x_pad}" if task.x_pad == task.y_pad else f"pad{task.x_pad}x{task.y_pad}"
+            out.append(Condition(label, lambda seed, c=mcfg: MultiplyTask(c, seed), pad=task.x_pad))
+    elif cfg.task == "path-star":
+        for mode in cfg.modes or [cfg.path_star.mode]:
+            try:
+                pcfg = replace(cfg.path_star, mode=mode)
+            except ValueError as exc:
+                raise ConfigError(f"modes: {exc}") from None
+            out.append(Condition(mode, lambda seed, c=pcfg: PathStarTask(c, seed), mode=mode))
+    else:
+        out.append(Condition(f"bits{cfg.parity.bits}", lambda seed: ParityTask(cfg.parity, seed)))
+    if len({c.label for c in out}) != len(out):
+        raise ConfigError(f"{'pads' if cfg.task == 'multiply' else 'modes'}: a value is given twice")
+    for cond in out:
+        task: AnswerTask = cond.make_task(0)
+        if task.seq_len > cfg.model.block_size:
+            raise ConfigError(f"model.block_size={cfg.model.block_size} is shorter than {cond.label}'s prompt + "
+                              f"answer ({task.prompt_len} + {task.answer_len} tokens, {task.seq_len} model inputs); "
+                              f"set --model.block_size {task.seq_len} or more")
+    arms = tuple(parse_arms(cfg.arms))
+    return [replace(cond, arms=arms) for cond in out]
+
+
+__all__ = ["PAPER", "PRESETS", "TASKS", "TASK_PRESETS", "AnswerExperiment", "Condition", "conditions", "preset_for"]

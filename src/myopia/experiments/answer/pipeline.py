@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,59 +21,14 @@ from myopia.analysis.answers import heldout_prompts, score, training_prompt_keys
 from myopia.analysis.stats import mean_ci
 from myopia.config import ConfigError
 from myopia.experiments.answer import report
-from myopia.experiments.answer.config import PAPER, AnswerExperiment
-from myopia.runs.arms import Arm, parse_arms
+from myopia.experiments.answer.config import PAPER, AnswerExperiment, conditions
 from myopia.runs.grid import Cell, paired_runs, runs_by_arm, train_grid
 from myopia.runs.pairs import Pair, parse_pairs
 from myopia.runs.results import Results, Status, publish, recording
-from myopia.tasks.answer import AnswerTask, MultiplyTask, ParityTask, PathStarTask
+from myopia.tasks.answer import AnswerTask
 from myopia.train.checkpoint import atomic_write_text
 from myopia.train.config import TrainConfig
 from myopia.train.loop import resolve_device
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One setting of the task (a pad, a path-star mode, parity's one setting) and the arms trained on it."""
-
-    label: str
-    make_task: Callable[[int], AnswerTask]
-    """seed -> the condition's task."""
-    pad: int | None = None
-    mode: str | None = None
-    arms: tuple[Arm, ...] = ()
-
-
-def conditions(cfg: AnswerExperiment) -> list[Condition]:
-    out = []
-    if cfg.task == "multiply":
-        for pad in cfg.pads or [None]:
-            if pad is not None and pad < cfg.multiply.max_digits:
-                raise ConfigError(f"pads: pad {pad} does not fit multiply.max_digits={cfg.multiply.max_digits} digits; "
-                                  f"use pads of {cfg.multiply.max_digits} or more (or lower --multiply.max_digits)")
-            mcfg = cfg.multiply if pad is None else replace(cfg.multiply, x_pad=int(pad), y_pad=int(pad))
-            task = MultiplyTask(mcfg, 0)
-            label = f"pad{task.x_pad}" if task.x_pad == task.y_pad else f"pad{task.x_pad}x{task.y_pad}"
-            out.append(Condition(label, lambda seed, c=mcfg: MultiplyTask(c, seed), pad=task.x_pad))
-    elif cfg.task == "path-star":
-        for mode in cfg.modes or [cfg.path_star.mode]:
-            try:
-                pcfg = replace(cfg.path_star, mode=mode)
-            except ValueError as exc:
-                raise ConfigError(f"modes: {exc}") from None
-            out.append(Condition(mode, lambda seed, c=pcfg: PathStarTask(c, seed), mode=mode))
-    else:
-        out.append(Condition(f"bits{cfg.parity.bits}", lambda seed: ParityTask(cfg.parity, seed)))
-    if len({c.label for c in out}) != len(out):
-        raise ConfigError(f"{'pads' if cfg.task == 'multiply' else 'modes'}: a value is given twice")
-    for cond in out:
-        task: AnswerTask = cond.make_task(0)
-        if task.seq_len > cfg.model.block_size:
-            raise ConfigError(f"model.block_size={cfg.model.block_size} is shorter than {cond.label}'s prompt + "
-                              f"answer ({task.prompt_len} + {task.answer_len} tokens, {task.seq_len} model inputs); "
-                              f"set --model.block_size {task.seq_len} or more")
-    arms = tuple(parse_arms(cfg.arms))
-    return [replace(cond, arms=arms) for cond in out]
 
 
 def run(cfg: AnswerExperiment) -> dict:
@@ -240,4 +193,4 @@ def filler_gain(results: dict, low: str, high: str, pairs: list[Pair]) -> dict:
     return out
 
 
-__all__ = ["Condition", "compare", "conditions", "filler_gain", "run", "summarise"]
+__all__ = ["compare", "filler_gain", "run", "summarise"]

@@ -1,11 +1,14 @@
-"""``myopia synthetic``'s configuration: the experiment's dataclasses and its presets."""
+"""``myopia synthetic``'s configuration: the experiment's dataclasses, its presets, the paper's
+numbers, and the conditions (shifts, p values, the shift-0 control) a configuration expands into."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from myopia.config import ConfigError
 from myopia.models.gpt import GPTConfig
-from myopia.tasks.synthetic import SyntheticConfig
+from myopia.runs.arms import Arm, parse_arms
+from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
 from myopia.train.config import OptimConfig, TrainConfig
 
 PAPER = {  # Wu et al. (paper.md §3): normalised Huber loss and layer-1 probe R² for sin(10 x_n)
@@ -144,4 +147,38 @@ PRESETS: dict[str, dict] = {
 }
 
 
-__all__ = ["PAPER", "PRESETS", "ProbeConfig", "SyntheticExperiment"]
+@dataclass(frozen=True)
+class Condition:
+    """One setting of the task (a shift and p, or the shift-0 control) and the arms trained on it."""
+
+    label: str
+    task: SyntheticConfig
+    arms: tuple[Arm, ...]
+    control: bool
+
+    def make_task(self, seed: int) -> SyntheticTask:
+        return SyntheticTask(self.task, seed)
+
+
+def conditions(cfg: SyntheticExperiment) -> list[Condition]:
+    """The grid's conditions: the task at every shift and p, then the shift-0 control (with the
+    control arms), each with its arms; one-line errors for settings that do not fit."""
+    arms = tuple(parse_arms(cfg.arms))
+    ps = cfg.p_values or [cfg.task.p]
+    out = []
+    for shift in cfg.shifts or [cfg.task.shift]:
+        for p in ps:
+            try:
+                task = replace(cfg.task, p=float(p), shift=int(shift))
+            except ValueError as exc:
+                raise ConfigError(f"{'shifts' if cfg.shifts else 'p_values'}: {exc}") from None
+            out.append(Condition(f"shift{task.shift}_p{p:g}", task, arms, control=False))
+    if cfg.control_arms:
+        if 0 in (cfg.shifts or [cfg.task.shift]):
+            raise ConfigError("control_arms: the task already has shift 0; the control is redundant (set control_arms=)")
+        task = replace(cfg.task, shift=0, p=float(ps[0]))
+        out.append(Condition(f"shift0_p{ps[0]:g}", task, tuple(parse_arms(cfg.control_arms)), control=True))
+    return out
+
+
+__all__ = ["PAPER", "PRESETS", "Condition", "ProbeConfig", "SyntheticExperiment", "conditions"]

@@ -12,56 +12,23 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import mean_ci
 from myopia.attention.cut import Cut
-from myopia.config import ConfigError
 from myopia.experiments.synthetic import horizon, report
-from myopia.experiments.synthetic.config import PAPER, ProbeConfig, SyntheticExperiment
+from myopia.experiments.synthetic.config import PAPER, ProbeConfig, SyntheticExperiment, conditions
 from myopia.runs import gradient_geometry
-from myopia.runs.arms import Arm, build_model, parse_arms
+from myopia.runs.arms import Arm, build_model
 from myopia.runs.grid import Cell, arm_folders, paired_runs, runs_by_arm, train_grid
 from myopia.runs.pairs import Pair, parse_pairs
 from myopia.runs.results import Results, Status, publish, recording
 from myopia.tasks.base import PROBE_STREAM, batch_generator
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask, generate
 from myopia.train.loop import resolve_device
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One setting of the task (a shift and p, or the shift-0 control) and the arms trained on it."""
-
-    label: str
-    task: SyntheticConfig
-    arms: tuple[Arm, ...]
-    control: bool
-
-    def make_task(self, seed: int) -> SyntheticTask:
-        return SyntheticTask(self.task, seed)
-
-
-def conditions(cfg: SyntheticExperiment) -> list[Condition]:
-    arms = tuple(parse_arms(cfg.arms))
-    ps = cfg.p_values or [cfg.task.p]
-    out = []
-    for shift in cfg.shifts or [cfg.task.shift]:
-        for p in ps:
-            try:
-                task = replace(cfg.task, p=float(p), shift=int(shift))
-            except ValueError as exc:
-                raise ConfigError(f"{'shifts' if cfg.shifts else 'p_values'}: {exc}") from None
-            out.append(Condition(f"shift{task.shift}_p{p:g}", task, arms, control=False))
-    if cfg.control_arms:
-        if 0 in (cfg.shifts or [cfg.task.shift]):
-            raise ConfigError("control_arms: the task already has shift 0; the control is redundant (set control_arms=)")
-        task = replace(cfg.task, shift=0, p=float(ps[0]))
-        out.append(Condition(f"shift0_p{ps[0]:g}", task, tuple(parse_arms(cfg.control_arms)), control=True))
-    return out
 
 
 def task_trivial_loss(task: SyntheticConfig, seed: int) -> float:
@@ -240,5 +207,4 @@ def _asdict(obj) -> dict:
     return asdict(obj)
 
 
-__all__ = ["Condition", "compare", "conditions", "estimate_seconds_per_step", "probe_model", "run", "summarise",
-           "task_trivial_loss"]
+__all__ = ["compare", "estimate_seconds_per_step", "probe_model", "run", "summarise", "task_trivial_loss"]
