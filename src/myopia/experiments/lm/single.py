@@ -20,13 +20,14 @@ from myopia.experiments.lm.report import summary_text, write_report
 from myopia.models.hf.lora import with_lora
 from myopia.models.hf.presets import HF_PRESETS, build_hf_model
 from myopia.models.local import LocalMyopicGPT
-from myopia.runs import gradient_geometry, layout
+from myopia.runs import gradient_geometry
 from myopia.runs.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
-from myopia.runs.layout import seed_dir
+from myopia.runs.layout import pretrain_dir, seed_dir
 from myopia.runs.pairs import PAPER_PAIR, parse_pairs
 from myopia.runs.results import Results, Status, publish, recording
 from myopia.runs.runner import run_arms
 from myopia.tasks.text import TextTask
+from myopia.train.config import TrainConfig
 from myopia.train.loop import autocast_for, resolve_device
 
 
@@ -55,7 +56,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
           f"({base_task.heldout.n_docs} held-out documents), tokenizer {base_task.tokenizer.name}", flush=True)
     results = Results("lm", cfg, body={"paper": PAPER, "seeds": seeds, "training": {},
                                        "start": start_kind(cfg, len(seeds)),
-                                       "analysis_precision": analysis_precision(cfg)})
+                                       "analysis_precision": analysis_precision(cfg.train)})
     with recording(results, cfg.out):
         start = None
         if not cfg.pretrain.per_seed:
@@ -68,7 +69,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
         if not cfg.pretrain.per_seed:  # the start all seeds share, on the analysis windows
             start_model = start if start is not None else pretrained_start(cfg, task=base_task, overrides=overrides)
             if start_model is not None:
-                with autocast_for(device, analysis_precision(cfg)):
+                with autocast_for(device, analysis_precision(cfg.train)):
                     scored_start = score_start(cfg.analysis, base_task, start_model, device)
                 results["start_loss"] = scored_start["summary"]["loss"]
                 results["start_model"] = scored_start["summary"]
@@ -105,7 +106,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                 return results.write(cfg.out, Status(status["status"]))
             counted = models.get("vanilla") or next(iter(models.values()))
             results["parameters"] = sum(p.numel() for p in counted.parameters())
-            with autocast_for(device, analysis_precision(cfg)):
+            with autocast_for(device, analysis_precision(cfg.train)):
                 per_seed[str(seed)] = analyse(cfg.analysis, task, models, device, pairs, full=seed == seeds[0],
                                               probe_arms=probe_arms, start=scored_start, cuts=cuts)
             del models
@@ -123,7 +124,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
         curves = horizon_curves(results["comparisons"], cuts, cfg.data.seq_len)
         if curves:
             results["horizon_curves"] = curves
-        pretrained = pretrain_dir(cfg, seeds[0] if cfg.pretrain.per_seed else None)
+        pretrained = pretrain_dir(cfg.out, seeds[0] if cfg.pretrain.per_seed else None)
         geometry = gradient_geometry.collect(
             {**({"pretraining": pretrained} if cfg.pretrain.steps and not cfg.init_from else {}),
              **{f"seed {seeds[0]} {a.name}": os.path.join(seed_dir(cfg.out, seeds[0]), a.name) for a in arms}})
@@ -148,11 +149,11 @@ def pretrained_hf(cfg: LMExperiment) -> bool:
     return bool(cfg.hf_model) and cfg.hf_model not in HF_PRESETS
 
 
-def analysis_precision(cfg: LMExperiment) -> str:
+def analysis_precision(train: TrainConfig) -> str:
     """The held-out analysis runs in bf16 autocast only where training asked for it explicitly
     (``train.precision bf16``); otherwise in float32, also on a GPU whose
     training autocasts by default."""
-    return "bf16" if cfg.train.precision == "bf16" else "fp32"
+    return "bf16" if train.precision == "bf16" else "fp32"
 
 
 def pretrained_start(cfg: LMExperiment, task: TextTask, overrides: dict) -> torch.nn.Module | None:
@@ -176,11 +177,6 @@ def start_kind(cfg: LMExperiment, n_seeds: int) -> dict:
         kind = "fresh"
     return {"kind": kind,
             "conditional_on_one_start": n_seeds > 1 and kind in ("init_from", "pretrained_shared", "pretrained_hf")}
-
-
-def pretrain_dir(cfg: LMExperiment, seed: int | None = None) -> str:
-    """The pretrained start's arm folder (:func:`myopia.runs.layout.pretrain_dir`)."""
-    return layout.pretrain_dir(cfg.out, seed)
 
 
 def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
@@ -213,7 +209,7 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     print(f"myopia lm: pretraining a vanilla model for {p.steps} steps (seed {pseed}); every arm "
           f"{'of this seed ' if seed is not None else ''}starts from it", flush=True)
     train = replace(cfg.train, steps=p.steps, seed=pseed)
-    status = run_arms(os.path.dirname(pretrain_dir(cfg, seed)), cfg, [vanilla], task.with_seed(pseed),
+    status = run_arms(os.path.dirname(pretrain_dir(cfg.out, seed)), cfg, [vanilla], task.with_seed(pseed),
                       lambda arm: fresh_model(cfg, arm, task, overrides, pseed),
                       replace(cfg.optim, lr=p.lr or cfg.optim.lr), train,
                       resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model),
@@ -221,5 +217,5 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     return kept.get("model"), status
 
 
-__all__ = ["analysis_precision", "fresh_model", "pretrain_dir", "pretrained_hf", "pretrained_start", "run_single",
-           "start_kind", "starting_model"]
+__all__ = ["analysis_precision", "fresh_model", "pretrained_hf", "pretrained_start", "run_single", "start_kind",
+           "starting_model"]
