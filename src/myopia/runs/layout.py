@@ -2,17 +2,17 @@
 
 ::
 
-    <out>/                           an experiment's run folder (--out)
-      results.json, report.md, *.png
-      config.yaml                    the resolved configuration, beside the arm folders it trained
-      seed<N>/[<condition>/]<arm>/   one arm's training (lm: seed<N>/<arm>; synthetic, answer:
-                                     seed<N>/<condition>/<arm>; train: <arm> directly under <out>)
-        checkpoints/step_NNNNNNN/    its checkpoints (:mod:`myopia.train.checkpoint`)
-        metrics.jsonl                what the training loop logged
-      pretrain/[seed<N>/]vanilla/    lm: the vanilla start every arm fine-tunes
+    <out>/                           a command's run folder (--out): results.json, report.md, plots
+      seed<N>/[<condition>/]         the arms of one seed (and condition), as run_arms trains them
+                                     (myopia train: its arms directly in <out>)
+        config.yaml, results.json    the resolved configuration and the arms' training results
+        <arm>/                       one arm
+          checkpoints/step_NNNNNNN/  its checkpoints (:mod:`myopia.train.checkpoint`)
+          metrics.jsonl              what the training loop logged
+      pretrain/[seed<N>/]vanilla/    lm: the vanilla start every arm fine-tunes (an arm folder)
 
-Everything that writes or reads these paths (the training loop, the runner, the experiments,
-``myopia export`` and ``myopia eval``) asks this module for them.
+Everything that writes or reads these paths (the training loop and its trackers, the runner, the
+experiments, ``myopia export`` and ``myopia eval``) asks this module for them.
 """
 
 from __future__ import annotations
