@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 from myopia.config import ConfigError
-from myopia.runs import layout
+from myopia.train import layout
 
 PAPER_TASKS = ["lambada_openai", "piqa", "sciq", "arc_easy"]
 PYTHIA_SIZES = ["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b"]

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from myopia.config import ConfigError
-from myopia.runs import layout
+from myopia.train import layout
 
 
 class ExportError(ConfigError):

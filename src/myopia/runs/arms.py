@@ -96,7 +96,7 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
     switched to the arm's attention mode."""
     import os
 
-    from myopia.runs.layout import checkpoints_dir
+    from myopia.train.layout import checkpoints_dir
     from myopia.train.checkpoint import (
         CheckpointError,
         latest_checkpoint,

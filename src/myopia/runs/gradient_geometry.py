@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 from myopia.analysis import plots
 from myopia.analysis.gradients import PAPER_GEOMETRY, split_monitor, splittable
-from myopia.runs.layout import metrics_path
 from myopia.train.config import TrainConfig
+from myopia.train.layout import metrics_path
 from myopia.train.loop import MetricsLog
 
 

@@ -19,12 +19,12 @@ import torch
 
 from myopia.models.gpt import GPTConfig
 from myopia.runs.arms import Arm, build_model
-from myopia.runs.layout import condition_dir, metrics_path
 from myopia.runs.pairs import Pair
 from myopia.runs.results import Results, Status
 from myopia.runs.runner import run_arms
 from myopia.tasks.base import Task
 from myopia.train.config import OptimConfig, TrainConfig
+from myopia.train.layout import condition_dir, metrics_path
 from myopia.train.loop import ArmResult
 
 Score = Callable[[Arm, torch.nn.Module, ArmResult], dict]

@@ -10,11 +10,11 @@ from tqdm.auto import tqdm
 
 from myopia.config import dump_yaml
 from myopia.runs.arms import Arm, check_arms_fit
-from myopia.runs.layout import config_path
 from myopia.runs.results import Results, Status
 from myopia.tasks.base import Task
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import setup
+from myopia.train.layout import config_path
 from myopia.train.loop import ArmResult, StopSignal, graceful_interrupt, train_arm
 from myopia.train.trackers import build_sinks
 

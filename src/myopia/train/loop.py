@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from myopia.runs.layout import checkpoints_dir, metrics_path
 from myopia.tasks.base import Task, loss_mask, mean_loss
+from myopia.train.layout import checkpoints_dir, metrics_path
 from myopia.train.checkpoint import (
     capture,
     latest_checkpoint,

@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable
 
 from myopia.config import ConfigError
-from myopia.runs import layout
+from myopia.train import layout
 
 TRACKERS = ("tensorboard", "wandb")
 INSTALL = {"tensorboard": "pip install 'myopia[tensorboard]' (tensorboard==2.21.0)",

@@ -22,12 +22,12 @@ from myopia.models.hf.presets import HF_PRESETS, build_hf_model
 from myopia.models.local import LocalMyopicGPT
 from myopia.runs import gradient_geometry
 from myopia.runs.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
-from myopia.runs.layout import pretrain_dir, seed_dir
 from myopia.runs.pairs import PAPER_PAIR, parse_pairs
 from myopia.runs.results import Results, Status, publish, recording
 from myopia.runs.runner import run_arms
 from myopia.tasks.text import TextTask
 from myopia.train.config import TrainConfig
+from myopia.train.layout import pretrain_dir, seed_dir
 from myopia.train.loop import autocast_for, resolve_device
 
 

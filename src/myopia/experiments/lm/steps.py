@@ -11,8 +11,8 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci, mean_ci
-from myopia.runs.layout import metrics_path, seed_dir
 from myopia.runs.pairs import Pair
+from myopia.train.layout import metrics_path, seed_dir
 from myopia.train.loop import MetricsLog
 
 

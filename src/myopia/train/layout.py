@@ -12,7 +12,8 @@
       pretrain/[seed<N>/]vanilla/    lm: the vanilla start every arm fine-tunes (an arm folder)
 
 Everything that writes or reads these paths (the training loop and its trackers, the runner, the
-experiments, ``myopia export`` and ``myopia eval``) asks this module for them.
+experiments, ``myopia export`` and ``myopia eval``) asks this module for them; it imports nothing of
+myopia, so the training loop, at the bottom of them, can too.
 """
 
 from __future__ import annotations
