@@ -270,10 +270,11 @@ def test_eval_offline_end_to_end(run, tmp_path):
 
 
 def test_core_import_needs_no_extra():
-    """import myopia, myopia.models.gpt, the CLI's config and training loop with every extra blocked."""
+    """import myopia, its GPT, the CLI's config and training loop with every extra blocked."""
     blocked = ["transformers", "tokenizers", "peft", "lm_eval", "tensorboard", "wandb", "matplotlib", "datasets"]
     script = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
               + "import myopia, myopia.models.gpt, myopia.train.loop, myopia.train.trackers, myopia.models.hf.lora, "
-                "myopia.interop.export, myopia.interop.evaluate, myopia.cli\nmyopia.cli._commands()\nprint('ok')\n")
+                "myopia.lora, myopia.generation, myopia.interop.export, myopia.interop.evaluate, myopia.cli\n"
+                "myopia.cli._commands()\nprint('ok')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
