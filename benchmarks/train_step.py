@@ -73,7 +73,7 @@ def build(model_name: str, T: int, variant: str, device: str) -> tuple[torch.nn.
     else:
         import transformers
 
-        from myopia.hf import make_myopic
+        from myopia.models.hf.myopic import make_myopic
 
         if family == "hf-gpt2":
             config = transformers.GPT2Config(n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **cfg)

@@ -15,7 +15,9 @@ CHANGES is a comma list applied in order to the model GPT built (std-0.02 "gpt2"
     body-bias-zero  the blocks' Linear biases zero (weights unchanged)
     pos-std=S       the learned position table N(0, S)
 
-The untrained-probe baseline gets the same changes (it is built by the same build_model).
+The untrained-probe baseline gets the same changes (it is built by the same build_model): the
+script patches both places that build the synthetic experiment's models, the grid that trains them
+(``myopia.runs.grid``) and the pipeline that probes the untrained one.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import sys
 import torch
 from torch import nn
 
-import myopia.experiments.synthetic as synthetic
+import myopia.experiments.synthetic.pipeline as synthetic
+import myopia.runs.grid as grid
 from myopia.cli import main
+from myopia.runs.arms import build_model
 
 
 def _default_bias(linear: nn.Linear) -> None:
@@ -86,6 +90,6 @@ def patched(original, changes):
 if __name__ == "__main__":
     spec, rest = sys.argv[1], sys.argv[2:]
     changes = [] if spec == "none" else spec.split(",")
-    synthetic.build_model = patched(synthetic.build_model, changes)
+    grid.build_model = synthetic.build_model = patched(build_model, changes)
     print(f"ablate_init: changes {changes or 'none'}", flush=True)
     sys.exit(main(["synthetic", *rest]))

@@ -12,7 +12,7 @@ from myopia.analysis.answers import (
     training_prompt_keys,
     wilson,
 )
-from myopia.model import GPT, GPTConfig
+from myopia.models.gpt import GPT, GPTConfig
 from myopia.tasks.answer import (
     MultiplyConfig,
     MultiplyTask,

@@ -78,7 +78,7 @@ def test_version(capsys):
 
 
 def test_help_lists_every_option_with_meaning_and_default():
-    from myopia.model import GPTConfig
+    from myopia.models.gpt import GPTConfig
     from myopia.tasks.synthetic import SyntheticConfig
     from myopia.tasks.text import TextConfig
     from myopia.train.config import OptimConfig, TrainConfig

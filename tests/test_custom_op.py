@@ -134,7 +134,7 @@ def test_myopic_backward_under_bf16_autocast(family):
         call = model
     else:
         transformers = pytest.importorskip("transformers")
-        from myopia.hf import make_myopic
+        from myopia.models.hf.myopic import make_myopic
 
         if family == "hf":
             cfg = transformers.GPT2Config(vocab_size=31, n_positions=16, n_embd=32, n_layer=2, n_head=2,

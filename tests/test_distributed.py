@@ -119,8 +119,8 @@ def _hf_fsdp_worker(out: str) -> None:
     import transformers
     from torch.distributed.fsdp import FSDPModule
 
-    from myopia.hf import make_myopic
-    from myopia.hf_models import HFCausalLM
+    from myopia.models.hf.myopic import make_myopic
+    from myopia.models.hf.presets import HFCausalLM
     from myopia.train.distributed import parallelize, setup
 
     dist_ = setup("cpu")

@@ -1,9 +1,12 @@
-"""The documentation's commands and options exist: every ``myopia ...`` line in a README/docs code
-block resolves to a configuration (``--print-config``, no training), and every ``--option`` the
-prose names is an option of some command (or of the launcher/tool it belongs to)."""
+"""The documentation's commands, options and Python names exist: every ``myopia ...`` line in a
+README/docs code block resolves to a configuration (``--print-config``, no training), every
+``--option`` the prose names is an option of some command (or of the launcher/tool it belongs to),
+and every ``from myopia... import`` and dotted ``myopia.x.y`` name they show imports (the documented
+short paths ``myopia.hf``, ``myopia.generation`` and ``myopia.lora`` included)."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -84,3 +87,38 @@ def test_print_config_round_trips(tmp_path, capsys):
     assert main(["lm", "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 0
     assert capsys.readouterr().out == text
     assert yaml.safe_load(text)["train"]["steps"] == 7
+
+
+def _documented_names() -> list[str]:
+    """Every name a ``from myopia... import ...`` line imports, and every dotted ``myopia.x.y`` in
+    backticks, in the README and docs."""
+    names = set()
+    for path in DOCS:
+        text = path.read_text()
+        for m in re.finditer(r"^from (myopia[\w.]*) import ([\w, ]+)", text, re.M):
+            names |= {f"{m.group(1)}.{n.strip()}" for n in m.group(2).split(",") if n.strip()}
+        for span in re.findall(r"`([^`\n]+)`", text):
+            names |= set(re.findall(r"(?<![\w.])(myopia(?:\.\w+)+)", span))
+    return sorted(names)
+
+
+NAMES = _documented_names()
+
+
+def test_docs_show_python_names():
+    assert {"myopia.GPT", "myopia.hf.make_myopic", "myopia.generation.generate_greedy",
+            "myopia.lora.apply_lora"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_documented_python_name_imports(name):
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):  # the longest importable module, then attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+        except ModuleNotFoundError:
+            continue
+    for attr in parts[i:]:
+        obj = getattr(obj, attr)
+    assert obj is not None

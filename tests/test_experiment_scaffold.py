@@ -7,8 +7,8 @@ import pytest
 
 from myopia import cli
 from myopia.config import ConfigError
-from myopia.experiments.pairs import Pair, default_pairs, parse_pairs
-from myopia.experiments.scaffold import Results, Status, recording
+from myopia.runs.pairs import Pair, default_pairs, parse_pairs
+from myopia.runs.results import Results, Status, recording
 
 ARMS = ["vanilla", "myopic", "myopic:h=2", "myopic:layers=0", "local-myopic"]
 

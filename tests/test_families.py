@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from myopia.hf import attention_modules, make_myopic
+from myopia.models.hf.myopic import attention_modules, make_myopic
 
 V, T = 23, 7
 COMMON = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -204,7 +204,7 @@ def test_unsupported_attention_keywords_are_refused(keyword, value, match):
 
 
 def test_sliding_window_missing_from_the_mask_is_refused():
-    from myopia.hf import myopia_attention_forward
+    from myopia.models.hf.myopic import myopia_attention_forward
 
     model = make_myopic(build("mistral"), "myopic_kv")
     module = attention_modules(model)[0]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from myopia.generation import GenerationError, forward_cached, generate_greedy
-from myopia.model import GPT, GPTConfig
+from myopia.models.generate import GenerationError, forward_cached, generate_greedy
+from myopia.models.gpt import GPT, GPTConfig
 
 SHAPES = {
     "learned": dict(n_layer=2, n_head=2, n_embd=16),

@@ -131,7 +131,7 @@ def test_monitor_does_not_change_training(tmp_path):
 @pytest.mark.parametrize("preset", ["pythia-14m", "llama-tiny"])
 def test_split_of_a_hugging_face_model(preset):
     pytest.importorskip("transformers")
-    from myopia.hf_models import build_hf_model
+    from myopia.models.hf.presets import build_hf_model
 
     task = TokenTask(vocab=64)
     model = build_hf_model(preset, "myopic", vocab_size=64, seed=0)
@@ -153,8 +153,8 @@ def test_split_of_a_hugging_face_model(preset):
 
 
 def test_monitor_factory_skips_what_cannot_be_split(monkeypatch):
-    from myopia.experiments.arms import Arm
-    from myopia.experiments.gradient_geometry import monitor_factory
+    from myopia.runs.arms import Arm
+    from myopia.runs.gradient_geometry import monitor_factory
 
     task = TokenTask()
     make = lambda parallel="ddp": monitor_factory(task, 1, TrainConfig(steps=5, batch_size=2, eval_every=0,  # noqa: E731

@@ -19,7 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from myopia.attention import Cut
-from myopia.hf import attention_modules, make_myopic
+from myopia.models.hf.myopic import attention_modules, make_myopic
 
 from hf_tiny import COMMON, T, V, build, data, losses  # noqa: E402
 

@@ -13,8 +13,8 @@ from conftest import write_word_corpus
 
 from myopia import cli
 from myopia.config import ConfigError
-from myopia.hf import current_cut
-from myopia.hf_models import HF_PRESETS, build_hf_model
+from myopia.models.hf.myopic import current_cut
+from myopia.models.hf.presets import HF_PRESETS, build_hf_model
 
 
 @pytest.mark.parametrize("name", ["gpt2-124m", "pythia-14m", "llama-tiny"])
@@ -81,7 +81,7 @@ def test_sweep_end_to_end(tmp_path):
 
 
 def test_fresh_presets_size_their_embedding_to_the_tokenizer():
-    from myopia.hf_models import preset_vocab_size
+    from myopia.models.hf.presets import preset_vocab_size
 
     # The model's own tokenizer keeps the published shape (GPT-2: 50,257; Pythia: 50,304 for 50,277 ids).
     assert preset_vocab_size("gpt2-124m", 50257) == 50257
@@ -99,7 +99,7 @@ def test_attention_dropout_is_off_in_every_arm_and_said_in_the_log(tmp_path, cap
     it, so the arms run the same kernels; the run's log says so once."""
     import transformers
 
-    from myopia.hf import attention_modules
+    from myopia.models.hf.myopic import attention_modules
 
     cfg = transformers.GPT2Config(vocab_size=300, n_positions=16, n_embd=16, n_layer=2, n_head=2, attn_pdrop=0.1,
                                   resid_pdrop=0.0, embd_pdrop=0.0)

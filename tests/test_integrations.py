@@ -17,8 +17,8 @@ from conftest import write_word_corpus
 transformers = pytest.importorskip("transformers")
 
 from myopia.cli import main
-from myopia.export import ExportError, gpt_to_transformers, save_tokenizer
-from myopia.model import GPT, GPTConfig
+from myopia.interop.export import ExportError, gpt_to_transformers, save_tokenizer
+from myopia.models.gpt import GPT, GPTConfig
 
 SHAPES = {
     "gpt2": dict(),
@@ -177,8 +177,8 @@ def test_missing_tracker_extra_is_one_line_error(tmp_path, monkeypatch, capsys):
 def test_export_cli_loads_without_myopia(run, tmp_path):
     """myopia export RUN/ARM OUT: plain transformers (myopia blocked from import) loads the model and
     the tokenizer; logits equal myopia's to 1e-5 and the tokenizer round-trips text."""
-    from myopia.experiments.arms import Arm, load_model
-    from myopia.export import run_config, run_tokenizer
+    from myopia.interop.export import run_config, run_tokenizer
+    from myopia.runs.arms import Arm, load_model
 
     out, _, _ = run
     assert main(["export", str(out / "myopic"), str(tmp_path / "hf")]) == 0
@@ -241,7 +241,7 @@ def test_eval_offline_end_to_end(run, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from myopia.evaluation import builtin_task_dir, fmt, prefix_token
+    from myopia.interop.evaluate import builtin_task_dir, fmt, prefix_token
 
     out, root, _ = run
     assert main(["eval", str(out), "--tasks", "myopia_example", "--out", str(tmp_path / "ev"),
@@ -270,10 +270,11 @@ def test_eval_offline_end_to_end(run, tmp_path):
 
 
 def test_core_import_needs_no_extra():
-    """import myopia, myopia.model, the CLI's config and training loop with every extra blocked."""
+    """import myopia, its GPT, the CLI's config and training loop with every extra blocked."""
     blocked = ["transformers", "tokenizers", "peft", "lm_eval", "tensorboard", "wandb", "matplotlib", "datasets"]
     script = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
-              + "import myopia, myopia.model, myopia.train.loop, myopia.train.trackers, myopia.lora, "
-                "myopia.export, myopia.evaluation, myopia.cli\nmyopia.cli._commands()\nprint('ok')\n")
+              + "import myopia, myopia.models.gpt, myopia.train.loop, myopia.train.trackers, myopia.models.hf.lora, "
+                "myopia.lora, myopia.generation, myopia.interop.export, myopia.interop.evaluate, myopia.cli\n"
+                "myopia.cli._commands()\nprint('ok')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

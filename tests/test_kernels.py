@@ -40,7 +40,7 @@ def test_kernel_routing_follows_each_kernels_preconditions(device, dtype, qk, v,
 
 def test_attention_without_a_kernel_runs_the_reference_with_one_warning(monkeypatch):
     monkeypatch.setattr(kernels, "select_kernel", lambda *a, **k: (None, "stated: no kernel"))
-    monkeypatch.setattr(sys.modules["myopia.attention"], "_warned", set())
+    monkeypatch.setattr(sys.modules["myopia.attention.dispatch"], "_warned", set())
     q, k, v = (torch.randn(1, 2, 6, 8, dtype=F64, requires_grad=True) for _ in range(3))
     with pytest.warns(RuntimeWarning, match="stated: no kernel"):
         out = attention(q, k, v, cut="myopic_kv")

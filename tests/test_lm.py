@@ -8,7 +8,7 @@ import torch
 from conftest import write_word_corpus
 
 from myopia import GPT, GPTConfig, cli
-from myopia.local_myopia import LocalMyopicGPT
+from myopia.models.local import LocalMyopicGPT
 
 
 def test_lm_experiment_end_to_end(tmp_path):
@@ -70,7 +70,7 @@ def test_lm_several_seeds_give_intervals_over_seeds(tmp_path):
 def test_one_token_contexts_give_the_windows_position_0_losses(tmp_path, family):
     """The position-0 gap over all held-out tokens rests on this: position 0 sees only its own token."""
     from myopia.experiments.lm.analysis import first_position_losses
-    from myopia.hf_models import build_hf_model
+    from myopia.models.hf.presets import build_hf_model
     from myopia.tasks.text import TextConfig, TextTask
 
     folder = write_word_corpus(tmp_path / "corpus", 40, 200)
@@ -200,7 +200,7 @@ def test_top_kl_tokens_are_the_largest(tmp_path):
                                      block_size=16)).eval()
     cfg = LMExperiment(data=data)
     cfg.analysis.top_kl, cfg.analysis.probe_train_windows, cfg.analysis.first_position_tokens = 4, 16, -1
-    top = analyse(cfg, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"]
+    top = analyse(cfg.analysis, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"]
     kls = []
     with torch.no_grad():
         for x, _, _ in task.heldout_all(64):
@@ -212,7 +212,7 @@ def test_top_kl_tokens_are_the_largest(tmp_path):
     for r in top:  # (ties between identical contexts make the positions themselves ambiguous)
         assert float(kl[r["window"], r["position"]]) == pytest.approx(r["kl"], rel=1e-5)
     cfg.analysis.top_kl = 0
-    assert analyse(cfg, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"] == []
+    assert analyse(cfg.analysis, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"] == []
 
 
 def _latest_weights(arm_dir):

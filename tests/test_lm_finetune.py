@@ -139,7 +139,7 @@ def test_bf16_forward_of_the_fused_myopic_op_matches_vanilla_on_cpu():
     """Under bf16 autocast (--train.precision bf16) the myopic arm's training forward (the fused op, with
     gradients on) must give vanilla's logits to bf16 precision."""
     transformers = pytest.importorskip("transformers")
-    from myopia.hf import make_myopic
+    from myopia.models.hf.myopic import make_myopic
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -11,8 +11,8 @@ from definition import cut_module_input, per_position_gradient, relative_error
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from myopia.hf import attention_modules, make_myopic
-from myopia.lora import LoraConfig, apply_lora
+from myopia.models.hf.lora import LoraConfig, apply_lora
+from myopia.models.hf.myopic import attention_modules, make_myopic
 
 from hf_tiny import T, V, build, data, losses  # noqa: E402
 
@@ -153,9 +153,9 @@ def test_lm_hf_model_with_lora_trains_adapters_and_exports(tmp_path):
     from conftest import write_word_corpus
 
     from myopia.cli import main
-    from myopia.export import load_arm_model, resolve_arm, run_config
-    from myopia.hf_models import build_hf_model
-    from myopia.lora import with_lora
+    from myopia.interop.export import load_arm_model, resolve_arm, run_config
+    from myopia.models.hf.lora import with_lora
+    from myopia.models.hf.presets import build_hf_model
     from myopia.train.checkpoint import read_checkpoint
 
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from myopia.attention import Cut
-from myopia.experiments.arms import Arm, build_model
-from myopia.model import GPTConfig
+from myopia.models.gpt import GPTConfig
+from myopia.runs.arms import Arm, build_model
 from myopia.tasks.base import IGNORE, HELDOUT_STREAM, TRAIN_STREAM, batch_generator, mean_loss
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
 from myopia.train.config import OptimConfig, TrainConfig

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from myopia.cli import main
-from myopia.model import GPT, GPTConfig
+from myopia.models.gpt import GPT, GPTConfig
 
 SYNTH = dict(n_layer=2, n_head=2, n_embd=128, activation="relu", input_dim=2, output_dim=1, block_size=32)
 

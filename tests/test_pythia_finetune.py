@@ -14,6 +14,7 @@ from myopia import cli
 from myopia.config import ConfigError
 from myopia.data.corpus import DataError, load_documents, split_documents
 from myopia.experiments import sweep
+from myopia.experiments.sweep.pipeline import _lm_config, _paper_gap, epoch_steps
 from myopia.tasks.text import TextConfig, TextTask
 from myopia.train.config import TrainConfig
 
@@ -87,12 +88,12 @@ def test_preset_learning_rates_and_names():
     assert preset["models"][0] == "hf:EleutherAI/pythia-14m" and preset["models"][-1] == "hf:EleutherAI/pythia-2.8b"
     assert sweep.PRESETS["pythia-scaling"] is sweep.PRESETS["pythia-shapes-scratch"]
     cfg = sweep.SweepExperiment(lr_from_preset=0.4)
-    assert sweep._lm_config(cfg, "hf:EleutherAI/pythia-70m").optim.lr == pytest.approx(0.4 * 1e-3)
-    assert sweep._lm_config(cfg, "hf:EleutherAI/pythia-2.8b").optim.lr == pytest.approx(0.4 * 1.6e-4)
-    assert sweep._lm_config(cfg, "pythia-160m").optim.lr == pytest.approx(0.4 * 6e-4)
-    assert sweep._lm_config(cfg, "hf:EleutherAI/gpt-neo-125m").optim.lr == cfg.optim.lr  # not a Pythia model
-    assert sweep._paper_gap("hf:EleutherAI/pythia-2.8b") == 0.249
-    assert sweep._paper_gap("hf:EleutherAI/pythia-70m-deduped") is None  # the paper used the non-deduped ones
+    assert _lm_config(cfg, "hf:EleutherAI/pythia-70m").optim.lr == pytest.approx(0.4 * 1e-3)
+    assert _lm_config(cfg, "hf:EleutherAI/pythia-2.8b").optim.lr == pytest.approx(0.4 * 1.6e-4)
+    assert _lm_config(cfg, "pythia-160m").optim.lr == pytest.approx(0.4 * 6e-4)
+    assert _lm_config(cfg, "hf:EleutherAI/gpt-neo-125m").optim.lr == cfg.optim.lr  # not a Pythia model
+    assert _paper_gap("hf:EleutherAI/pythia-2.8b") == 0.249
+    assert _paper_gap("hf:EleutherAI/pythia-70m-deduped") is None  # the paper used the non-deduped ones
 
 
 def _eval_loss(model, task, batches, batch_size):
@@ -163,17 +164,17 @@ def test_pythia_finetune_preset_end_to_end_from_a_local_checkpoint(tmp_path):
     # Too few windows for one step: one line naming the fix.
     cfg = sweep.SweepExperiment(data=replace(data, micro_batches=0), train=TrainConfig(batch_size=64), epochs=1)
     with pytest.raises(ConfigError, match="fewer than one step") as err:
-        sweep.epoch_steps(cfg)
+        epoch_steps(cfg)
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="data.windows document_starts"):
-        sweep.epoch_steps(sweep.SweepExperiment(epochs=1))  # random windows have no epoch
+        epoch_steps(sweep.SweepExperiment(epochs=1))  # random windows have no epoch
 
 
 def test_a_float16_checkpoint_trains_in_float32(tmp_path):
     """The released Pythia checkpoints are stored in float16; transformers 5 loads a checkpoint in its
     stored dtype by default. myopia fine-tunes float32 weights (autocast does the low precision)."""
     transformers = pytest.importorskip("transformers")
-    from myopia.hf_models import build_hf_model
+    from myopia.models.hf.presets import build_hf_model
 
     config = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                         intermediate_size=64, vocab_size=300, max_position_embeddings=64)

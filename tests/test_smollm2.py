@@ -21,7 +21,7 @@ def tokenizer():
 
 @needs_smollm2
 def test_pretrained_smollm2_predicts_text_and_trains_myopically(tokenizer):
-    from myopia.hf_models import build_hf_model
+    from myopia.models.hf.presets import build_hf_model
 
     assert tokenizer.name == "smollm2" and tokenizer.vocab_size == 49152
     ids = tokenizer.encode_batch(["The capital of France is Paris. The capital of Germany is Berlin. "
@@ -45,7 +45,7 @@ def test_pretrained_smollm2_predicts_text_and_trains_myopically(tokenizer):
 def test_smollm2_with_a_larger_tokenizer_names_the_fix():
     """Checked before the package is looked for, so this runs without it."""
     from myopia.config import ConfigError
-    from myopia.hf_models import build_hf_model
+    from myopia.models.hf.presets import build_hf_model
 
     with pytest.raises(ConfigError, match="--data.tokenizer smollm2"):
         build_hf_model("smollm2-135m", "vanilla", 50257, 0)

@@ -63,7 +63,8 @@ def test_reproduce_stops_after_an_interrupted_stage(tmp_path, monkeypatch, capsy
 def test_a_seed_whose_vanilla_arm_did_not_learn_is_named_first_not_averaged_in():
     """Issue 32: vanilla within 10% of the trivial loss at one seed is a per-seed verdict in the first
     line of the summary, the report and reproduce's headline, and the paper's conclusion is withheld."""
-    from myopia.experiments import reproduce, synthetic, synthetic_report
+    from myopia.experiments import reproduce, synthetic
+    from myopia.experiments.synthetic import report as synthetic_report
 
     def arm(ratio, r2, r2u=0.6):
         return {"ratio_to_trivial": ratio, "probe": {"r2": [[0.0], [r2]]}, "probe_untrained": {"r2": [[0.0], [r2u]]}}

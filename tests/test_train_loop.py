@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from myopia.attention import Cut
-from myopia.experiments.arms import Arm, build_model
-from myopia.model import GPTConfig
+from myopia.models.gpt import GPTConfig
+from myopia.runs.arms import Arm, build_model
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
 from myopia.train.checkpoint import (
     CheckpointError,

@@ -5,7 +5,7 @@ Hugging Face models: ``from myopia.hf import make_myopic`` (needs ``transformers
 """
 
 from myopia.attention import ATTENTION_MODES, attention
-from myopia.model import GPT, GPTConfig
+from myopia.models.gpt import GPT, GPTConfig
 
 __version__ = "0.1.0"
 

@@ -42,7 +42,7 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from myopia import evaluation, export
+    from myopia.interop import evaluate, export
     from myopia.experiments import answer, lm, reproduce, sweep, synthetic, train
 
     return [
@@ -61,7 +61,7 @@ def _commands() -> list[Command]:
         Command("export", "write a trained arm as a transformers checkpoint (model, config, tokenizer)",
                 export.ExportConfig, export.run, positionals=("arm", "out")),
         Command("eval", "zero-shot benchmarks (lm-evaluation-harness) on every arm of runs or on checkpoints",
-                evaluation.EvalConfig, evaluation.run, positionals=("paths",)),
+                evaluate.EvalConfig, evaluate.run, positionals=("paths",)),
     ]
 
 

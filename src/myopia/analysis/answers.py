@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from myopia.generation import generate_greedy
+from myopia.models.generate import generate_greedy
 from myopia.tasks.answer import prompt_keys
 
 

@@ -1,9 +1,15 @@
-"""PNG plots (matplotlib is an optional extra: without it, plotting is skipped with a message)."""
+"""PNG plots (matplotlib is an optional extra: without it, plotting is skipped with a message).
+
+Every plot starts with ``plt = plots.pyplot()`` (``None`` without matplotlib: skip the plot), draws,
+styles each axis with :func:`finish_axis` and ends with :func:`save_figure`.
+"""
 
 from __future__ import annotations
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (with a one-line message) when
+    matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -38,7 +44,7 @@ def loss_curves(series: dict[str, list[tuple[list[int], list[float]]]], path: st
                 ylabel: str, reference: float | None = None, log: bool = True, xlabel: str = "step",
                 reference_label: str = "trivial (predict 0)") -> str | None:
     """One axis, one colour per series label; several runs (seeds) of a label share its colour."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -58,7 +64,7 @@ def loss_curves(series: dict[str, list[tuple[list[int], list[float]]]], path: st
 def probe_heatmaps(panels: list[tuple[str, list[list[float]]]], lookbacks: list[int], path: str,
                    title: str, ncols: int = 3) -> str | None:
     """Heat maps of R² (layer × lookback), one panel each, on a shared colour scale."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     import numpy as np
@@ -86,3 +92,6 @@ def probe_heatmaps(panels: list[tuple[str, list[list[float]]]], lookbacks: list[
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+__all__ = ["finish_axis", "loss_curves", "probe_heatmaps", "pyplot", "save_figure"]

@@ -34,6 +34,10 @@ import torch
 from myopia.attention import kernels, triton_diag
 from myopia.attention.reference import expand_kv
 
+MODES: tuple[str, ...] = ("myopic", "myopic_kv")
+"""The cut modes this op computes; :func:`myopia.attention.attention` runs any other gradient cut on
+the eager reference."""
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 

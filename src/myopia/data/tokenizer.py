@@ -126,7 +126,7 @@ def build_tokenizer(spec: str, vocab_size: int, train_docs: list[Document], cach
         return hf_tokenizer(spec[3:])
     if spec == "smollm2":
         from myopia.config import ConfigError
-        from myopia.hf_models import smollm2_gguf
+        from myopia.data.smollm2 import smollm2_gguf
 
         try:
             folder, name = smollm2_gguf()

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 from myopia.analysis.stats import format_ci
 from myopia.config import from_dict, merge
-from myopia.experiments import lm, synthetic, synthetic_report
-from myopia.experiments.pairs import PAPER_PAIR
-from myopia.experiments.scaffold import Results, Status, recording, write_report
+from myopia.experiments import lm, synthetic
+from myopia.experiments.synthetic import report as synthetic_report
+from myopia.runs.pairs import PAPER_PAIR
+from myopia.runs.results import Results, Status, recording, write_report
 
 
 @dataclass

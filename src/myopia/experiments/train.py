@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from myopia.experiments.arms import build_model, load_model, parse_arms
-from myopia.experiments.runner import run_arms
-from myopia.model import GPTConfig
+from myopia.models.gpt import GPTConfig
+from myopia.runs.arms import build_model, load_model, parse_arms
+from myopia.runs.runner import run_arms
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
 from myopia.tasks.text import TextConfig, TextTask
 from myopia.train.config import OptimConfig, TrainConfig

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from myopia.tasks.base import Task, loss_mask, mean_loss
+from myopia.train.layout import checkpoints_dir, metrics_path
 from myopia.train.checkpoint import (
     capture,
     latest_checkpoint,
@@ -235,7 +236,7 @@ def train_arm(
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     model.to(device).train()
-    ckpt_dir = os.path.join(arm_dir, "checkpoints")
+    ckpt_dir = checkpoints_dir(arm_dir)
     latest = dist.broadcast_object(latest_checkpoint(ckpt_dir) if dist.is_main else None)
     if latest is not None and not resume:
         raise RunDirectoryError(
@@ -252,7 +253,7 @@ def train_arm(
         seconds_before, tokens_before = state.get("seconds", 0.0), state.get("tokens", 0)
         if dist.is_main:
             tqdm.write(f"[{arm}] resuming from {latest} (step {start_step}/{cfg.steps})")
-    log = MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), keep_through_step=start_step if latest else None,
+    log = MetricsLog(metrics_path(arm_dir), keep_through_step=start_step if latest else None,
                      enabled=dist.is_main, sink=sink)
     stop = stop or StopSignal()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * task.seq_len
@@ -291,7 +292,7 @@ def train_arm(
             if dist.broadcast_object(stop.requested):
                 last_ckpt = checkpoint(step, "interrupted")
                 if dist.is_main:
-                    tqdm.write(f"[{arm}] stopped at step {step}; checkpoint {last_ckpt}. Resume with --resume.")
+                    tqdm.write(f"[{arm}] stopped at step {step}; checkpoint {last_ckpt}")
                 break
             lr = lr_at(step, cfg.steps, optim_cfg)
             for group in optimizer.param_groups:

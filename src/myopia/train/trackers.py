@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable
 
 from myopia.config import ConfigError
+from myopia.train import layout
 
 TRACKERS = ("tensorboard", "wandb")
 INSTALL = {"tensorboard": "pip install 'myopia[tensorboard]' (tensorboard==2.21.0)",
@@ -114,7 +115,7 @@ def build_sinks(log_to: list[str], arm_dir: str, arm: str, config: dict) -> Sink
         return None
     run_dir = os.path.dirname(os.path.abspath(arm_dir))
     group, name = os.path.basename(run_dir), arm
-    if group.startswith("seed") or group == "pretrain":
+    if group.startswith(layout.SEED_PREFIX) or group == layout.PRETRAIN:
         name = f"{group}/{arm}"
         group = os.path.basename(os.path.dirname(run_dir))
     sinks = []

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci, mean_ci
+from myopia.attention.cut import Cut
 from myopia.config import ConfigError
-from myopia.experiments.arms import LOCAL_ARM, parse_arms
+from myopia.experiments.lm.config import AnalysisConfig
 from myopia.experiments.lm.cuts import LAYER_SCALARS, layer_groups, layer_sums
-from myopia.experiments.lm.config import LMExperiment
-from myopia.experiments.pairs import Pair, default_pairs
+from myopia.runs.arms import LOCAL_ARM
+from myopia.runs.pairs import Pair, default_pairs
 from myopia.tasks.text import TextTask
 
 _SCALARS = ("gap", "first_position_gap")
@@ -24,14 +25,15 @@ _SCALARS = ("gap", "first_position_gap")
 
 
 @torch.no_grad()
-def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device, pairs: list[Pair] | None = None,
-            full: bool = True, probe_arms: set[str] | None = None, start: dict | None = None) -> dict:
+def analyse(a: AnalysisConfig, task: TextTask, models: dict, device: torch.device, pairs: list[Pair] | None = None,
+            full: bool = True, probe_arms: set[str] | None = None, start: dict | None = None,
+            cuts: dict[str, Cut] | None = None) -> dict:
     """One seed's held-out analysis (intervals over documents) of ``models`` ({arm name: model}):
     every arm's loss, and for every pair (default: each arm against vanilla) its paired gap. ``full``:
     also the largest-KL tokens and the probes (of the paired arms in ``probe_arms``; default all).
     ``start`` (:func:`score_start`): the arms' starting model's scores on the same windows, against
-    which each arm's loss is compared (``vs_start``: arm − start, paired)."""
-    a = cfg.analysis
+    which each arm's loss is compared (``vs_start``: arm − start, paired). ``cuts`` ({arm name: its
+    cut}) finds the per-layer cuts whose gaps are summed (:func:`~myopia.experiments.lm.cuts.layer_groups`)."""
     pairs = default_pairs(list(models)) if pairs is None else pairs
     limit = a.heldout_windows or None
     for m in models.values():
@@ -72,12 +74,12 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
             c["top_kl"] = [_kl_example(task, limit, item) for item in sorted(tops[pair], reverse=True)]
         comparisons[pair.label] = c
     out["comparisons"] = comparisons
-    groups = layer_groups(pairs, {a.name: a.cut for a in parse_arms(cfg.arms, allow_local=True) if not a.local})
+    groups = layer_groups(pairs, cuts or {})
     if groups:
         out["layer_sums"] = layer_sums(groups, per_window, doc_ids, a.bootstrap)
     probed = [n for n in paired if probe_arms is None or n in probe_arms]
     if full and probed and a.probe_offsets:
-        out["probes"] = probes(cfg, task, {k: models[k] for k in probed}, device)
+        out["probes"] = probes(a, task, {k: models[k] for k in probed}, device)
     if {"vanilla", LOCAL_ARM} <= set(models):
         bonus = per_window["vanilla"] - per_window[LOCAL_ARM]
         out["local_myopia_bonus"] = cluster_bootstrap_ci(bonus.mean(1), doc_ids, a.bootstrap)
@@ -85,7 +87,7 @@ def analyse(cfg: LMExperiment, task: TextTask, models: dict, device: torch.devic
         out["vs_start"] = {name: cluster_bootstrap_ci((arr - start["per_window"]).mean(1), doc_ids, a.bootstrap)
                            for name, arr in per_window.items()}
     if a.long_window:
-        out["long_window"] = long_window_analysis(cfg, task, {k: models[k] for k in paired} if pairs else models,
+        out["long_window"] = long_window_analysis(a, task, {k: models[k] for k in paired} if pairs else models,
                                                   device, pairs)
     return out
 
@@ -127,11 +129,10 @@ def long_window_losses(task: TextTask, models: dict, device: torch.device, lengt
     return {name: torch.cat(v).numpy() for name, v in losses.items()}, rows[:, 1]
 
 
-def long_window_analysis(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device,
+def long_window_analysis(a: AnalysisConfig, task: TextTask, models: dict, device: torch.device,
                          pairs: list[Pair]) -> dict:
     """Loss and paired gap by position over ``analysis.long_window``-token windows (the paper's
     Pythia-2.8B curve, R12, used 256), intervals over documents."""
-    a = cfg.analysis
     per_window, docs = long_window_losses(task, models, device, a.long_window, a.long_window_count)
     out = {"length": a.long_window, "windows": len(docs), "documents": len(np.unique(docs)),
            "tokens": int(len(docs) * a.long_window),
@@ -146,10 +147,9 @@ def long_window_analysis(cfg: LMExperiment, task: TextTask, models: dict, device
 
 
 @torch.no_grad()
-def score_start(cfg: LMExperiment, task: TextTask, model: torch.nn.Module, device: torch.device) -> dict:
+def score_start(a: AnalysisConfig, task: TextTask, model: torch.nn.Module, device: torch.device) -> dict:
     """The arms' starting model on the analysis windows (and the long windows, if any): its per-window
     losses (for the arms' paired ``vs_start``) and its summary for results.json (``start_loss``)."""
-    a = cfg.analysis
     model.eval().to(device)
     losses, docs = [], []
     for logps, y, doc in heldout_log_probs(task, {"start": model}, device, a.heldout_windows or None):
@@ -224,10 +224,9 @@ def probe_layers(chosen: list[int], n_streams: int, arm: str) -> list[int]:
     return sorted(set(chosen)) if chosen else list(range(n_streams))
 
 
-def probes(cfg: LMExperiment, task: TextTask, models: dict, device: torch.device) -> dict:
+def probes(a: AnalysisConfig, task: TextTask, models: dict, device: torch.device) -> dict:
     """Linear probes: from layer l's state at t, the token at t+k (top classes + 'other'); held-out
     accuracy of each of ``models`` ({arm name: model})."""
-    a = cfg.analysis
     counts = np.bincount(np.asarray(task.train.tokens[: 2_000_000], dtype=np.int64), minlength=task.tokenizer.vocab_size)
     top_tokens = np.argsort(-counts)[: a.probe_classes - 1]
     lookup = np.full(task.tokenizer.vocab_size, a.probe_classes - 1, dtype=np.int64)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from myopia.config import merge
-from myopia.lora import LoraConfig
-from myopia.model import GPTConfig
+from myopia.models.gpt import GPTConfig
+from myopia.models.hf.lora import LoraConfig
 from myopia.tasks.text import TextConfig
 from myopia.train.config import OptimConfig, TrainConfig
 

@@ -15,7 +15,8 @@ from myopia.analysis import plots
 from myopia.analysis.stats import format_ci, mean_ci
 from myopia.config import ConfigError
 from myopia.experiments.lm.config import LMExperiment
-from myopia.experiments.scaffold import Results, Status, recording, write_report
+from myopia.experiments.lm.single import run_single
+from myopia.runs.results import Results, Status, recording, write_report
 
 BINS = 8
 """Relative-position bins of the gap (each 1/8 of the window)."""
@@ -57,17 +58,15 @@ def gather(res: dict) -> dict:
 
 
 def run_context(cfg: LMExperiment) -> dict:
-    from myopia.experiments.lm.pipeline import run
-
+    """The experiment once per window length in ``cfg.context_lengths``, gathered (module docstring)."""
     lengths = sorted(set(cfg.context_lengths))
     subs = [sub_config(cfg, T) for T in lengths]  # every length checked before anything trains
     results = Results("lm", cfg, body={"seeds": cfg.seed_list(), "context_lengths": {}})
     with recording(results, cfg.out):
         for T, sub in zip(lengths, subs):
             print(f"myopia lm: context length {T} (batch {sub.train.batch_size}) -> {sub.out}", flush=True)
-            res = run(sub, block_size=max(lengths))
+            res = run_single(sub, block_size=max(lengths))
             if res["status"] != Status.COMPLETED:
-                print("myopia lm: interrupted; rerun with --resume to continue", flush=True)
                 return results.write(cfg.out, Status(res["status"]))
             results["context_lengths"][str(T)] = {"results": os.path.relpath(os.path.join(sub.out, "results.json"),
                                                                              cfg.out), **gather(res)}
@@ -80,7 +79,7 @@ def run_context(cfg: LMExperiment) -> dict:
 
 
 def plot(results: dict, path: str) -> str | None:
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     entries = results["context_lengths"]
     if plt is None or not entries:
         return None

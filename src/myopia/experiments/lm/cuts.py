@@ -22,7 +22,7 @@ import numpy as np
 
 from myopia.analysis.stats import cluster_bootstrap_ci
 from myopia.attention.cut import MYOPIC_MODES, Cut
-from myopia.experiments.pairs import Pair
+from myopia.runs.pairs import Pair
 
 
 def _includes_zero(ci: dict) -> bool | None:
@@ -208,7 +208,7 @@ def plot_horizon(curves: list[dict], path: str, T: int) -> str | None:
     curve, with the plain cut's gap and 0 as reference lines."""
     from myopia.analysis import plots
 
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     if plt is None or not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -7,12 +7,12 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
-from myopia.experiments import gradient_geometry
 from myopia.experiments.lm import cuts, steps
 from myopia.experiments.lm.config import PAPER, PAPER_LONG_WINDOW
-from myopia.experiments.pairs import PAPER_PAIR
-from myopia.experiments.scaffold import write_report as write_lines
-from myopia.hf_models import HF_PRESETS
+from myopia.models.hf.presets import HF_PRESETS
+from myopia.runs import gradient_geometry
+from myopia.runs.pairs import PAPER_PAIR
+from myopia.runs.results import write_report as write_lines
 
 
 def summary_text(results: dict) -> str:
@@ -258,7 +258,7 @@ def long_window_lines(long: dict) -> list[str]:
 
 def plot_long_window(long: dict, start: dict | None, path: str) -> str | None:
     """Loss by position of every arm (and the start model) and each pair's gap beside the paper's points."""
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     if plt is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))

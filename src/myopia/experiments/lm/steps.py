@@ -11,13 +11,14 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci, mean_ci
-from myopia.experiments.pairs import Pair
+from myopia.runs.pairs import Pair
+from myopia.train.layout import metrics_path, seed_dir
 from myopia.train.loop import MetricsLog
 
 
 def eval_losses(arm_dir: str) -> dict[int, float]:
     """``{step: held-out loss}`` from an arm's ``metrics.jsonl`` (the last record of a step wins)."""
-    records = MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), enabled=False).read()
+    records = MetricsLog(metrics_path(arm_dir), enabled=False).read()
     return {int(r["step"]): float(r["eval_loss"]) for r in records if "eval_loss" in r}
 
 
@@ -30,7 +31,7 @@ def gap_by_step(out: str, seeds: list[int], pairs: list[Pair]) -> dict[str, list
         for pair in pairs:
             for arm in (pair.treatment, pair.baseline):
                 if arm not in losses[seed]:
-                    losses[seed][arm] = eval_losses(os.path.join(out, f"seed{seed}", arm))
+                    losses[seed][arm] = eval_losses(os.path.join(seed_dir(out, seed), arm))
     result = {}
     for pair in pairs:
         common = set.intersection(*(set(losses[s][pair.treatment]) & set(losses[s][pair.baseline]) for s in seeds))
@@ -61,7 +62,7 @@ def first_step_check(out: str, seeds: list[int], pairs: list[Pair], same_forward
             continue
         diffs = []
         for seed in seeds:
-            losses = [_first_loss(os.path.join(out, f"seed{seed}", arm)) for arm in (pair.treatment, pair.baseline)]
+            losses = [_first_loss(os.path.join(seed_dir(out, seed), arm)) for arm in (pair.treatment, pair.baseline)]
             if None in losses:
                 break
             diffs.append(losses[0] - losses[1])
@@ -71,14 +72,14 @@ def first_step_check(out: str, seeds: list[int], pairs: list[Pair], same_forward
 
 
 def _first_loss(arm_dir: str) -> float | None:
-    records = MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), enabled=False).read()
+    records = MetricsLog(metrics_path(arm_dir), enabled=False).read()
     return next((float(r["loss"]) for r in records if r.get("step") == 1 and "loss" in r), None)
 
 
 def plot(by_step: dict[str, list[dict]], comparisons: dict, main: str, path: str) -> str | None:
     """The main pair's arms' held-out loss (left) and every pair's gap with its interval over seeds
     (right) against the fine-tuning step."""
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     if plt is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))

@@ -60,7 +60,7 @@ def plot(grid: dict, path: str) -> str | None:
     """Two heat maps (shift × horizon): loss × trivial and layer-1 R² for f(x_n)."""
     from myopia.analysis import plots
 
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     if plt is None:
         return None
     import numpy as np

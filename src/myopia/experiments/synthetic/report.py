@@ -6,9 +6,10 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
-from myopia.experiments import gradient_geometry, synthetic_horizon
-from myopia.experiments.pairs import PAPER_PAIR
-from myopia.experiments.scaffold import write_report
+from myopia.experiments.synthetic import horizon
+from myopia.runs import gradient_geometry
+from myopia.runs.pairs import PAPER_PAIR
+from myopia.runs.results import write_report
 from myopia.train.loop import MetricsLog
 
 
@@ -136,7 +137,7 @@ def write(out: str, results: dict) -> None:
         *rows,
         "",
         *comparison_lines(results),
-        *(synthetic_horizon.report_lines(results["horizon_grid"]) if results.get("horizon_grid") else []),
+        *(horizon.report_lines(results["horizon_grid"]) if results.get("horizon_grid") else []),
         conclusion(results),
         "",
         "Where we differ from the paper's code on purpose: R² is centred and scored on held-out sequences (the "
@@ -195,7 +196,7 @@ def make_plots(out: str, results: dict) -> list[str]:
             gain = [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(trained, untrained)]
             panels += [(f"{label} {arm}: trained", trained), (f"{label} {arm}: untrained", untrained),
                        (f"{label} {arm}: gain", gain)]
-    if results.get("horizon_grid") and synthetic_horizon.plot(results["horizon_grid"],
+    if results.get("horizon_grid") and horizon.plot(results["horizon_grid"],
                                                               os.path.join(out, "horizon_heatmap.png")):
         made.append("horizon_heatmap.png")
     if panels and plots.probe_heatmaps(panels, lookbacks, os.path.join(out, "probes.png"),

@@ -20,15 +20,14 @@ comes from the cache the run made), written as a ``PreTrainedTokenizerFast``.
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import yaml
 
 from myopia.config import ConfigError
+from myopia.train import layout
 
 
 class ExportError(ConfigError):
@@ -211,24 +210,23 @@ def resolve_arm(path: str) -> tuple[str, str]:
     if os.path.isfile(os.path.join(path, "state.json")):
         return os.path.dirname(os.path.dirname(path)), path
     arm_dir = path
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
+    if not layout.is_arm_dir(path):
         run, arm = os.path.split(path)
-        seeds = sorted(glob.glob(os.path.join(run, "seed*", arm, "checkpoints")),
-                       key=lambda p: int(re.sub(r"\D", "", os.path.basename(os.path.dirname(os.path.dirname(p)))) or 0))
+        seeds = layout.arm_over_seeds(run, arm)
         if not seeds:
             raise ExportError(f"{path!r} is neither an arm folder (with checkpoints/), a checkpoint folder, "
                               "nor RUN/ARM of an lm run")
-        arm_dir = os.path.dirname(seeds[0])
+        arm_dir = seeds[0]
         if len(seeds) > 1:
             print(f"myopia export: {path} has {len(seeds)} seeds; exporting {arm_dir}", flush=True)
-    ckpt = latest_checkpoint(os.path.join(arm_dir, "checkpoints"))
+    ckpt = latest_checkpoint(layout.checkpoints_dir(arm_dir))
     if ckpt is None:
         raise ExportError(f"{arm_dir!r} holds no complete checkpoint")
     return arm_dir, ckpt
 
 
 def run_config(arm_dir: str) -> dict:
-    path = os.path.join(os.path.dirname(arm_dir), "config.yaml")
+    path = layout.config_path(os.path.dirname(arm_dir))
     if not os.path.isfile(path):
         raise ExportError(f"{path} is missing: export needs the run's config.yaml beside the arm folder")
     with open(path) as f:
@@ -245,7 +243,7 @@ def load_arm_model(arm_dir: str, ckpt: str, config: dict, vocab_size: int) -> to
 
     spec = (state.get("model_config") or {}).get("attention")
     if spec is None and state.get("arm"):
-        from myopia.experiments.arms import parse_arm
+        from myopia.runs.arms import parse_arm
 
         spec = parse_arm(state["arm"]).cut
     if spec is not None and Cut.parse(spec).changes_forward:
@@ -253,19 +251,19 @@ def load_arm_model(arm_dir: str, ckpt: str, config: dict, vocab_size: int) -> to
                           "themselves there): a transformers model would compute ordinary causal attention, a "
                           "different forward")
     if config.get("hf_model"):
-        from myopia.hf_models import build_hf_model
+        from myopia.models.hf.presets import build_hf_model
 
         seed = (config.get("train") or {}).get("seed", 0)
         wrapper = build_hf_model(config["hf_model"], "vanilla", vocab_size, seed)
         lora = config.get("lora") or {}
         if lora.get("r"):
-            from myopia.lora import LoraConfig, with_lora
+            from myopia.models.hf.lora import LoraConfig, with_lora
 
             wrapper = with_lora(wrapper, LoraConfig(**lora))
         wrapper.load_state_dict(weights)
         hf = wrapper.hf.merge_and_unload() if lora.get("r") else wrapper.hf  # LoRA merged into the weights
         return hf.eval()
-    from myopia.model import GPT, GPTConfig
+    from myopia.models.gpt import GPT, GPTConfig
 
     if any(k.startswith("frozen.") for k in weights):
         raise ExportError(f"{arm_dir} is a local-myopic arm: it reads a frozen model's past states, which no "

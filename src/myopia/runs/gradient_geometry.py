@@ -9,6 +9,7 @@ from collections.abc import Callable
 from myopia.analysis import plots
 from myopia.analysis.gradients import PAPER_GEOMETRY, split_monitor, splittable
 from myopia.train.config import TrainConfig
+from myopia.train.layout import metrics_path
 from myopia.train.loop import MetricsLog
 
 
@@ -31,7 +32,7 @@ def monitor_factory(task, n_batches: int, train: TrainConfig) -> Callable | None
 def read_trajectory(arm_dir: str) -> list[dict]:
     """``[{"step": s, **split}, ...]`` from an arm's metrics (empty if it was not measured)."""
     return [{"step": r["step"], **r["gradient_split"]}
-            for r in MetricsLog(os.path.join(arm_dir, "metrics.jsonl"), enabled=False).read()  # read only
+            for r in MetricsLog(metrics_path(arm_dir), enabled=False).read()  # read only
             if "gradient_split" in r]
 
 
@@ -45,7 +46,7 @@ def collect(run_dirs: dict[str, str]) -> dict | None:
 def plot(geometry: dict, path: str, offsets: dict[str, int] | None = None) -> str | None:
     """Norms (left) and cos(myopic, future) (right) against the step; ``offsets`` shift a run's steps
     (fine-tuning runs start where pretraining ended)."""
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     if plt is None:
         return None
     offsets = offsets or {}

@@ -6,7 +6,7 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
-from myopia.experiments.scaffold import write_report
+from myopia.runs.results import write_report
 
 
 def _em(s: dict, kind: str = "generated") -> str:
@@ -122,7 +122,7 @@ def write(out: str, results: dict) -> None:
 
 
 def make_plots(out: str, results: dict) -> list[str]:
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     if plt is None:
         return []
     import numpy as np

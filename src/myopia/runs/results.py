@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from enum import Enum
@@ -148,4 +148,13 @@ def write_report(out: str, lines: list[str]) -> str:
     return path
 
 
-__all__ = ["Results", "Status", "environment", "peak_rss_mib", "recording", "write_report"]
+def publish(out: str, data: dict, write: Callable[[str, dict], object], summary: Callable[[dict], str]) -> dict:
+    """A completed run's last step: its report and plots (``write(out, data)``), its summary printed,
+    and where they went; returns ``data``."""
+    write(out, data)
+    print(summary(data), flush=True)
+    print(f"wrote {os.path.join(out, 'results.json')}, report.md and plots", flush=True)
+    return data
+
+
+__all__ = ["Results", "Status", "environment", "peak_rss_mib", "publish", "recording", "write_report"]

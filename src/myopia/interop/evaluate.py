@@ -1,7 +1,7 @@
 """``myopia eval``: zero-shot benchmarks with EleutherAI's lm-evaluation-harness on every arm of a run.
 
 Each path is a run folder (every arm of every seed), an arm or checkpoint folder (exported to a
-temporary transformers checkpoint with :mod:`myopia.export`), or a transformers checkpoint folder
+temporary transformers checkpoint with :mod:`myopia.interop.export`), or a transformers checkpoint folder
 (``config.json``). Every model goes through the harness's own Hugging Face model (``hf``) and
 ``lm_eval.simple_evaluate``; ``results.json`` and ``report.md`` hold the harness's numbers unchanged
 (each metric with its standard error) and, per task and arm, the *paired* difference to the
@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 from myopia.config import ConfigError
+from myopia.train import layout
 
 PAPER_TASKS = ["lambada_openai", "piqa", "sciq", "arc_easy"]
 PYTHIA_SIZES = ["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b"]
@@ -109,14 +110,13 @@ def discover(paths: list[str]) -> list[tuple[str, str]]:
         if not os.path.isdir(path):
             raise ConfigError(f"eval: {path!r} is not a folder (a run, an arm, a checkpoint or a transformers "
                               "checkpoint)")
-        if os.path.isfile(os.path.join(path, "config.json")) or os.path.isdir(os.path.join(path, "checkpoints")) \
+        if os.path.isfile(os.path.join(path, "config.json")) or layout.is_arm_dir(path) \
                 or os.path.isfile(os.path.join(path, "state.json")):
             found.append((os.path.basename(path), path))
             continue
-        seeds = sorted(d for d in os.listdir(path) if d.startswith("seed") and os.path.isdir(os.path.join(path, d)))
+        seeds = layout.seed_folders(path)
         for prefix, folder in ([(f"{s}/", os.path.join(path, s)) for s in seeds] or [("", path)]):
-            arms = sorted((d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d, "checkpoints"))),
-                          key=lambda a: (a != "vanilla", a))
+            arms = layout.arm_dirs(folder)
             found += [(f"{prefix}{a}", os.path.join(folder, a)) for a in arms]
     if not found:
         raise ConfigError(f"eval: found no arm or checkpoint in {paths}")
@@ -130,7 +130,7 @@ def as_checkpoint(path: str, tmp: str) -> str:
     """A transformers checkpoint folder for ``path`` (exported to ``tmp`` unless it is one)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    from myopia.export import export
+    from myopia.interop.export import export
 
     out = os.path.join(tmp, f"model{len(os.listdir(tmp))}")
     return export(path, out)

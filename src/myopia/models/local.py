@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from myopia.model import GPT
+from myopia.models.gpt import GPT
 
 
 class LocalMyopicGPT(nn.Module):

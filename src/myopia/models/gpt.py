@@ -295,14 +295,15 @@ class GPT(nn.Module):
         cut.check_layers(len(self.blocks), f"GPT with n_layer={len(self.blocks)}")
         backend = self.config.backend if backend is None else backend
         check_backend(backend)
-        self.config.attention, self.config.backend = str(cut), backend
+        self.config.attention, self.config.backend = str(cut), backend  # the config's text follows
+        self._cut = cut
         for i, block in enumerate(self.blocks):
             block.attn.cut, block.attn.backend = cut.for_layer(i), backend
         return self
 
     def attention_cut(self) -> Cut:
         """The cut ``set_attention`` last set."""
-        return self.config.cut
+        return self._cut
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from myopia.config import ConfigError
-from myopia.experiments.arms import LOCAL_ARM
+from myopia.runs.arms import LOCAL_ARM
 
 BASELINE = "vanilla"
 

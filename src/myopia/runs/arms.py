@@ -10,7 +10,7 @@ import torch
 
 from myopia.attention.cut import GRAMMAR, Cut, CutError
 from myopia.config import ConfigError
-from myopia.model import GPT, GPTConfig
+from myopia.models.gpt import GPT, GPTConfig
 
 LOCAL_ARM = "local-myopic"
 
@@ -58,7 +58,7 @@ def cut_layers(model: torch.nn.Module) -> tuple[int, str] | None:
         return len(blocks), f"GPT with n_layer={len(blocks)}"
     hf = getattr(model, "hf", None)
     if hf is not None:
-        from myopia.hf import attention_modules
+        from myopia.models.hf.myopic import attention_modules
 
         return len(attention_modules(hf)), f"{type(hf).__name__} with {len(attention_modules(hf))} attention layers"
     return None
@@ -96,13 +96,14 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
     switched to the arm's attention mode."""
     import os
 
+    from myopia.train.layout import checkpoints_dir
     from myopia.train.checkpoint import (
         CheckpointError,
         latest_checkpoint,
         read_checkpoint,
     )
 
-    folder = path if os.path.isfile(os.path.join(path, "state.json")) else latest_checkpoint(os.path.join(path, "checkpoints"))
+    folder = path if os.path.isfile(os.path.join(path, "state.json")) else latest_checkpoint(checkpoints_dir(path))
     if folder is None or not os.path.isdir(folder):
         raise ConfigError(f"init_from: {path!r} is neither a checkpoint folder nor an arm folder holding checkpoints")
     weights, _, state, _ = read_checkpoint(folder)
@@ -111,7 +112,7 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
     cfg = GPTConfig.from_dict(state["model_config"])
     check_fits(cfg, overrides, folder)
     try:
-        model = GPT(replace(cfg, attention=str(arm.cut)))
+        model = GPT(cfg).set_attention(arm.cut)
     except CutError as exc:
         raise ConfigError(f"arm {arm.name!r}: {str(exc).split(': ', 1)[-1]}") from None
     model.load_state_dict(weights)
@@ -119,11 +120,12 @@ def load_model(path: str, arm: Arm, overrides: dict) -> GPT:
 
 
 def build_model(base: GPTConfig, arm: Arm, overrides: dict, seed: int) -> GPT:
-    """The arm's model: identical initial weights in every arm (same seed, same shapes)."""
+    """The arm's model: identical initial weights in every arm (same seed, same shapes), switched to
+    the arm's cut."""
     try:
-        cfg = replace(base, **overrides, attention=str(arm.cut))
+        cfg = replace(base, **overrides)
         torch.manual_seed(seed)
-        return GPT(cfg)
+        return GPT(cfg).set_attention(arm.cut)
     except CutError as exc:
         raise ConfigError(f"arm {arm.name!r}: {str(exc).split(': ', 1)[-1]}") from None
     except ValueError as exc:

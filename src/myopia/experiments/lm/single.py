@@ -1,0 +1,221 @@
+"""One ``myopia lm`` run at one window length: the starting model, every seed's arms trained,
+analysed and combined, then results.json, report.md and plots. (The context sweep,
+:mod:`~myopia.experiments.lm.context`, calls it once per window length.)"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import replace
+
+import torch
+
+from myopia.attention.cut import VANILLA
+from myopia.config import ConfigError
+from myopia.experiments.lm import steps
+from myopia.experiments.lm.analysis import analyse, combine_seeds, score_start
+from myopia.experiments.lm.config import PAPER, LMExperiment
+from myopia.experiments.lm.cuts import horizon_curves
+from myopia.experiments.lm.report import summary_text, write_report
+from myopia.models.hf.lora import with_lora
+from myopia.models.hf.presets import HF_PRESETS, build_hf_model
+from myopia.models.local import LocalMyopicGPT
+from myopia.runs import gradient_geometry
+from myopia.runs.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
+from myopia.runs.pairs import PAPER_PAIR, parse_pairs
+from myopia.runs.results import Results, Status, publish, recording
+from myopia.runs.runner import run_arms
+from myopia.tasks.text import TextTask
+from myopia.train.config import TrainConfig
+from myopia.train.layout import pretrain_dir, seed_dir
+from myopia.train.loop import autocast_for, resolve_device
+
+
+def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
+    """The experiment at ``cfg.data.seq_len``; ``block_size`` (the context sweep's) sizes the model's
+    context beyond the window, so that runs at several window lengths train the same model."""
+    arms = parse_arms(cfg.arms, allow_local=True)
+    pairs = parse_pairs(cfg.analysis.pairs, [a.name for a in arms], "analysis.pairs")
+    probe_arms = {a.name for a in arms if not a.cut.changes_forward}  # a bigram state sees one token
+    cuts = {a.name: a.cut for a in arms if not a.local}
+    seeds = cfg.seed_list()
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: {cfg.seeds} repeats a seed; give distinct seeds, e.g. --seeds 0,1,2")
+    device = resolve_device(cfg.train.device)
+    base_task = TextTask(cfg.data.for_grad_accum(cfg.train.grad_accum), seeds[0])
+    overrides = base_task.model_overrides()
+    if block_size is not None:
+        overrides["block_size"] = max(overrides["block_size"], block_size)
+    if cfg.analysis.long_window > overrides["block_size"] and not cfg.hf_model and not cfg.init_from:
+        raise ConfigError(f"analysis.long_window={cfg.analysis.long_window}: the model's context is "
+                          f"{overrides['block_size']} tokens (data.seq_len); use --analysis.long_window "
+                          f"{overrides['block_size']} or less")
+    print(f"myopia lm: {len(seeds)} seed(s) x {len(arms)} arms x {cfg.train.steps} steps of "
+          f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens; corpus {cfg.data.corpus}: "
+          f"{len(base_task.train.tokens):,} training and {len(base_task.heldout.tokens):,} held-out tokens "
+          f"({base_task.heldout.n_docs} held-out documents), tokenizer {base_task.tokenizer.name}", flush=True)
+    results = Results("lm", cfg, body={"paper": PAPER, "seeds": seeds, "training": {},
+                                       "start": start_kind(cfg, len(seeds)),
+                                       "analysis_precision": analysis_precision(cfg.train)})
+    with recording(results, cfg.out):
+        start = None
+        if not cfg.pretrain.per_seed:
+            start, pretraining = starting_model(cfg, base_task, overrides)
+            if pretraining is not None:
+                results["pretraining"] = pretraining["arms"].get("vanilla")
+                if pretraining["status"] != Status.COMPLETED:
+                    return results.write(cfg.out, Status(pretraining["status"]))
+        scored_start = None
+        if not cfg.pretrain.per_seed:  # the start all seeds share, on the analysis windows
+            start_model = start if start is not None else pretrained_start(cfg, task=base_task, overrides=overrides)
+            if start_model is not None:
+                with autocast_for(device, analysis_precision(cfg.train)):
+                    scored_start = score_start(cfg.analysis, base_task, start_model, device)
+                results["start_loss"] = scored_start["summary"]["loss"]
+                results["start_model"] = scored_start["summary"]
+                del start_model
+        per_seed: dict[str, dict] = {}
+        for seed in seeds:
+            task = base_task.with_seed(seed)
+            if cfg.pretrain.per_seed:  # this seed's own pretrained start (pretraining variance in the intervals)
+                start, pretraining = starting_model(cfg, base_task, overrides, seed=seed)
+                results.body.setdefault("pretraining_per_seed", {})[str(seed)] = pretraining["arms"].get("vanilla")
+                if pretraining["status"] != Status.COMPLETED:
+                    return results.write(cfg.out, Status(pretraining["status"]))
+            models: dict[str, torch.nn.Module] = {}
+
+            def keep(arm, model, result, models=models):
+                models[arm.name] = model
+
+            def make(arm, models=models, seed=seed):
+                if arm.local:  # parse_arms put vanilla first; it is trained by now
+                    if cfg.hf_model:
+                        raise ConfigError(f"arms: {LOCAL_ARM} is implemented for myopia's GPT, not for hf_model")
+                    return LocalMyopicGPT(models["vanilla"])
+                if start is not None:
+                    return copy.deepcopy(start).set_attention(arm.cut)
+                return fresh_model(cfg, arm, task, overrides, seed)
+
+            train = replace(cfg.train, seed=seed)
+            status = run_arms(seed_dir(cfg.out, seed), cfg, arms, task, make, cfg.optim, train,
+                              resume=cfg.resume, on_arm_done=keep,
+                              monitor_for=gradient_geometry.monitor_factory(  # reported for the first seed only
+                                  task, cfg.analysis.gradient_split_batches if seed == seeds[0] else 0, train))
+            results["training"][str(seed)] = status["arms"]
+            if status["status"] != Status.COMPLETED:
+                return results.write(cfg.out, Status(status["status"]))
+            counted = models.get("vanilla") or next(iter(models.values()))
+            results["parameters"] = sum(p.numel() for p in counted.parameters())
+            with autocast_for(device, analysis_precision(cfg.train)):
+                per_seed[str(seed)] = analyse(cfg.analysis, task, models, device, pairs, full=seed == seeds[0],
+                                              probe_arms=probe_arms, start=scored_start, cuts=cuts)
+            del models
+        results.update(combine_seeds(per_seed))
+        by_step = steps.gap_by_step(cfg.out, seeds, pairs)
+        for label, rows in by_step.items():
+            results["comparisons"][label]["by_step"] = rows
+        main = PAPER_PAIR.label if PAPER_PAIR.label in by_step else next(iter(by_step), None)
+        if main is not None:
+            results["gap_by_step"] = by_step[main]
+        checked = steps.first_step_check(cfg.out, seeds, pairs,
+                                         {a.name for a in arms if not a.local and not a.cut.changes_forward})
+        if checked:
+            results["first_step_check"] = checked
+        curves = horizon_curves(results["comparisons"], cuts, cfg.data.seq_len)
+        if curves:
+            results["horizon_curves"] = curves
+        pretrained = pretrain_dir(cfg.out, seeds[0] if cfg.pretrain.per_seed else None)
+        geometry = gradient_geometry.collect(
+            {**({"pretraining": pretrained} if cfg.pretrain.steps and not cfg.init_from else {}),
+             **{f"seed {seeds[0]} {a.name}": os.path.join(seed_dir(cfg.out, seeds[0]), a.name) for a in arms}})
+        if geometry is not None:
+            results["gradient_geometry"] = geometry
+        data = results.write(cfg.out, Status.COMPLETED)
+    return publish(cfg.out, data, write_report, summary_text)
+
+
+def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
+    """The arm's model with the seed's initial weights: myopia's GPT or the ``hf_model``."""
+    if cfg.hf_model:
+        model = build_hf_model(cfg.hf_model, arm.cut, task.tokenizer.vocab_size, seed)
+    else:
+        model = build_model(cfg.model, arm, overrides, seed)
+    return with_lora(model, cfg.lora)  # LoRA adapters when --lora.r > 0 (Hugging Face models)
+
+
+def pretrained_hf(cfg: LMExperiment) -> bool:
+    """Whether ``hf_model`` names pretrained weights (a checkpoint folder, hf:NAME, smollm2-135m) rather
+    than a fresh-weight preset."""
+    return bool(cfg.hf_model) and cfg.hf_model not in HF_PRESETS
+
+
+def analysis_precision(train: TrainConfig) -> str:
+    """The held-out analysis runs in bf16 autocast only where training asked for it explicitly
+    (``train.precision bf16``); otherwise in float32, also on a GPU whose
+    training autocasts by default."""
+    return "bf16" if train.precision == "bf16" else "fp32"
+
+
+def pretrained_start(cfg: LMExperiment, task: TextTask, overrides: dict) -> torch.nn.Module | None:
+    """The pretrained ``hf_model`` every arm starts from (a checkpoint folder, hf:NAME or smollm2-135m),
+    built as vanilla; None for fresh-weight presets."""
+    if not pretrained_hf(cfg):
+        return None
+    return fresh_model(cfg, Arm(name="vanilla", cut=VANILLA), task, overrides, cfg.seed_list()[0])
+
+
+def start_kind(cfg: LMExperiment, n_seeds: int) -> dict:
+    """How the arms' starting models were made, and whether the intervals over seeds are conditional
+    on one starting model (they then leave out the variance of pretraining)."""
+    if cfg.init_from:
+        kind = "init_from"
+    elif pretrained_hf(cfg):
+        kind = "pretrained_hf"
+    elif cfg.pretrain.steps:
+        kind = "pretrained_per_seed" if cfg.pretrain.per_seed else "pretrained_shared"
+    else:
+        kind = "fresh"
+    return {"kind": kind,
+            "conditional_on_one_start": n_seeds > 1 and kind in ("init_from", "pretrained_shared", "pretrained_hf")}
+
+
+def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
+                   seed: int | None = None) -> tuple[torch.nn.Module | None, dict | None]:
+    """The model every arm starts from, and the pretraining run's status if there was one: fresh
+    weights (None), a trained GPT (``init_from``) or a vanilla model pretrained here for
+    ``pretrain.steps`` in ``<out>/pretrain/vanilla`` (resumable like the arms). With ``seed`` (for
+    ``pretrain.per_seed``): that seed's own start, pretrained with seed ``pretrain.seed + seed`` in
+    ``<out>/pretrain/seed<N>/vanilla``."""
+    if cfg.init_from and cfg.pretrain.steps:
+        raise ConfigError("init_from and pretrain.steps both choose the arms' starting model; set only one")
+    if cfg.pretrain.per_seed and not cfg.pretrain.steps:
+        raise ConfigError("pretrain.per_seed pretrains a start per seed; set pretrain.steps > 0 too")
+    vanilla = Arm(name="vanilla", cut=VANILLA)
+    if cfg.pretrain.steps and pretrained_hf(cfg):
+        raise ConfigError(f"pretrain.steps={cfg.pretrain.steps}: hf_model {cfg.hf_model!r} is pretrained already, and "
+                          f"this would train it further at lr {cfg.pretrain.lr or cfg.optim.lr} before the arms (the "
+                          "default --preset cpu does); pass --pretrain.steps 0, or --preset smollm2-cpu for SmolLM2")
+    if cfg.init_from:
+        if cfg.hf_model:
+            raise ConfigError("init_from: takes a myopia GPT checkpoint; for a Hugging Face model pass its "
+                              "checkpoint directory as --hf_model")
+        return load_model(cfg.init_from, vanilla, overrides), None
+    p = cfg.pretrain
+    if not p.steps:
+        return None, None
+
+    kept: dict = {}
+    pseed = p.seed if seed is None else p.seed + seed
+    print(f"myopia lm: pretraining a vanilla model for {p.steps} steps (seed {pseed}); every arm "
+          f"{'of this seed ' if seed is not None else ''}starts from it", flush=True)
+    train = replace(cfg.train, steps=p.steps, seed=pseed)
+    status = run_arms(os.path.dirname(pretrain_dir(cfg.out, seed)), cfg, [vanilla], task.with_seed(pseed),
+                      lambda arm: fresh_model(cfg, arm, task, overrides, pseed),
+                      replace(cfg.optim, lr=p.lr or cfg.optim.lr), train,
+                      resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model),
+                      monitor_for=gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches, train))
+    return kept.get("model"), status
+
+
+__all__ = ["analysis_precision", "fresh_model", "pretrained_hf", "pretrained_start", "run_single", "start_kind",
+           "starting_model"]
