@@ -14,13 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from myopia.experiments.synthetic.pipeline import layer1_r2
+
 VANILLA_RATIO, VANILLA_R2 = 0.3, 0.75
 MYOPIC_RATIO, MYOPIC_R2_MARGIN = 0.8, 0.05
-
-
-def _r2(arm: dict, key: str) -> float:
-    """Layer-1 R² for f(x_n) at lookback 0 (the summary's r2_layer1_fx)."""
-    return arm[key]["r2"][1][0]
 
 
 def rows(folders: list[str], condition: str = "shift1_p1") -> list[dict]:
@@ -33,7 +30,7 @@ def rows(folders: list[str], condition: str = "shift1_p1") -> list[dict]:
             for name in ("vanilla", "myopic"):
                 if name in arms:
                     arm = arms[name]
-                    row[name] = (arm["ratio_to_trivial"], _r2(arm, "probe"), _r2(arm, "probe_untrained"))
+                    row[name] = (arm["ratio_to_trivial"], layer1_r2(arm["probe"]), layer1_r2(arm["probe_untrained"]))
             out.append(row)
     return sorted(out, key=lambda r: r["seed"])
 

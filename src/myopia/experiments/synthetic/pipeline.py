@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -67,6 +67,12 @@ def probe_model(model: torch.nn.Module, task: SyntheticConfig, cfg: ProbeConfig,
     }
 
 
+def layer1_r2(probe: dict) -> float:
+    """The probe's held-out R² for f(x_n) after block 0 (layer 1, lookback 0): the number the
+    experiment's verdicts read; NaN for a probe with no block."""
+    return probe["r2"][1][0] if len(probe["r2"]) > 1 else float("nan")
+
+
 def estimate_seconds_per_step(cfg: SyntheticExperiment, task: SyntheticConfig, device: torch.device) -> float:
     """Time a few myopic training steps of the configured model (for the up-front duration estimate)."""
     from myopia.train.loop import autocast_for
@@ -107,7 +113,7 @@ def run(cfg: SyntheticExperiment) -> dict:
     with recording(results, cfg.out):
         for cond in conds:
             trivial = task_trivial_loss(cond.task, 10**6 + 7)
-            results["conditions"][cond.label] = {"task": _asdict(cond.task), "control": cond.control,
+            results["conditions"][cond.label] = {"task": asdict(cond.task), "control": cond.control,
                                                  "trivial_loss": trivial, "runs": {}}
 
         def scorer(cell: Cell):
@@ -142,8 +148,7 @@ def _scorer(cfg: SyntheticExperiment, entry: dict, cell: Cell, device: torch.dev
         probes = probe_model(model, cond.task, cfg.probe, seed, device)
         untrained = build_model(cfg.model, arm, overrides, seed).to(device)
         probes_untrained = probe_model(untrained, cond.task, cfg.probe, seed, device)
-        r2 = probes["r2"][1][0] if len(probes["r2"]) > 1 else float("nan")
-        r2u = probes_untrained["r2"][1][0] if len(probes_untrained["r2"]) > 1 else float("nan")
+        r2, r2u = layer1_r2(probes), layer1_r2(probes_untrained)
         print(f"  -> {cond.label} seed {seed} {arm.name}: normalised loss {normalised:.4f} "
               f"({normalised / entry['trivial_loss']:.3f} x trivial); layer-1 R² for f(x_n) "
               f"{r2:.3f} (untrained {r2u:.3f})", flush=True)
@@ -161,12 +166,8 @@ def summarise(results: dict) -> dict:
         by_arm = runs_by_arm(entry)
         for arm in sorted(by_arm):
             runs = by_arm[arm]
-
-            def layer1(probe_key, k=0, runs=runs):
-                return [r[probe_key]["r2"][1][k] for r in runs]
-
-            r2 = layer1("probe")
-            r2u = layer1("probe_untrained")
+            r2 = [layer1_r2(r["probe"]) for r in runs]
+            r2u = [layer1_r2(r["probe_untrained"]) for r in runs]
             summary.setdefault(label, {})[arm] = {
                 "normalised_loss": mean_ci([r["normalised_loss"] for r in runs]),
                 "ratio_to_trivial": mean_ci([r["ratio_to_trivial"] for r in runs]),
@@ -189,7 +190,7 @@ def compare(results: dict, pairs: list[Pair]) -> dict:
                 continue
 
             def gain(r):
-                return r["probe"]["r2"][1][0] - r["probe_untrained"]["r2"][1][0]
+                return layer1_r2(r["probe"]) - layer1_r2(r["probe_untrained"])
 
             t, b = pair.treatment, pair.baseline
             out.setdefault(label, {})[pair.label] = {
@@ -201,10 +202,4 @@ def compare(results: dict, pairs: list[Pair]) -> dict:
     return out
 
 
-def _asdict(obj) -> dict:
-    from dataclasses import asdict
-
-    return asdict(obj)
-
-
-__all__ = ["compare", "estimate_seconds_per_step", "probe_model", "run", "summarise", "task_trivial_loss"]
+__all__ = ["compare", "estimate_seconds_per_step", "layer1_r2", "probe_model", "run", "summarise", "task_trivial_loss"]
