@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -163,3 +164,84 @@ def test_hf_gpt2_under_fsdp2_shards_each_decoder_layer_and_matches_one_process(t
     assert results[1]["sharded"] == []
     assert sorted(results[2]["sharded"]) == ["FSDPGPT2Block", "FSDPGPT2Block", "FSDPHFCausalLM"]
     assert results[2]["losses"] == pytest.approx(results[1]["losses"], rel=1e-5)
+
+
+SLOW_WORKER = """
+import os, sys, time
+from myopia.tasks.synthetic import SyntheticTask
+original = SyntheticTask.train_batch
+def slow(self, *a, **k):
+    time.sleep(0.05)
+    return original(self, *a, **k)
+SyntheticTask.train_batch = slow
+with open(os.path.join(sys.argv[1], f"pid{os.environ['RANK']}"), "w") as f:
+    f.write(str(os.getpid()))
+from myopia.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_checkpoint_and_resume_matches(single, tmp_path):
+    """SLURM or a node agent may signal only some processes: every rank must stop at the same step,
+    one consistent checkpoint is written, and --resume ends as the uninterrupted run does."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    script = tmp_path / "slow_worker.py"
+    script.write_text(SLOW_WORKER)
+    args = [a for a in COMMON]
+    args[args.index("--train.steps") + 1] = "40"
+    args[args.index("--train.checkpoint_every") + 1] = "0"
+    ref = tmp_path / "ref"
+    launch_args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                   "127.0.0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*launch_args, "--master-port", str(_free_port()), "-m", "myopia.cli", *args, "--out", str(ref)],
+                   check=True, capture_output=True, env=env, timeout=300)
+    proc = subprocess.Popen([*launch_args, "--master-port", str(_free_port()), str(script), str(tmp_path), *args,
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "myopic" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 8):
+        time.sleep(0.05)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)  # rank 1 only; rank 0 never hears of it
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 1, stderr[-2000:]  # torchrun's own code; its report names the workers'
+    assert stderr.count("exitcode  : 75") == 2, stderr[-2000:]  # both ranks saved and stopped, none killed
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["stopped_by"] == "SIGTERM"  # written by rank 0
+    reached = results["arms"]["myopic"]["steps"]
+    assert 8 <= reached < 40
+    ckpts = os.path.join(out, "myopic", "checkpoints")
+    assert sorted(n for n in os.listdir(ckpts) if n.startswith("step_")) == [f"step_{reached:07d}"]
+    subprocess.run([*launch_args, "--master-port", str(_free_port()), "-m", "myopia.cli", *args, "--out", str(out),
+                    "--resume"], check=True, capture_output=True, env=env, timeout=300)
+    assert losses(out) == losses(ref)
+
+
+@pytest.mark.parametrize("second", [1, 2])
+def test_fsdp_checkpoint_is_sharded_and_resumes_at_1_and_2_processes(single, tmp_path, second):
+    """Under FSDP each rank writes only its shards (torch.distributed.checkpoint, safetensors files);
+    the run resumes at 1 or 2 processes with the losses of an uninterrupted run, and consolidate()
+    rewrites the checkpoint in the single-file format with the same tensors."""
+    from myopia.train.checkpoint import consolidate, is_sharded, read_checkpoint
+
+    out = tmp_path / "run"
+    launch(out, 2, "--train.parallel", "fsdp")
+    step4 = os.path.join(out, "myopic", "checkpoints", "step_0000004")
+    assert is_sharded(step4) and not os.path.exists(os.path.join(step4, "model.safetensors"))
+    shard_files = [f for f in os.listdir(os.path.join(step4, "shards")) if f.endswith(".safetensors")]
+    assert len(shard_files) == 2  # one per rank
+    _rewind_to_step4(out)
+    launch(out, second, "--resume", *(["--train.parallel", "fsdp"] if second == 2 else []))
+    a, ea = losses(single)
+    b, eb = losses(out)
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6) and eb == pytest.approx(ea, rel=1e-5, abs=1e-6)
+    if second == 1:
+        weights, optim, state, _ = read_checkpoint(step4)
+        consolidate(step4)
+        assert not is_sharded(step4) and os.path.exists(os.path.join(step4, "model.safetensors"))
+        weights2, optim2, state2, _ = read_checkpoint(step4)
+        assert weights.keys() == weights2.keys() and all(torch.equal(weights[k], weights2[k]) for k in weights)
+        assert state2["step"] == 4 and optim2["state"].keys() == optim["state"].keys()

@@ -228,3 +228,49 @@ def test_training_with_a_kv_cache_prefix_is_refused(mode):
         got = model(input_ids=x[:, 4:], past_key_values=prefix(), use_cache=True).logits
         want = model(input_ids=x, use_cache=False).logits[:, 4:]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "vaultgemma"])
+def test_softcap_family_under_sdpa_is_refused_and_eager_is_exact(family):
+    """transformers' SDPA path drops the logit soft-cap that its eager path (and myopia) apply: the two
+    forwards differ, so make_myopic on an SDPA-loaded model would silently change it. Refused; eager is
+    exact (the EXACT tests above)."""
+    if family == "vaultgemma" and not hasattr(transformers, "VaultGemmaConfig"):
+        pytest.skip("this transformers has no VaultGemma")
+    if family == "vaultgemma":
+        cfg = transformers.VaultGemmaConfig(head_dim=4, sliding_window=3, attn_logit_softcapping=5.0,
+                                            query_pre_attn_scalar=8, **SMALL)
+        cls = transformers.VaultGemmaForCausalLM
+    else:
+        cfg, cls = _config(family)
+    torch.manual_seed(0)
+    model = cls(cfg).double().eval()
+    x, _ = data()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(30.0)  # scores of a few units, where a soft-cap of 5 bends them
+        model.set_attn_implementation("eager")
+        eager = model(input_ids=x, use_cache=False).logits
+        model.set_attn_implementation("sdpa")
+        sdpa = model(input_ids=x, use_cache=False).logits
+    assert (eager - sdpa).abs().max() > 1e-3  # the soft-cap bites, and SDPA leaves it out
+    with pytest.raises(ValueError, match=r"attn_implementation='sdpa'.*soft-capping.*attn_implementation='eager'"):
+        make_myopic(model, "myopic")
+    assert model.config._attn_implementation == "sdpa"  # refused before anything changed
+    model.set_attn_implementation("eager")
+    make_myopic(model, "myopic")
+    with torch.no_grad():
+        # transformers' eager takes the softmax and norms in float32: equal to that precision (exactness in
+        # float64 is the EXACT tests' job)
+        torch.testing.assert_close(model(input_ids=x, use_cache=False).logits, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss"])
+def test_sink_families_never_run_sdpa(family):
+    """Attention sinks: transformers itself refuses SDPA for these families, so the model's own forward
+    always applies the sinks, as myopia does."""
+    cfg, cls = _config(family)
+    model = cls(cfg)
+    with pytest.raises((ValueError, NotImplementedError)):
+        model.set_attn_implementation("sdpa")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,7 +127,14 @@ def resolve_config(cmd: Command, ns: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     from myopia.data.corpus import DataError
     from myopia.train.checkpoint import CheckpointError
-    from myopia.train.loop import NonFiniteLoss, RunDirectoryError
+    from myopia.train.loop import (
+        EXIT_PREEMPTED,
+        PREEMPTION_SIGNALS,
+        NonFiniteLoss,
+        RunDirectoryError,
+        forget_stop,
+        stopped_by,
+    )
 
     commands = _commands()
     parser = build_parser(commands)
@@ -140,11 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         if ns.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
+        forget_stop()
         result = cmd.run(cfg)
+        _wait_for_all_ranks()  # a rank that left early would make torchrun kill rank 0 mid-write
         if _interrupted(result):
-            print(f"myopia {cmd.name}: interrupted; the checkpoints are saved: rerun the same command with "
-                  "--resume to continue", file=sys.stderr)
-            return 130
+            signal_name = stopped_by()
+            preempted = signal_name in PREEMPTION_SIGNALS
+            if os.environ.get("RANK", "0") != "0":
+                return EXIT_PREEMPTED if preempted else 130
+            print(f"myopia {cmd.name}: {'stopped by ' + signal_name if preempted else 'interrupted'}; the checkpoints "
+                  f"are saved in {getattr(cfg, 'out', 'the run folder')}: rerun the same command with --resume to "
+                  f"continue{f' (exit code {EXIT_PREEMPTED}: requeue)' if preempted else ''}", file=sys.stderr)
+            return EXIT_PREEMPTED if preempted else 130
     except (ConfigError, DataError, CheckpointError, RunDirectoryError, NonFiniteLoss) as exc:
         print(f"myopia {cmd.name}: error: {exc}", file=sys.stderr)
         return 2
@@ -162,6 +177,13 @@ def _interrupted(result: object) -> bool:
         return False
     return result.get("status") == "interrupted" or any(
         isinstance(v, dict) and v.get("status") == "interrupted" for v in result.values())
+
+
+def _wait_for_all_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _teardown_distributed() -> None:

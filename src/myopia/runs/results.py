@@ -26,6 +26,7 @@ from enum import Enum
 import torch
 
 import myopia
+from myopia.runs.drift import recorded_changes
 from myopia.train.checkpoint import atomic_write_text
 
 
@@ -97,9 +98,14 @@ class Results:
         self.body.update(values)
 
     def to_dict(self) -> dict:
+        from myopia.train.loop import stopped_by
+
         config = asdict(self.config) if is_dataclass(self.config) else dict(self.config)
-        return {"experiment": self.experiment, "status": Status(self.status).value, "config": config,
+        data = {"experiment": self.experiment, "status": Status(self.status).value, "config": config,
                 "environment": self.environment, "resources": self.resources(), **self.body}
+        if self.status == Status.INTERRUPTED and stopped_by():
+            data["stopped_by"] = stopped_by()  # SIGINT (Ctrl-C), or a scheduler's SIGTERM / SIGUSR1
+        return data
 
     def resources(self) -> dict:
         """What this command has used so far: wall time since it started (a resumed run counts from its
@@ -115,6 +121,9 @@ class Results:
         if status is not None:
             self.status = status
         data = self.to_dict()
+        changes = recorded_changes(out) if os.path.isdir(out) else []
+        if changes:  # --resume with --train.allow_changes: the recipe changed mid-run, on record
+            data["config_changes"] = changes
         os.makedirs(out, exist_ok=True)
         atomic_write_text(os.path.join(out, "results.json"), json.dumps(data, indent=1, default=float))
         self.written = True

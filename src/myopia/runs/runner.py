@@ -8,13 +8,15 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from myopia.config import dump_yaml
+from myopia.config import dump_yaml, to_dict
 from myopia.runs.arms import Arm, check_arms_fit
+from myopia.runs.drift import check_resume
 from myopia.runs.results import Results, Status
 from myopia.tasks.base import Task
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import setup
-from myopia.train.layout import config_path
+from myopia.train.checkpoint import checkpoint_step, latest_checkpoint
+from myopia.train.layout import checkpoints_dir, config_path
 from myopia.train.loop import ArmResult, StopSignal, graceful_interrupt, train_arm
 from myopia.train.trackers import build_sinks
 
@@ -40,6 +42,11 @@ def run_arms(
     other experiments).
     """
     dist = setup(train_cfg.device)
+    if resume:  # the recipe must be the run's own (runs/drift.py); every rank checks, so all stop together
+        steps = {arm.name: checkpoint_step(latest_checkpoint(checkpoints_dir(os.path.join(out_dir, arm.name)),
+                                                             verified=False)) for arm in arms}
+        check_resume(out_dir, config_path(out_dir), to_dict(config) if not isinstance(config, dict) else config,
+                     train_cfg.allow_changes, steps, record=dist.is_main)
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
         dump_yaml(config, config_path(out_dir))

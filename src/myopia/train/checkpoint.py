@@ -5,6 +5,13 @@ A checkpoint is a folder ``step_NNNNNNN`` holding ``model.safetensors``, ``optim
 else the loop needs) and ``manifest.json`` (sha256 of each file, checked on load). It is written to a
 temporary folder and renamed into place; the ``latest`` file naming the newest one is replaced
 atomically after that. A process killed at any moment leaves the previous checkpoint loadable.
+
+Under FSDP (``train.parallel fsdp`` with several processes) a checkpoint is *sharded*: every rank writes
+its own shards of the weights and optimiser state with ``torch.distributed.checkpoint`` into
+``shards/`` (safetensors files, no pickles), and no rank ever holds the full state. Such a checkpoint
+resumes at any number of processes (:func:`load_sharded` under FSDP; :func:`read_checkpoint` assembles
+the full state in one process, so export and analysis read both formats); :func:`consolidate` rewrites
+it in the single-file format.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -20,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+SHARDS = "shards"
+RNG_FILE = "rng.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -130,10 +140,12 @@ def save_checkpoint(
     optim_state: dict | None,
     state: dict,
     keep: int = 2,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Write checkpoint ``step`` under ``ckpt_dir`` atomically and return its folder.
 
-    ``model_state``/``optim_state`` are full (unsharded) state dicts, e.g. from :func:`capture`.
+    ``model_state``/``optim_state`` are full (unsharded) state dicts, e.g. from :func:`capture`;
+    ``rng`` the generator states to store (default: this process's).
     """
     os.makedirs(ckpt_dir, exist_ok=True)
     name = f"step_{step:07d}"
@@ -145,7 +157,7 @@ def save_checkpoint(
         weights, aliases = _dedupe(model_state)
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         opt_meta = None
-        extra = rng_tensors()
+        extra = dict(rng if rng is not None else rng_tensors())
         if optim_state is not None:
             opt_tensors, opt_meta = flatten_optimizer_state(optim_state)
             extra.update({f"optim/{k}": v for k, v in opt_tensors.items()})
@@ -155,18 +167,7 @@ def save_checkpoint(
         for fname in ("model.safetensors", "optimizer.safetensors"):
             with open(os.path.join(tmp, fname), "rb") as f:
                 os.fsync(f.fileno())
-        manifest = {f: _sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
-        _write_json(os.path.join(tmp, MANIFEST), manifest)
-        _fsync_dir(tmp)
-        trash = None
-        if os.path.exists(final):  # never delete a complete checkpoint in place: move it aside first
-            trash = os.path.join(ckpt_dir, f".{name}.old-{os.getpid()}")
-            os.replace(final, trash)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        atomic_write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
+        _commit(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(ckpt_dir)
@@ -178,6 +179,157 @@ def save_checkpoint(
         raise
     _prune(ckpt_dir, keep)
     return final
+
+
+def _commit(tmp: str, final: str) -> None:
+    """Checksum every file of the finished folder ``tmp``, move it to ``final`` and point ``latest`` at it."""
+    ckpt_dir, name = os.path.dirname(final), os.path.basename(final)
+    files = sorted(os.path.relpath(os.path.join(root, f), tmp) for root, _, names in os.walk(tmp) for f in names)
+    _write_json(os.path.join(tmp, MANIFEST), {f: _sha256(os.path.join(tmp, f)) for f in files})
+    _fsync_dir(tmp)
+    trash = None
+    if os.path.exists(final):  # never delete a complete checkpoint in place: move it aside first
+        trash = os.path.join(ckpt_dir, f".{name}.old-{os.getpid()}")
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    atomic_write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
+
+
+def is_sharded(path: str) -> bool:
+    """Whether the checkpoint folder ``path`` holds per-rank shards (an FSDP run's) instead of single files."""
+    return os.path.isdir(os.path.join(path, SHARDS))
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """This rank's view of the state: ``(flat, model_sd, optim_sd, scalars)``, where ``flat`` names
+    every tensor (``model.<fqn>``, ``optim.<fqn>.<key>``; DTensor shards under FSDP) and shares storage
+    with the two state dicts, so loading into ``flat`` in place loads them."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    tied = _tied_names(model)
+    flat = {f"model.{k}": v for k, v in model_sd.items() if k not in tied}
+    scalars: dict[str, dict] = {}
+    for fqn, values in optim_sd["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                flat[f"optim.{fqn}.{key}"] = value
+            else:
+                scalars.setdefault(fqn, {})[key] = value
+    return flat, model_sd, optim_sd, scalars
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` for parameters registered under several names (tied embeddings): the
+    same on every rank, since it is read from the module tree, not from the shards' storage."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
+SHARD_FILE_BYTES = 256 * 2**20
+"""Tensors (at their full size) per group of shard files: each rank serialises one file of at most its
+share of this at a time, so saving adds about that much memory, however large the model."""
+
+
+def _file_buckets(flat: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``{name: file index}`` (1, 2, ...): consecutive tensors grouped up to :data:`SHARD_FILE_BYTES`
+    of full (global) size; the same on every rank, since it reads global shapes only."""
+    index, used, out = 1, 0, {}
+    for name, t in flat.items():
+        size = t.numel() * t.element_size()  # a DTensor's numel is its global one
+        if used and used + size > SHARD_FILE_BYTES:
+            index, used = index + 1, 0
+        out[name] = index
+        used += size
+    return out
+
+
+def save_sharded_checkpoint(ckpt_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict, dist, keep: int = 2) -> str:
+    """Write checkpoint ``step`` with every rank saving only its own shards (a collective: call it on
+    every rank; ``dist`` is the run's :class:`~myopia.train.distributed.Dist`). Atomic like
+    :func:`save_checkpoint`: the shards go to a temporary folder that rank 0 renames when all are written."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    name = f"step_{step:07d}"
+    final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, f".{name}.tmp-sharded")
+    if dist.is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    flat, _, optim_sd, scalars = _sharded_state(model, optimizer)
+    try:
+        writer = HuggingFaceStorageWriter(os.path.join(tmp, SHARDS), save_distributed=True,
+                                          fqn_to_index_mapping=_file_buckets(flat))
+        dcp_save(flat, storage_writer=writer)
+        if dist.is_main:
+            save_file(rng_tensors(), os.path.join(tmp, RNG_FILE))
+            _write_json(os.path.join(tmp, "state.json"), {
+                **state, "step": step, "sharded": True, "tied": _tied_names(model),
+                "optimizer": {"param_groups": optim_sd["param_groups"], "scalars": scalars, "int_keys": False}})
+            _commit(tmp, final)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+    if dist.is_main:
+        _prune(ckpt_dir, keep)
+    return final
+
+
+def _read_sharded(path: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
+    """A sharded checkpoint's full state, assembled in this process: ``(flat tensors, state, rng)``."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    shards = os.path.join(path, SHARDS)
+    metadata = HuggingFaceStorageReader(shards).read_metadata()
+    flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp_load(flat, storage_reader=HuggingFaceStorageReader(shards), no_dist=True)
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    return flat, state, load_file(os.path.join(path, RNG_FILE))
+
+
+def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Load a sharded checkpoint into a (FSDP-wrapped or plain) model and its optimiser, each rank
+    reading only the shards it holds (a collective under torchrun). Returns ``(state, rng)``."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    verify(path)
+    flat, model_sd, optim_sd, _ = _sharded_state(model, optimizer)
+    dcp_load(flat, storage_reader=HuggingFaceStorageReader(os.path.join(path, SHARDS)))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    return state, load_file(os.path.join(path, RNG_FILE))
+
+
+def consolidate(path: str) -> str:
+    """Rewrite the sharded checkpoint folder ``path`` in place in the single-file format (one process,
+    no process group; needs memory for the full state). Returns ``path``."""
+    if not is_sharded(path):
+        return path
+    weights, optim_state, state, rng = read_checkpoint(path)
+    state = {k: v for k, v in state.items() if k not in ("sharded", "optimizer", "tied", "step")}
+    return save_checkpoint(os.path.dirname(path.rstrip("/")), checkpoint_step(path), weights, optim_state, state,
+                           keep=10**9, rng=rng)
 
 
 def _prune(ckpt_dir: str, keep: int) -> None:
@@ -216,6 +368,11 @@ def latest_checkpoint(ckpt_dir: str, verified: bool = True, log=None) -> str | N
     return None
 
 
+def checkpoint_step(path: str | None) -> int:
+    """The step a checkpoint folder (``.../step_NNNNNNN``) holds; 0 for None (no checkpoint yet)."""
+    return int(os.path.basename(path.rstrip("/")).split("_")[-1]) if path else 0
+
+
 def verify(path: str) -> None:
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
@@ -232,10 +389,16 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None, di
     """Verify and read a checkpoint: ``(model_state, optim_state, state, rng)`` (no pickles involved)."""
     verify(path)
     try:
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
-        weights = load_file(os.path.join(path, "model.safetensors"))
-        extra = load_file(os.path.join(path, "optimizer.safetensors"))
+        if is_sharded(path):
+            flat, state, rng = _read_sharded(path)
+            weights = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+            extra = {**rng, **{f"optim/{k[len('optim.'):].rsplit('.', 1)[0]}/{k.rsplit('.', 1)[1]}": v
+                               for k, v in flat.items() if k.startswith("optim.")}}
+        else:
+            with open(os.path.join(path, "state.json")) as f:
+                state = json.load(f)
+            weights = load_file(os.path.join(path, "model.safetensors"))
+            extra = load_file(os.path.join(path, "optimizer.safetensors"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from None
     for alias, name in state.get("tied", {}).items():

@@ -80,6 +80,10 @@ class TrainConfig:
     """Under torchrun with several processes: ddp (replicated) | fsdp (FSDP2 fully_shard per block)."""
     log_to: list[str] = field(default_factory=list)
     """Also stream metrics to trackers: tensorboard, wandb (optional extras; empty = metrics.jsonl only)."""
+    allow_changes: list[str] = field(default_factory=list)
+    """With --resume: configuration keys (dotted, e.g. optim.lr) allowed to differ from the run's
+    config.yaml; each change is recorded in config_changes.jsonl and results.json. Other changes that
+    alter the trajectory are refused (docs/cluster.md)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):

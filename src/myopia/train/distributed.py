@@ -55,6 +55,24 @@ class Dist:
             torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
         return value
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        if torch_dist.get_backend() == "nccl":
+            value = value.cuda()
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def all_objects(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (a collective)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        torch_dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             torch_dist.barrier()

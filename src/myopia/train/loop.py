@@ -25,11 +25,14 @@ from myopia.tasks.base import Task, loss_mask, mean_loss
 from myopia.train.layout import checkpoints_dir, metrics_path
 from myopia.train.checkpoint import (
     capture,
+    is_sharded,
     latest_checkpoint,
+    load_sharded,
     read_checkpoint,
     restore,
     restore_rng,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import Dist, no_grad_sync, parallelize
@@ -77,40 +80,78 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+"""What a scheduler sends before it kills a job (SLURM's --signal, Kubernetes and torchrun send SIGTERM):
+handled like Ctrl-C: finish the step, save a checkpoint, stop (docs/cluster.md)."""
+
+
+EXIT_PREEMPTED = 75
+"""The exit code of a run stopped by SIGTERM or SIGUSR1 after saving its checkpoint (sysexits'
+EX_TEMPFAIL: "try again later"): a job script requeues on it. Ctrl-C exits 130, errors 1 or 2."""
+
+_stopped_by: list[str | None] = [None]
+
+
+def stopped_by() -> str | None:
+    """The signal that stopped training in this process (``SIGINT``, ``SIGTERM``, ``SIGUSR1``), or None."""
+    return _stopped_by[0]
+
+
+def forget_stop() -> None:
+    """Clear :func:`stopped_by` (the CLI does at the start of every command)."""
+    _stopped_by[0] = None
+
+
 @dataclass
 class StopSignal:
-    """Set by Ctrl-C (or a callback): the loop saves a checkpoint at the next step boundary and returns."""
+    """Set by Ctrl-C, SIGTERM, SIGUSR1 (or a callback): the loop saves a checkpoint at the next step
+    boundary and returns. ``signal`` names what asked (None for a callback)."""
 
     requested: bool = False
+    signal: str | None = None
 
-    def request(self) -> None:
+    def request(self, name: str | None = None) -> None:
         self.requested = True
+        self.signal = self.signal or name
+
+    @property
+    def preempted(self) -> bool:
+        """Stopped by a scheduler's signal (not by a person's Ctrl-C)."""
+        return self.signal in PREEMPTION_SIGNALS
 
 
 @contextlib.contextmanager
 def graceful_interrupt(stop: StopSignal) -> Iterator[StopSignal]:
-    """First Ctrl-C asks the loop to save and stop; a second one interrupts at once."""
-    try:
-        previous = signal.getsignal(signal.SIGINT)
-    except ValueError:  # not the main thread
-        yield stop
-        return
+    """The first SIGINT, SIGTERM or SIGUSR1 asks the loop to save and stop. A second Ctrl-C (SIGINT)
+    interrupts at once (a checkpoint being written is then abandoned whole: the previous one stays
+    loadable); a repeated SIGTERM/SIGUSR1 is ignored, since schedulers send them more than once (SLURM
+    to every process of a step, torchrun forwarding its own) and kill with SIGKILL when out of patience."""
+    handled = [getattr(signal, name) for name in ("SIGINT", *PREEMPTION_SIGNALS) if hasattr(signal, name)]
 
     def handler(signum, frame):
+        name = signal.Signals(signum).name
         if stop.requested:
-            raise KeyboardInterrupt
-        stop.request()
-        tqdm.write("Interrupted: saving a checkpoint at the end of this step (Ctrl-C again to abort now)")
+            if name == "SIGINT":
+                raise KeyboardInterrupt
+            return  # a scheduler repeats itself (SLURM signals every process, torchrun forwards): keep saving
+        stop.request(name)
+        _stopped_by[0] = _stopped_by[0] or name
+        tqdm.write(f"{name}: saving a checkpoint at the end of this step (Ctrl-C to abort now)")
 
+    previous = {}
     try:
-        signal.signal(signal.SIGINT, handler)
-    except ValueError:
+        for sig in handled:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave the signals alone
+        for sig, old in previous.items():
+            signal.signal(sig, old)
         yield stop
         return
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @torch.no_grad()
@@ -241,13 +282,16 @@ def train_arm(
     if latest is not None and not resume:
         raise RunDirectoryError(
             f"{arm_dir} already holds a run of arm {arm!r}; pass --resume to continue it or choose a new --out")
-    loaded = read_checkpoint(latest) if latest is not None else None
+    sharded = dist.enabled and cfg.parallel == "fsdp"  # FSDP saves and loads per-rank shards (train/checkpoint.py)
     wrapped = parallelize(model, dist, cfg.parallel, device)
     optimizer = build_optimizer(wrapped, optim_cfg)
     start_step, seconds_before, tokens_before, last_eval = 0, 0.0, 0, None
-    if loaded is not None:
-        weights, optim_state, state, rng = loaded
-        restore(wrapped, optimizer, weights, optim_state)
+    if latest is not None:
+        if sharded and is_sharded(latest):
+            state, rng = load_sharded(latest, wrapped, optimizer)
+        else:
+            weights, optim_state, state, rng = read_checkpoint(latest)
+            restore(wrapped, optimizer, weights, optim_state)
         restore_rng(rng)
         start_step, last_eval = state["step"], state.get("eval")
         seconds_before, tokens_before = state.get("seconds", 0.0), state.get("tokens", 0)
@@ -262,14 +306,15 @@ def train_arm(
     window_t, window_tokens = time.perf_counter(), 0
 
     def checkpoint(step: int, status: str) -> str | None:
-        model_state, optim_state = capture(wrapped, optimizer)  # a collective under FSDP
+        state = {"arm": arm, "status": status, "seconds": seconds_before + time.perf_counter() - t0,
+                 "tokens": tokens_before + (step - start_step) * tokens_per_step, "eval": last_eval,
+                 "world_size": dist.world, "model_config": _model_config(model)}
+        if sharded:  # no rank gathers the full state
+            return save_sharded_checkpoint(ckpt_dir, step, wrapped, optimizer, state, dist, keep=cfg.keep_checkpoints)
+        model_state, optim_state = capture(wrapped, optimizer)
         path = None
         if dist.is_main:
-            path = save_checkpoint(ckpt_dir, step, model_state, optim_state, {
-                "arm": arm, "status": status, "seconds": seconds_before + time.perf_counter() - t0,
-                "tokens": tokens_before + (step - start_step) * tokens_per_step, "eval": last_eval,
-                "world_size": dist.world, "model_config": _model_config(model),
-            }, keep=cfg.keep_checkpoints)
+            path = save_checkpoint(ckpt_dir, step, model_state, optim_state, state, keep=cfg.keep_checkpoints)
         dist.barrier()
         return dist.broadcast_object(path)
 
@@ -289,7 +334,10 @@ def train_arm(
                 log.write({"step": 0, "eval_loss": last_eval["loss"]})
             run_monitor()
         while step < cfg.steps:
-            if dist.broadcast_object(stop.requested):
+            if dist.any(stop.requested):  # a signal may reach only some ranks: all stop at the same step
+                name = next((n for n in dist.all_objects(stop.signal) if n), None)
+                stop.request(name)  # every rank now knows what stopped the run
+                _stopped_by[0] = _stopped_by[0] or name
                 last_ckpt = checkpoint(step, "interrupted")
                 if dist.is_main:
                     tqdm.write(f"[{arm}] stopped at step {step}; checkpoint {last_ckpt}")

@@ -358,6 +358,7 @@ def make_myopic(
         return model
     _warn_if_untested(model.config)
     if getattr(model, "_myopia_original_attn", None) is None:
+        _refuse_score_terms_the_model_ignores(model, modules, model.config._attn_implementation or "sdpa")
         model._myopia_original_attn = model.config._attn_implementation or "sdpa"
     _register()
     _set_implementation(model, ATTENTION_NAME)
@@ -370,6 +371,30 @@ def make_myopic(
         m._myopia_state = _LayerState(cut=layer_cut, backend=backend)
     model._myopia_cut = cut
     return model
+
+
+def score_terms(modules: list[nn.Module]) -> list[str]:
+    """The score terms the attention modules carry beyond q·k scaling and the mask: Gemma-2-style
+    logit soft-capping (``attn_logit_softcapping``) and GPT-OSS-style sinks (a ``sinks`` parameter)."""
+    found = []
+    caps = {getattr(m, "attn_logit_softcapping", None) for m in modules} - {None}
+    if caps:
+        found.append(f"logit soft-capping (attn_logit_softcapping={', '.join(map(str, sorted(caps)))})")
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in modules):
+        found.append("attention sinks")
+    return found
+
+
+def _refuse_score_terms_the_model_ignores(model: nn.Module, modules: list[nn.Module], implementation: str) -> None:
+    """transformers' SDPA attention drops the softcap and s_aux keywords its families pass (its flash,
+    flex and eager functions apply them); myopia applies them, so switching a model that runs SDPA
+    would change its forward pass: refuse, naming the fix."""
+    terms = score_terms(modules)
+    if terms and "sdpa" in implementation:
+        raise ValueError(
+            f"make_myopic: {type(model).__name__} runs attn_implementation={implementation!r}, which ignores its "
+            f"{' and '.join(terms)} while myopia applies it, so the forward would change; load the model with "
+            "attn_implementation='eager' (or call model.set_attn_implementation('eager')) first")
 
 
 def _layer_index(module: nn.Module, position: int) -> int:
