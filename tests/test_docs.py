@@ -18,9 +18,9 @@ from myopia.cli import _commands, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Options of other programs the docs show: torchrun, accelerate, pip and the benchmark scripts.
+# Options of other programs the docs show: torchrun, accelerate, sbatch, pip and the benchmark scripts.
 FOREIGN = {"--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--num_processes", "--no-deps",
-           "--device", "--compile", "--logdir"}
+           "--device", "--compile", "--logdir", "--export", "--signal", "--signals-to-handle", "--shutdown-timeout", "--max-restarts"}
 
 
 def _code_lines(path: Path) -> list[str]:

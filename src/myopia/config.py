@@ -186,8 +186,11 @@ def load_file(path: str) -> dict:
 
 
 def dump_yaml(obj: Any, path: str) -> None:
-    with open(path, "w") as f:
+    """Write ``obj`` (a dataclass) as YAML, atomically: a reader sees the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(obj), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", defaults: Any = None) -> None:

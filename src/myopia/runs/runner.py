@@ -47,6 +47,7 @@ def run_arms(
                                                              verified=False)) for arm in arms}
         check_resume(out_dir, config_path(out_dir), to_dict(config) if not isinstance(config, dict) else config,
                      train_cfg.allow_changes, steps, record=dist.is_main)
+        dist.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
         dump_yaml(config, config_path(out_dir))
