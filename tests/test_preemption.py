@@ -168,3 +168,36 @@ def test_drift_rules():
     assert config_changes(old, grown) == []  # new seeds are new runs; logging cadence is safe
     keys = [c.key for c in config_changes(old, {**old, "seeds": [1, 2], "train": {"steps": 20, "log_every": 5}})]
     assert keys == ["seeds", "train.steps"]  # dropping a seed, extending the cosine schedule
+
+
+SLOW_TEXT = SLOW.replace("from myopia.tasks.synthetic import SyntheticTask", "from myopia.tasks.text import TextTask as SyntheticTask")
+
+
+def test_sigterm_during_myopia_lm_saves_and_resume_ends_as_an_uninterrupted_run(tmp_path):
+    from conftest import write_word_corpus
+
+    folder = write_word_corpus(tmp_path / "corpus", 60, 300)
+    args = ["lm", "--preset", "tiny", "--data.corpus", str(folder), "--arms", "vanilla,myopic", "--train.steps", "60",
+            "--train.log_every", "1"]
+    ref = tmp_path / "ref"
+    assert cli.main(args + ["--out", str(ref)]) == 0
+    out = tmp_path / "preempted"
+    (tmp_path / "slow.py").write_text(SLOW_TEXT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), *args, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for_lines(out / "seed0" / "myopic" / "metrics.jsonl", 10)  # the second arm, mid-run
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["stopped_by"] == "SIGTERM"
+    ckpt = latest_checkpoint(str(out / "seed0" / "myopic" / "checkpoints"))
+    assert ckpt is not None and 0 < int(ckpt.rsplit("_", 1)[1]) < 60
+    assert cli.main(args + ["--out", str(out), "--resume"]) == 0
+    a, b = (json.loads((d / "results.json").read_text()) for d in (ref, out))
+    assert b["status"] == "completed"
+    for arm in ("vanilla", "myopic"):
+        with open(ref / "seed0" / arm / "metrics.jsonl") as f, open(out / "seed0" / arm / "metrics.jsonl") as g:
+            assert [json.loads(x).get("loss") for x in f] == [json.loads(x).get("loss") for x in g]
+    assert b["comparisons"]["myopic vs vanilla"]["gap"] == a["comparisons"]["myopic vs vanilla"]["gap"]
