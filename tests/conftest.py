@@ -35,3 +35,26 @@ def write_word_corpus(folder, n_docs: int, words_per_doc: int):
     for i in range(n_docs):
         (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, size=words_per_doc)) + ".")
     return folder
+
+
+def start_slow_cli(tmp_path, args, task="myopia.tasks.synthetic:SyntheticTask", **popen):
+    """Start ``myopia ARGS`` in a subprocess whose training data is 50 ms slower per batch (so a signal
+    sent after a few logged steps lands mid-run); returns the Popen."""
+    import subprocess
+    import textwrap
+
+    module, cls = task.split(":")
+    script = tmp_path / "slow_cli.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from {module} import {cls} as task
+        original = task.train_batch
+        def slow(self, *a, **k):
+            time.sleep(0.05)
+            return original(self, *a, **k)
+        task.train_batch = slow
+        from myopia.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen([sys.executable, str(script), *args], env=env, **popen)

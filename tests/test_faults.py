@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from conftest import start_slow_cli
+
 from myopia import cli
 from myopia.train import checkpoint as ckpt_mod
 from myopia.train.checkpoint import (
@@ -89,19 +91,7 @@ def test_sigkill_mid_training_resumes_exactly(tmp_path):
     assert cli.main(args + ["--out", str(ref)]) == 0
     out = tmp_path / "killed"
     metrics = out / "myopic" / "metrics.jsonl"
-    slow = textwrap.dedent("""
-        import sys, time
-        from myopia.tasks.synthetic import SyntheticTask
-        original = SyntheticTask.train_batch
-        def slow(self, *a, **k):
-            time.sleep(0.05)
-            return original(self, *a, **k)
-        SyntheticTask.train_batch = slow
-        from myopia.cli import main
-        sys.exit(main(sys.argv[1:]))
-    """)
-    (tmp_path / "slow.py").write_text(slow)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), *args, "--out", str(out)])
+    proc = start_slow_cli(tmp_path, [*args, "--out", str(out)])
     deadline = time.time() + 60
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 23):
         time.sleep(0.02)

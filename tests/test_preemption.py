@@ -5,12 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 import torch
+from conftest import start_slow_cli
 
 from myopia import cli
 from myopia.train import checkpoint as ckpt_mod
@@ -20,20 +19,6 @@ from myopia.train.loop import EXIT_PREEMPTED, StopSignal, graceful_interrupt
 ARGS = ["train", "--arms", "myopic", "--train.steps", "40", "--train.batch_size", "8", "--train.log_every", "1",
         "--train.progress", "false", "--model.n_embd", "16", "--model.n_head", "2", "--data.synthetic.seq_len", "8",
         "--data.synthetic.window", "3"]
-
-# The same CLI with a slowed data pipeline, so a signal lands mid-run.
-SLOW = textwrap.dedent("""
-    import sys, time
-    from myopia.tasks.synthetic import SyntheticTask
-    original = SyntheticTask.train_batch
-    def slow(self, *a, **k):
-        time.sleep(0.05)
-        return original(self, *a, **k)
-    SyntheticTask.train_batch = slow
-    from myopia.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
 
 def _losses(out):
     with open(out / "myopic" / "metrics.jsonl") as f:
@@ -51,10 +36,8 @@ def test_preemption_signal_saves_exits_75_and_resume_matches(tmp_path, sig):
     ref = tmp_path / "ref"
     assert cli.main(ARGS + ["--out", str(ref)]) == 0
     out = tmp_path / "preempted"
-    (tmp_path / "slow.py").write_text(SLOW)
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), *ARGS, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_slow_cli(tmp_path, [*ARGS, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
     _wait_for_lines(out / "myopic" / "metrics.jsonl", 10)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
@@ -170,9 +153,6 @@ def test_drift_rules():
     assert keys == ["seeds", "train.steps"]  # dropping a seed, extending the cosine schedule
 
 
-SLOW_TEXT = SLOW.replace("from myopia.tasks.synthetic import SyntheticTask", "from myopia.tasks.text import TextTask as SyntheticTask")
-
-
 def test_sigterm_during_myopia_lm_saves_and_resume_ends_as_an_uninterrupted_run(tmp_path):
     from conftest import write_word_corpus
 
@@ -182,10 +162,8 @@ def test_sigterm_during_myopia_lm_saves_and_resume_ends_as_an_uninterrupted_run(
     ref = tmp_path / "ref"
     assert cli.main(args + ["--out", str(ref)]) == 0
     out = tmp_path / "preempted"
-    (tmp_path / "slow.py").write_text(SLOW_TEXT)
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), *args, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_slow_cli(tmp_path, [*args, "--out", str(out)], task="myopia.tasks.text:TextTask",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_lines(out / "seed0" / "myopic" / "metrics.jsonl", 10)  # the second arm, mid-run
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
