@@ -1,0 +1,169 @@
+"""Which part of the gradient trains a hidden state's features: direct, pre-cached and shared.
+
+For one state h, the residual stream entering block ``layer`` at ``position`` t (TransformerLens's
+``blocks.{layer}.hook_resid_pre``), and the loss L = mean over the batch and positions of L_s, the
+parameter gradient splits exactly into (Rofin, Naghiyev & Hahn, ICLR 2026, who use myopic training as
+their baseline):
+
+- **shared**: ∇θL with h replaced by a constant at every reader (position t's own later layers
+  included): everything that does not pass through h;
+- **direct**: the part that passes through h and comes from L_t;
+- **pre-cached**: the part that passes through h and comes from later losses L_s, s > t (earlier
+  losses cannot reach h in a causal model).
+
+direct + pre-cached + shared = ∇θL. The through-h parts are computed as ∂L_S/∂h (h made a leaf
+where the rest of the network reads it) pulled back through h's own graph: three backward passes, not
+one per loss. In a model trained with the ``myopic`` cut the pre-cached part of its own training
+gradient is exactly zero: later positions read h only through attention inputs that are constants.
+
+A *feature* is a direction w read from h (a probe). A part's **push** on it is the first-order change
+of w·h under the update that part alone would make: a plain gradient step (−g) or AdamW's step with
+the optimiser's current second moment as the preconditioner (−g / (√v̂ + ε)); the pre-caching score
+is the pre-cached push as a share of the through-h pushes (:func:`feature_pushes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PARTS = ("direct", "precached", "shared")
+
+
+@dataclass
+class GradientSplit:
+    """The parameter gradient of one loss split at one state, each part a list aligned with ``params``."""
+
+    layer: int
+    position: int
+    params: list[nn.Parameter]
+    direct: list[torch.Tensor]
+    precached: list[torch.Tensor]
+    shared: list[torch.Tensor]
+    feature_grad: Callable[[torch.Tensor], list[torch.Tensor]]
+    """``feature_grad(w)``: ∇θ of Σ_batch w·h, the direction in parameter space that moves feature w."""
+
+    def total(self) -> list[torch.Tensor]:
+        return [d + p + s for d, p, s in zip(self.direct, self.precached, self.shared)]
+
+    def part(self, name: str) -> list[torch.Tensor]:
+        if name not in PARTS:
+            raise ValueError(f"part {name!r} is not one of {', '.join(PARTS)}")
+        return getattr(self, name)
+
+
+def residual_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules whose first input is the residual stream, block by block: our GPT's ``blocks``, a
+    transformers model's decoder layers."""
+    from myopia.train.distributed import shard_units
+
+    blocks = shard_units(getattr(model, "hf", model))
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: no blocks found to read the residual stream from; "
+                         "attribution supports myopia's GPT and transformers decoder models")
+    return blocks
+
+
+def _zeros_for_none(grads, params) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def split_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_per_position: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    layer: int,
+    position: int,
+    params: list[nn.Parameter] | None = None,
+) -> GradientSplit:
+    """Split ∇θ of mean(``loss_per_position(model(x), y)``) (a ``(B, T)`` tensor) at the residual
+    stream entering block ``layer`` at ``position`` (see the module docstring)."""
+    blocks = residual_blocks(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer={layer} is outside 0..{len(blocks) - 1} (the residual stream entering each block)")
+    T = x.shape[1]
+    if not 0 <= position < T:
+        raise ValueError(f"position={position} is outside 0..{T - 1} for sequences of {T} tokens")
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    state: dict[str, torch.Tensor] = {}
+
+    def replace_with_leaf(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        state["h"] = h[:, position]  # keeps its graph back to the parameters
+        state["leaf"] = h[:, position].detach().requires_grad_(True)
+        h = torch.cat([h[:, :position], state["leaf"].unsqueeze(1), h[:, position + 1:]], dim=1)
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    handle = blocks[layer].register_forward_pre_hook(replace_with_leaf, with_kwargs=True)
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    out = getattr(out, "logits", out)
+    losses = loss_per_position(out, y)
+    scale = 1.0 / losses.numel()
+    h, leaf = state["h"], state["leaf"]
+    shared = _zeros_for_none(torch.autograd.grad(losses.sum() * scale, params, retain_graph=True,
+                                                 allow_unused=True), params)
+    here = torch.autograd.grad(losses[:, position].sum() * scale, leaf, retain_graph=True)[0]
+    later = None
+    if position + 1 < T:  # None where no later loss reads h at all (a myopic model)
+        later = torch.autograd.grad(losses[:, position + 1:].sum() * scale, leaf, retain_graph=True,
+                                    allow_unused=True)[0]
+    later = torch.zeros_like(leaf) if later is None else later
+
+    def pull_back(g: torch.Tensor) -> list[torch.Tensor]:
+        return _zeros_for_none(torch.autograd.grad(h, params, grad_outputs=g, retain_graph=True, allow_unused=True),
+                               params)
+
+    def feature_grad(w: torch.Tensor) -> list[torch.Tensor]:
+        return pull_back(w.to(h.dtype).expand_as(h))
+
+    return GradientSplit(layer=layer, position=position, params=params, direct=pull_back(here),
+                         precached=pull_back(later), shared=shared, feature_grad=feature_grad)
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(sum((u.double() * v.double()).sum() for u, v in zip(a, b)))
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
+    """1 / (√v̂ + ε) per parameter from an Adam(W) optimiser's current second moments (None before
+    its first step)."""
+    out = []
+    for p in params:
+        st = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in st:
+            return None
+        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        beta2, eps = group["betas"][1], group["eps"]
+        step = float(st["step"])
+        v_hat = st["exp_avg_sq"] / (1.0 - beta2 ** step)
+        out.append(1.0 / (v_hat.sqrt() + eps))
+    return out
+
+
+def feature_pushes(split: GradientSplit, w: torch.Tensor,
+                   preconditioner: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Each part's push on feature w (first-order change of Σ_batch w·h per unit learning rate under
+    the update −part, or −part · ``preconditioner`` for AdamW's step), and the pre-caching score:
+    pre-cached push / (|direct push| + |pre-cached push|), in [−1, 1]."""
+    direction = split.feature_grad(w)
+    pushes = {}
+    for name in PARTS:
+        part = split.part(name)
+        if preconditioner is not None:
+            part = [g * c for g, c in zip(part, preconditioner)]
+        pushes[name] = -_dot(direction, part)
+    through = abs(pushes["direct"]) + abs(pushes["precached"])
+    pushes["precaching_score"] = pushes["precached"] / through if through > 0 else 0.0
+    return pushes
+
+
+__all__ = ["PARTS", "GradientSplit", "adam_preconditioner", "feature_pushes", "residual_blocks", "split_gradient"]

@@ -1,0 +1,134 @@
+"""Per-feature attribution (myopia.analysis.attribution): each part equals its definition by brute
+force in float64 (separate backward passes with explicit stop-gradients, one per loss), the parts sum
+to the full gradient, nothing is pre-cached at the last position, and a myopic model's own gradient
+has no pre-cached part at all."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from definition import gradients, relative_error
+
+from myopia import GPT, GPTConfig
+from myopia.analysis.attribution import adam_preconditioner, feature_pushes, residual_blocks, split_gradient
+
+B, T = 3, 6
+
+
+def _gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=11, n_layer=3, n_head=2, n_embd=8, block_size=T)).double()
+
+
+def _data(vocab=11):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, vocab, (B, T), generator=g)
+
+
+def _ce(out, y):
+    out = getattr(out, "logits", out)
+    return F.cross_entropy(out.transpose(1, 2), y, reduction="none")
+
+
+def _losses(model, x, y, layer, position, detach):
+    """Per-position losses with the state entering block ``layer`` at ``position`` detached (or not)."""
+    def pre(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        keep = (torch.arange(h.shape[1]) == position).view(1, -1, 1)
+        h = torch.where(keep, h.detach(), h)
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    handle = residual_blocks(model)[layer].register_forward_pre_hook(pre, with_kwargs=True) if detach else None
+    try:
+        return _ce(model(x), y)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def brute_force(model, x, y, layer, position):
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = B * T
+    through = []
+    for s in range(T):  # the part of ∇L_s that passes through h: with h live minus with h constant
+        live = gradients(_losses(model, x, y, layer, position, False)[:, s].sum() / n, params)
+        cut = gradients(_losses(model, x, y, layer, position, True)[:, s].sum() / n, params)
+        through.append([a - b for a, b in zip(live, cut)])
+    assert all(max(float(g.abs().max()) for g in through[s]) == 0 for s in range(position))  # causal
+    direct = through[position]
+    precached = [sum(parts) for parts in zip(*through[position + 1:])] if position + 1 < T else \
+        [torch.zeros_like(p) for p in params]
+    shared = gradients(_losses(model, x, y, layer, position, True).sum() / n, params)
+    full = gradients(_losses(model, x, y, layer, position, False).sum() / n, params)
+    return direct, precached, shared, full
+
+
+@pytest.mark.parametrize("layer,position", [(0, 2), (1, 0), (2, 3)])
+def test_parts_equal_their_definitions_and_sum_to_the_gradient(layer, position):
+    model, (x, y) = _gpt(), _data()
+    split = split_gradient(model, x, y, _ce, layer, position)
+    direct, precached, shared, full = brute_force(model, x, y, layer, position)
+    assert relative_error(split.direct, direct) < 1e-10
+    assert relative_error(split.precached, precached) < 1e-10
+    assert relative_error(split.shared, shared) < 1e-10
+    assert relative_error(split.total(), full) < 1e-10
+    assert relative_error(precached, direct) > 1e-2  # the parts differ: each check can fail
+
+
+def test_nothing_is_precached_at_the_last_position():
+    model, (x, y) = _gpt(), _data()
+    split = split_gradient(model, x, y, _ce, 1, T - 1)
+    assert all(float(g.abs().max()) == 0 for g in split.precached)
+    assert max(float(g.abs().max()) for g in split.direct) > 0
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_a_myopic_models_own_gradient_has_no_precached_part(layer):
+    model, (x, y) = _gpt(), _data()
+    vanilla = split_gradient(model, x, y, _ce, layer, 1)
+    assert max(float(g.abs().max()) for g in vanilla.precached) > 1e-4
+    model.set_attention("myopic")
+    myopic = split_gradient(model, x, y, _ce, layer, 1)
+    assert all(float(g.abs().max()) == 0 for g in myopic.precached)  # exactly: what the cut removes
+
+
+def test_a_hugging_face_model_splits_the_same_way():
+    from hf_tiny import build
+
+    model = build("llama")
+    x, y = _data(vocab=23)
+    split = split_gradient(model, x, y, _ce, 1, 2)
+    direct, precached, shared, full = brute_force(model, x, y, 1, 2)
+    # transformers computes RMSNorm in float32 inside the float64 model: equal to float32's precision
+    for got, want in ((split.direct, direct), (split.precached, precached), (split.shared, shared)):
+        assert relative_error(got, want) < 1e-6
+    assert relative_error(precached, direct) > 1e-2
+
+
+def test_feature_pushes_add_up_and_adam_preconditions():
+    model, (x, y) = _gpt(), _data()
+    split = split_gradient(model, x, y, _ce, 1, 2)
+    w = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    pushes = feature_pushes(split, w)
+    direction = split.feature_grad(w)
+    total = -sum(float((a * b).sum()) for a, b in zip(direction, split.total()))
+    assert pushes["direct"] + pushes["precached"] + pushes["shared"] == pytest.approx(total, rel=1e-10)
+    assert -1 <= pushes["precaching_score"] <= 1
+    opt = torch.optim.AdamW(model.parameters())
+    assert adam_preconditioner(opt, split.params) is None  # no moments before the first step
+    model(x).sum().backward()
+    opt.step()
+    split = split_gradient(model, x, y, _ce, 1, 2)  # at the new weights
+    plain, adam = feature_pushes(split, w), feature_pushes(split, w, adam_preconditioner(opt, split.params))
+    assert adam["precached"] != plain["precached"] and adam["direct"] != plain["direct"]
+    # first order: a small plain step along the pre-cached part moves w·h by lr × its push
+    with torch.no_grad():
+        h0 = _state(model, x, 1, 2) @ w
+        for p, g in zip(split.params, split.precached):
+            p -= 1e-6 * g
+        h1 = _state(model, x, 1, 2) @ w
+    assert float((h1 - h0).sum()) / 1e-6 == pytest.approx(plain["precached"], rel=1e-4)
+
+
+def _state(model, x, layer, position):
+    _, hidden = model(x, return_hidden_states=True)
+    return hidden[layer][:, position]
