@@ -220,10 +220,9 @@ def test_sigterm_to_one_rank_stops_both_at_one_checkpoint_and_resume_matches(sin
     assert losses(out) == losses(ref)
 
 
-@pytest.mark.parametrize("second", [1, 2])
-def test_fsdp_checkpoint_is_sharded_and_resumes_at_1_and_2_processes(single, tmp_path, second):
+def test_fsdp_checkpoint_is_sharded_and_resumes_at_1_and_2_processes(single, tmp_path):
     """Under FSDP each rank writes only its shards (torch.distributed.checkpoint, safetensors files);
-    the run resumes at 1 or 2 processes with the losses of an uninterrupted run, and consolidate()
+    the run resumes at 1 and at 2 processes with the losses of an uninterrupted run, and consolidate()
     rewrites the checkpoint in the single-file format with the same tensors."""
     from myopia.train.checkpoint import consolidate, is_sharded, read_checkpoint
 
@@ -233,15 +232,15 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_at_1_and_2_processes(single, tmp
     assert is_sharded(step4) and not os.path.exists(os.path.join(step4, "model.safetensors"))
     shard_files = [f for f in os.listdir(os.path.join(step4, "shards")) if f.endswith(".safetensors")]
     assert len(shard_files) == 2  # one per rank
-    _rewind_to_step4(out)
-    launch(out, second, "--resume", *(["--train.parallel", "fsdp"] if second == 2 else []))
     a, ea = losses(single)
-    b, eb = losses(out)
-    assert b == pytest.approx(a, rel=1e-5, abs=1e-6) and eb == pytest.approx(ea, rel=1e-5, abs=1e-6)
-    if second == 1:
-        weights, optim, state, _ = read_checkpoint(step4)
-        consolidate(step4)
-        assert not is_sharded(step4) and os.path.exists(os.path.join(step4, "model.safetensors"))
-        weights2, optim2, state2, _ = read_checkpoint(step4)
-        assert weights.keys() == weights2.keys() and all(torch.equal(weights[k], weights2[k]) for k in weights)
-        assert state2["step"] == 4 and optim2["state"].keys() == optim["state"].keys()
+    for second in (2, 1):  # the 1-process resume rewrites step 8 unsharded: last
+        _rewind_to_step4(out)
+        launch(out, second, "--resume", "--train.parallel", "fsdp")
+        b, eb = losses(out)
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6) and eb == pytest.approx(ea, rel=1e-5, abs=1e-6)
+    weights, optim, state, _ = read_checkpoint(step4)
+    consolidate(step4)
+    assert not is_sharded(step4) and os.path.exists(os.path.join(step4, "model.safetensors"))
+    weights2, optim2, state2, _ = read_checkpoint(step4)
+    assert weights.keys() == weights2.keys() and all(torch.equal(weights[k], weights2[k]) for k in weights)
+    assert state2["step"] == 4 and optim2["state"].keys() == optim["state"].keys()

@@ -271,7 +271,8 @@ def test_eval_offline_end_to_end(run, tmp_path):
 
 def test_core_import_needs_no_extra():
     """import myopia, its GPT, the CLI's config and training loop with every extra blocked."""
-    blocked = ["transformers", "tokenizers", "peft", "lm_eval", "tensorboard", "wandb", "matplotlib", "datasets"]
+    blocked = ["transformers", "tokenizers", "peft", "lm_eval", "tensorboard", "wandb", "matplotlib", "datasets",
+               "transformer_lens", "nnsight"]
     script = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
               + "import myopia, myopia.models.gpt, myopia.train.loop, myopia.train.trackers, myopia.models.hf.lora, "
                 "myopia.lora, myopia.generation, myopia.interop.export, myopia.interop.evaluate, myopia.cli\n"

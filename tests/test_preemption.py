@@ -31,10 +31,15 @@ def _wait_for_lines(path, n, timeout=60.0):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_saves_exits_75_and_resume_matches(tmp_path, sig):
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref") / "run"
     assert cli.main(ARGS + ["--out", str(ref)]) == 0
+    return _losses(ref)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_exits_75_and_resume_matches(tmp_path, sig, reference):
     out = tmp_path / "preempted"
     proc = start_slow_cli(tmp_path, [*ARGS, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -50,7 +55,7 @@ def test_preemption_signal_saves_exits_75_and_resume_matches(tmp_path, sig):
     assert 10 <= reached < 40  # no periodic checkpoints: this one was written on the signal
     assert latest_checkpoint(str(out / "myopic" / "checkpoints")).endswith(f"step_{reached:07d}")
     assert cli.main(ARGS + ["--out", str(out), "--resume"]) == 0
-    assert _losses(out) == _losses(ref)  # to the last bit
+    assert _losses(out) == reference  # to the last bit
 
 
 def _save_with_a_signal_inside(tmp_path, monkeypatch, second):
