@@ -163,8 +163,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def save_tokenizer(tokenizer, out: str) -> None:
-    """Write a myopia ``TextTokenizer`` as ``tokenizer.json`` + ``tokenizer_config.json``."""
+def transformers_tokenizer(tokenizer):
+    """A myopia ``TextTokenizer`` as a transformers tokenizer (a ``PreTrainedTokenizerFast``, or the run's
+    own transformers tokenizer for hf:NAME and smollm2)."""
     from transformers import PreTrainedTokenizerFast
 
     backend = tokenizer.backend
@@ -173,11 +174,14 @@ def save_tokenizer(tokenizer, out: str) -> None:
     if backend is None:
         raise ExportError(f"tokenizer {tokenizer.name!r} cannot be written as a transformers tokenizer")
     if hasattr(backend, "save_pretrained"):  # already a transformers tokenizer (hf:NAME, smollm2)
-        backend.save_pretrained(out)
-        return
-    fast = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+        return backend
+    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
                                    model_max_length=int(1e30))
-    fast.save_pretrained(out)
+
+
+def save_tokenizer(tokenizer, out: str) -> None:
+    """Write a myopia ``TextTokenizer`` as ``tokenizer.json`` + ``tokenizer_config.json``."""
+    transformers_tokenizer(tokenizer).save_pretrained(out)
 
 
 def run_tokenizer(config: dict):
@@ -301,4 +305,4 @@ def run(cfg: ExportConfig) -> dict:
 
 
 __all__ = ["ExportConfig", "ExportError", "byte_level_tokenizer", "export", "gpt_to_transformers", "run",
-           "save_tokenizer"]
+           "save_tokenizer", "transformers_tokenizer"]

@@ -29,14 +29,19 @@ import tempfile
 
 import torch
 
-from myopia.interop.export import ExportError, load_arm_model, resolve_arm, run_config, run_tokenizer, save_tokenizer
+from myopia.interop.export import (
+    ExportError,
+    load_arm_model,
+    resolve_arm,
+    run_config,
+    run_tokenizer,
+    transformers_tokenizer,
+)
 
 
 def hf_model(arm: str):
     """``(model, tokenizer)``: the arm (an arm folder, a checkpoint folder or RUN/ARM) as a transformers
-    causal LM in eager attention, in eval mode, and its tokenizer as a ``PreTrainedTokenizerFast``."""
-    from transformers import PreTrainedTokenizerFast
-
+    causal LM in eager attention, in eval mode, and its tokenizer as a transformers tokenizer."""
     arm_dir, ckpt = resolve_arm(arm)
     config = run_config(arm_dir)
     tokenizer = run_tokenizer(config)
@@ -46,9 +51,7 @@ def hf_model(arm: str):
                           "GPT.forward(x, return_hidden_states=True)")
     model = load_arm_model(arm_dir, ckpt, config, tokenizer.vocab_size)
     model.set_attn_implementation("eager")
-    folder = tempfile.mkdtemp(prefix="myopia-tokenizer-")
-    save_tokenizer(tokenizer, folder)
-    return model.eval(), PreTrainedTokenizerFast.from_pretrained(folder)
+    return model.eval(), transformers_tokenizer(tokenizer)
 
 
 def transformer_lens(arm: str, folder: str | None = None, device: str = "cpu"):

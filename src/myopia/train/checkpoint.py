@@ -300,25 +300,30 @@ def _read_sharded(path: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, t
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
         dcp_load(flat, storage_reader=HuggingFaceStorageReader(shards), no_dist=True)
+    return (flat, *_sharded_state_and_rng(path))
+
+
+def _sharded_state_and_rng(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A sharded checkpoint's ``state.json`` and the RNG state rank 0 saved beside the shards."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    return flat, state, load_file(os.path.join(path, RNG_FILE))
+    return state, load_file(os.path.join(path, RNG_FILE))
 
 
-def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 verified: bool = False) -> tuple[dict, dict]:
     """Load a sharded checkpoint into a (FSDP-wrapped or plain) model and its optimiser, each rank
     reading only the shards it holds (a collective under torchrun). Returns ``(state, rng)``."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    verify(path)
+    if not verified:  # every file's checksum: the whole checkpoint, so a caller that checked it once skips it
+        verify(path)
     flat, model_sd, optim_sd, _ = _sharded_state(model, optimizer)
     dcp_load(flat, storage_reader=HuggingFaceStorageReader(os.path.join(path, SHARDS)))
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    return state, load_file(os.path.join(path, RNG_FILE))
+    return _sharded_state_and_rng(path)
 
 
 def consolidate(path: str) -> str:

@@ -113,7 +113,7 @@ class StopSignal:
     def request(self, name: str | None = None) -> None:
         self.requested = True
         self.signal = self.signal or name
-
+        _stopped_by[0] = _stopped_by[0] or name  # what stopped this process, for the CLI's exit code
     @property
     def preempted(self) -> bool:
         """Stopped by a scheduler's signal (not by a person's Ctrl-C)."""
@@ -135,7 +135,6 @@ def graceful_interrupt(stop: StopSignal) -> Iterator[StopSignal]:
                 raise KeyboardInterrupt
             return  # a scheduler repeats itself (SLURM signals every process, torchrun forwards): keep saving
         stop.request(name)
-        _stopped_by[0] = _stopped_by[0] or name
         tqdm.write(f"{name}: saving a checkpoint at the end of this step (Ctrl-C to abort now)")
 
     previous = {}
@@ -288,7 +287,7 @@ def train_arm(
     start_step, seconds_before, tokens_before, last_eval = 0, 0.0, 0, None
     if latest is not None:
         if sharded and is_sharded(latest):
-            state, rng = load_sharded(latest, wrapped, optimizer)
+            state, rng = load_sharded(latest, wrapped, optimizer, verified=True)  # rank 0 verified it above
         else:
             weights, optim_state, state, rng = read_checkpoint(latest)
             restore(wrapped, optimizer, weights, optim_state)
@@ -337,7 +336,6 @@ def train_arm(
             if dist.any(stop.requested):  # a signal may reach only some ranks: all stop at the same step
                 name = next((n for n in dist.all_objects(stop.signal) if n), None)
                 stop.request(name)  # every rank now knows what stopped the run
-                _stopped_by[0] = _stopped_by[0] or name
                 last_ckpt = checkpoint(step, "interrupted")
                 if dist.is_main:
                     tqdm.write(f"[{arm}] stopped at step {step}; checkpoint {last_ckpt}")

@@ -358,8 +358,9 @@ def make_myopic(
         return model
     _warn_if_untested(model.config)
     if getattr(model, "_myopia_original_attn", None) is None:
-        _refuse_score_terms_the_model_ignores(model, modules, model.config._attn_implementation or "sdpa")
-        model._myopia_original_attn = model.config._attn_implementation or "sdpa"
+        original = model.config._attn_implementation or "sdpa"
+        _refuse_score_terms_the_model_ignores(model, modules, original)
+        model._myopia_original_attn = original
     _register()
     _set_implementation(model, ATTENTION_NAME)
     for position, m in enumerate(modules):
