@@ -117,7 +117,8 @@ def test_synthetic_paper_preset_is_the_papers_training(capsys):
 
 def test_synthetic_cpu_preset_is_sin10_and_cpu_sin4_keeps_the_old_setting(capsys):
     """cpu trains the paper's sin(10x) with the model that learns it on a CPU budget (rotary positions,
-    PyTorch's default initialisation, no clipping); cpu-sin4 keeps the earlier calibrated setting."""
+    PyTorch's default initialisation, no clipping, a 10% warm-up that makes vanilla learn at 10 of 10
+    fresh seeds); cpu-sin4 keeps the earlier calibrated setting."""
     import yaml
 
     def resolved(preset):
@@ -128,7 +129,8 @@ def test_synthetic_cpu_preset_is_sin10_and_cpu_sin4_keeps_the_old_setting(capsys
     assert (cpu["task"]["frequency"], cpu["task"]["seq_len"]) == (10.0, 32)
     assert (cpu["model"]["position"], cpu["model"]["init"], cpu["model"]["io_init"]) == \
         ("rotary", "torch-default", "torch-default")
-    assert cpu["optim"]["grad_clip"] == 0.0
+    assert (cpu["optim"]["grad_clip"], cpu["optim"]["warmup"]) == (0.0, 0.1)
+    assert sin4["optim"]["warmup"] == 0.01
     assert sin4["task"]["frequency"] == 4.0
     assert (sin4["model"]["position"], sin4["model"]["init"], sin4["model"]["io_init"]) == ("learned", "gpt2", "body")
     assert sin4["optim"]["grad_clip"] == 1.0
