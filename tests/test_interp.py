@@ -70,6 +70,24 @@ def test_transformer_lens_and_nnsight_match_myopia(runs, family, arm):
     torch.testing.assert_close(layer_output(first), hidden[1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_text_is_tokenized_as_myopia_tokenizes_it(runs, family):
+    """A string given to the bridge or to nnsight becomes the token ids myopia trains on (no BOS: TransformerLens
+    would otherwise prepend a fallback BOS past the vocabulary), and the logits are myopia's on those ids."""
+    text = "the whale sang"  # within the tiny models' 16-token context
+    model, tokenizer = hf_model(str(runs[family] / "vanilla"))
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    logits, _ = _own(runs[family], family, "vanilla", ids)
+    bridge = transformer_lens(str(runs[family] / "vanilla"))
+    assert torch.equal(bridge.to_tokens(text), ids)
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(text), logits, rtol=0, atol=1e-5)
+    lm = nnsight_model(str(runs[family] / "vanilla"))
+    with torch.no_grad(), lm.trace(text):
+        out = lm.output.save()
+    torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-5)
+
+
 def test_a_synthetic_arm_is_refused_in_one_line(tmp_path):
     from myopia.interop.export import ExportError
 

@@ -57,7 +57,8 @@ def hf_model(arm: str):
 def transformer_lens(arm: str, folder: str | None = None, device: str = "cpu"):
     """The arm as a TransformerLens 4 ``TransformerBridge`` (hook names as TransformerLens's:
     ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_pattern``, ...). ``folder`` receives the
-    config and tokenizer the bridge reads (a temporary folder if None)."""
+    config and tokenizer the bridge reads (a temporary folder if None). Strings are tokenized without a
+    BOS token, as myopia trains (``bridge.cfg.default_prepend_bos`` is False)."""
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError as exc:
@@ -68,7 +69,13 @@ def transformer_lens(arm: str, folder: str | None = None, device: str = "cpu"):
     os.makedirs(folder, exist_ok=True)
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return TransformerBridge.boot_transformers(folder, hf_model=model, tokenizer=tokenizer, device=device)
+    bridge = TransformerBridge.boot_transformers(folder, hf_model=model, tokenizer=tokenizer, device=device)
+    # myopia trains and scores windows of plain text tokens, with no BOS; TransformerLens prepends one by
+    # default and, for a tokenizer without one (ours), installs a fallback whose id is past the model's
+    # vocabulary. Strings are therefore tokenized as myopia tokenizes them (``prepend_bos=True`` still
+    # works where the tokenizer has a BOS of its own).
+    bridge.cfg.default_prepend_bos = False
+    return bridge
 
 
 def nnsight_model(arm: str):
