@@ -16,10 +16,14 @@ where the rest of the network reads it) pulled back through h's own graph: three
 one per loss. In a model trained with the ``myopic`` cut the pre-cached part of its own training
 gradient is exactly zero: later positions read h only through attention inputs that are constants.
 
-A *feature* is a direction w read from h (a probe). A part's **push** on it is the first-order change
-of w·h under the update that part alone would make: a plain gradient step (−g) or AdamW's step with
-the optimiser's current second moment as the preconditioner (−g / (√v̂ + ε)); the pre-caching score
-is the pre-cached push as a share of the through-h pushes (:func:`feature_pushes`).
+A *feature* is a direction w read from h (a probe; or several, a ``(d, k)`` matrix such as a
+multi-class probe, scored together). A part's **push** on it is the first-order change
+of Σ_batch w·h under the update that part alone would make: a plain gradient step (−g) or AdamW's step
+with the optimiser's current second moment as the preconditioner (−g / (√v̂ + ε)). With per-example
+target values t (the feature's true values, or a reference model's w·h: Rofin et al.'s variant) the
+push is instead the first-order decrease of ½ Σ_batch (w·h − t)², i.e. how far the update moves the
+feature *towards* its targets. The pre-caching score is the pre-cached push as a share of the
+through-h pushes (:func:`feature_pushes`).
 """
 
 from __future__ import annotations
@@ -40,11 +44,15 @@ class GradientSplit:
     layer: int
     position: int
     params: list[nn.Parameter]
+    values: torch.Tensor
+    """h itself, ``(B, d)``, detached."""
     direct: list[torch.Tensor]
     precached: list[torch.Tensor]
     shared: list[torch.Tensor]
-    feature_grad: Callable[[torch.Tensor], list[torch.Tensor]]
-    """``feature_grad(w)``: ∇θ of Σ_batch w·h, the direction in parameter space that moves feature w."""
+    feature_grad: Callable[..., list[torch.Tensor]]
+    """``feature_grad(w, coefficients=None)``: ∇θ of Σ_batch Σ_j c_bj (wᵀh_b)_j for w of shape ``(d,)``
+    or ``(d, k)`` and c of shape ``(B,)`` or ``(B, k)`` (all ones by default), the direction in parameter
+    space that moves feature w."""
 
     def total(self) -> list[torch.Tensor]:
         return [d + p + s for d, p, s in zip(self.direct, self.precached, self.shared)]
@@ -122,10 +130,13 @@ def split_gradient(
         return _zeros_for_none(torch.autograd.grad(h, params, grad_outputs=g, retain_graph=True, allow_unused=True),
                                params)
 
-    def feature_grad(w: torch.Tensor) -> list[torch.Tensor]:
-        return pull_back(w.to(h.dtype).expand_as(h))
+    def feature_grad(w: torch.Tensor, coefficients: torch.Tensor | None = None) -> list[torch.Tensor]:
+        w2 = w.to(h.dtype).reshape(w.shape[0], -1)  # (d, k)
+        c = torch.ones(h.shape[0], w2.shape[1], dtype=h.dtype, device=h.device) if coefficients is None \
+            else coefficients.to(h.dtype).reshape(h.shape[0], -1)
+        return pull_back(c @ w2.T)
 
-    return GradientSplit(layer=layer, position=position, params=params, direct=pull_back(here),
+    return GradientSplit(layer=layer, position=position, params=params, values=h.detach(), direct=pull_back(here),
                          precached=pull_back(later), shared=shared, feature_grad=feature_grad)
 
 
@@ -150,11 +161,22 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[nn.Parame
 
 
 def feature_pushes(split: GradientSplit, w: torch.Tensor,
-                   preconditioner: list[torch.Tensor] | None = None) -> dict[str, float]:
-    """Each part's push on feature w (first-order change of Σ_batch w·h per unit learning rate under
-    the update −part, or −part · ``preconditioner`` for AdamW's step), and the pre-caching score:
-    pre-cached push / (|direct push| + |pre-cached push|), in [−1, 1]."""
-    direction = split.feature_grad(w)
+                   preconditioner: list[torch.Tensor] | None = None,
+                   targets: torch.Tensor | None = None) -> dict[str, float]:
+    """Each part's push on feature w (``(d,)``, or ``(d, k)`` for k directions scored together) per
+    unit learning rate, under the update −part (or −part · ``preconditioner``, AdamW's step): the
+    first-order change of Σ_batch w·h (summed over the k directions), or with ``targets`` (``(B,)``,
+    or ``(B, k)``) the first-order decrease of ½ Σ_batch ‖wᵀh − target‖², i.e. the move towards the
+    targets. And the pre-caching score: pre-cached push / (|direct push| + |pre-cached push|), in
+    [−1, 1]."""
+    coefficients = None
+    if targets is not None:
+        expected = split.values.shape[:1] + w.shape[1:]
+        if targets.shape != expected:
+            raise ValueError(f"targets has shape {tuple(targets.shape)}; expected one value per example and "
+                             f"direction, {tuple(expected)}")
+        coefficients = targets.to(split.values.dtype) - split.values @ w.to(split.values.dtype)
+    direction = split.feature_grad(w, coefficients)
     pushes = {}
     for name in PARTS:
         part = split.part(name)

@@ -122,7 +122,7 @@ def split_monitor(task, n_batches: int, batch_size: int, precision: str, every: 
     steps and at ``final_step``, on the model's device; ``train_arm`` writes its records to the arm's
     ``metrics.jsonl`` under ``gradient_split``."""
 
-    def monitor(model: nn.Module, step: int) -> dict | None:
+    def monitor(model: nn.Module, step: int, optimizer=None) -> dict | None:
         if not (log_spaced_steps(step, every) or step == final_step):
             return None
         device = next(model.parameters()).device

@@ -257,16 +257,17 @@ def train_arm(
     stop: StopSignal | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     dist: Dist | None = None,
-    monitor: Callable[[torch.nn.Module, int], dict | None] | None = None,
+    monitor: Callable[[torch.nn.Module, int, torch.optim.Optimizer], dict | None] | None = None,
     sink=None,
 ) -> ArmResult:
     """Train ``model`` on ``task`` for ``cfg.steps`` optimiser steps; write metrics and checkpoints
     under ``arm_dir`` (rank 0 only). Returns when done or when ``stop`` is requested (after saving).
 
     ``model`` is the bare model: data parallelism (``dist``) is applied here, from outside it.
-    ``monitor(model, step)`` runs at step 0 of a fresh run and after every step, on the bare model;
-    a dict it returns is written to ``metrics.jsonl`` with the step. It must leave the weights,
-    ``.grad`` and the RNG as it found them (an exact resume depends on it).
+    ``monitor(model, step, optimizer)`` runs at step 0 of a fresh run and after every step, on the
+    bare model (the optimiser for reading its moments); a dict it returns is written to
+    ``metrics.jsonl`` with the step. It must leave the weights, ``.grad``, the optimiser and the RNG
+    as it found them (an exact resume depends on it).
     ``sink.log(record)`` (trackers: :mod:`myopia.train.trackers`) gets every record ``metrics.jsonl`` gets.
     """
     dist = dist or Dist()
@@ -322,7 +323,7 @@ def train_arm(
     step = start_step
 
     def run_monitor() -> None:
-        extra = monitor(model, step) if monitor is not None else None
+        extra = monitor(model, step, optimizer) if monitor is not None else None
         if extra:
             log.write({"step": step, **extra})
 

@@ -224,14 +224,20 @@ def probe_layers(chosen: list[int], n_streams: int, arm: str) -> list[int]:
     return sorted(set(chosen)) if chosen else list(range(n_streams))
 
 
+def token_classes(task: TextTask, n_classes: int) -> torch.Tensor:
+    """Token id -> probe class: the ``n_classes - 1`` most frequent training tokens (in the first 2M),
+    then one class 'other' for every other token."""
+    counts = np.bincount(np.asarray(task.train.tokens[: 2_000_000], dtype=np.int64), minlength=task.tokenizer.vocab_size)
+    top_tokens = np.argsort(-counts)[: n_classes - 1]
+    lookup = np.full(task.tokenizer.vocab_size, n_classes - 1, dtype=np.int64)
+    lookup[top_tokens] = np.arange(len(top_tokens))
+    return torch.from_numpy(lookup)
+
+
 def probes(a: AnalysisConfig, task: TextTask, models: dict, device: torch.device) -> dict:
     """Linear probes: from layer l's state at t, the token at t+k (top classes + 'other'); held-out
     accuracy of each of ``models`` ({arm name: model})."""
-    counts = np.bincount(np.asarray(task.train.tokens[: 2_000_000], dtype=np.int64), minlength=task.tokenizer.vocab_size)
-    top_tokens = np.argsort(-counts)[: a.probe_classes - 1]
-    lookup = np.full(task.tokenizer.vocab_size, a.probe_classes - 1, dtype=np.int64)
-    lookup[top_tokens] = np.arange(len(top_tokens))
-    lookup_t = torch.from_numpy(lookup)
+    lookup_t = token_classes(task, a.probe_classes)
     T, C = task.seq_len, a.probe_classes
     offsets = [k for k in a.probe_offsets if 0 < k < T]
 
@@ -344,4 +350,5 @@ def combine_seeds(per_seed: dict[str, dict]) -> dict:
 
 
 __all__ = ["analyse", "check_context", "combine_seeds", "first_position_losses", "heldout_log_probs",
-           "long_window_analysis", "long_window_losses", "model_context", "probe_layers", "probes", "score_start"]
+           "long_window_analysis", "long_window_losses", "model_context", "probe_layers", "probes", "score_start",
+           "token_classes"]

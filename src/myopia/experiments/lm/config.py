@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from myopia.config import merge
 from myopia.models.gpt import GPTConfig
 from myopia.models.hf.lora import LoraConfig
+from myopia.runs.feature_attribution import AttributionConfig
 from myopia.tasks.text import TextConfig
 from myopia.train.config import OptimConfig, TrainConfig
 
@@ -125,6 +126,11 @@ class LMExperiment:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32))
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    """Per-feature attribution during training (first seed): at these layers and positions, which part
+    of each arm's own gradient (direct, pre-cached, shared) moves the future-token probes
+    (analysis.probe_offsets, analysis.probe_classes) towards the true future tokens
+    (docs/attribution.md). Off by default; the ``smollm2-attribution`` preset turns it on."""
     context_lengths: list[int] = field(default_factory=list)
     """Gap vs context length: run the experiment once per window length T (e.g. 64,256,1024) in
     <out>/T<T>/, with train.batch_size scaled so that batch x T stays train.batch_size x data.seq_len
@@ -239,6 +245,19 @@ PRESETS: dict[str, dict] = {
                   "checkpoint_every": 0},
         "analysis": {"heldout_windows": 256, "bootstrap": 1000, "first_position_tokens": -1, "top_kl": 0,
                      "probe_offsets": [], "gradient_split_batches": 0}}),
+    # Which layers' future-token probe directions get the largest pre-cached push at the start of
+    # fine-tuning SmolLM2-135M: the vanilla arm's own gradient at the pretrained weights (step 0), split at
+    # the residual stream entering every block (0-29) at position 31 of 64, on 8 held-out windows;
+    # probes for the tokens at t+1 and t+2 (64 classes), fitted at that step on 64 + 64 training windows.
+    # One training step, so the step-1 measurement (with AdamW's first moments) follows. docs/attribution.md.
+    "smollm2-attribution": merge(_SMOLLM2, {
+        "out": "runs/lm-smollm2-attribution", "arms": ["vanilla"], "seeds": [0],
+        "train": {"steps": 1, "eval_every": 0, "eval_on_start": False, "eval_batches": 2, "log_every": 1,
+                  "checkpoint_every": 0},
+        "analysis": {"heldout_windows": 64, "bootstrap": 200, "first_position_tokens": -1, "top_kl": 0,
+                     "probe_offsets": [1, 2], "probe_classes": 64, "gradient_split_batches": 0},
+        "attribution": {"layers": list(range(30)), "positions": [31], "batch_size": 8,
+                        "probe_sequences": 128}}),
     # Seconds, for tests.
     "tiny": {"out": "runs/lm-tiny",
              "data": {"tokenizer": "bpe", "vocab_size": 512, "seq_len": 16},

@@ -10,7 +10,7 @@ from myopia.analysis.stats import format_ci
 from myopia.experiments.lm import cuts, steps
 from myopia.experiments.lm.config import PAPER, PAPER_LONG_WINDOW
 from myopia.models.hf.presets import HF_PRESETS
-from myopia.runs import gradient_geometry
+from myopia.runs import feature_attribution, gradient_geometry
 from myopia.runs.pairs import PAPER_PAIR
 from myopia.runs.results import write_report as write_lines
 
@@ -235,6 +235,15 @@ def write_report(out: str, results: dict) -> None:
         start_run = geometry["runs"].get(label)
         if start_run and start_run[0]["step"] == 0 and results.get("start", {}).get("kind") != "fresh":
             text += gradient_geometry.layer_lines(start_run[0], f"the start model ({label})")
+    attribution = results.get(feature_attribution.KEY)
+    if attribution is not None:
+        if feature_attribution.plot(attribution, os.path.join(out, "feature_attribution.png")):
+            made.append("feature_attribution.png")
+        text += feature_attribution.report_lines(attribution)
+        label = f"seed {seeds[0]} vanilla"
+        if feature_attribution.plot_by_layer(attribution, label, 0, os.path.join(out, "feature_attribution_layers.png")):
+            made.append("feature_attribution_layers.png")
+        text += feature_attribution.step_lines(attribution, label, 0)
     text += [f"![{m}]({m})" for m in made]
     write_lines(out, text)
 

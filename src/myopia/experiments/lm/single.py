@@ -10,17 +10,19 @@ from dataclasses import replace
 
 import torch
 
+from myopia.analysis.attribution import residual_blocks
 from myopia.attention.cut import VANILLA
 from myopia.config import ConfigError
 from myopia.experiments.lm import steps
 from myopia.experiments.lm.analysis import analyse, combine_seeds, score_start
 from myopia.experiments.lm.config import PAPER, LMExperiment
 from myopia.experiments.lm.cuts import horizon_curves
+from myopia.experiments.lm.features import future_token_probes
 from myopia.experiments.lm.report import summary_text, write_report
 from myopia.models.hf.lora import with_lora
 from myopia.models.hf.presets import HF_PRESETS, build_hf_model
 from myopia.models.local import LocalMyopicGPT
-from myopia.runs import gradient_geometry
+from myopia.runs import feature_attribution, gradient_geometry
 from myopia.runs.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
 from myopia.runs.pairs import PAPER_PAIR, parse_pairs
 from myopia.runs.results import Results, Status, publish, recording
@@ -99,8 +101,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             train = replace(cfg.train, seed=seed)
             status = run_arms(seed_dir(cfg.out, seed), cfg, arms, task, make, cfg.optim, train,
                               resume=cfg.resume, on_arm_done=keep,
-                              monitor_for=gradient_geometry.monitor_factory(  # reported for the first seed only
-                                  task, cfg.analysis.gradient_split_batches if seed == seeds[0] else 0, train))
+                              monitor_for=monitors(cfg, task, train, first_seed=seed == seeds[0]))
             results["training"][str(seed)] = status["arms"]
             if status["status"] != Status.COMPLETED:
                 return results.write(cfg.out, Status(status["status"]))
@@ -130,8 +131,36 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
              **{f"seed {seeds[0]} {a.name}": os.path.join(seed_dir(cfg.out, seeds[0]), a.name) for a in arms}})
         if geometry is not None:
             results["gradient_geometry"] = geometry
+        attribution = feature_attribution.collect(
+            {f"seed {seeds[0]} {a.name}": os.path.join(seed_dir(cfg.out, seeds[0]), a.name) for a in arms})
+        if attribution is not None:
+            results[feature_attribution.KEY] = attribution
         data = results.write(cfg.out, Status.COMPLETED)
     return publish(cfg.out, data, write_report, summary_text)
+
+
+def monitors(cfg: LMExperiment, task: TextTask, train: TrainConfig, first_seed: bool):
+    """``monitor_for(arm, model)``: the arms' training monitors, reported for the first seed only: the
+    gradient split and the per-feature attribution (future-token probes), where configured."""
+    geometry = gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches if first_seed else 0, train)
+    att = cfg.attribution
+    if not (first_seed and att.enabled):
+        return geometry
+    attribute = feature_attribution.monitor(
+        task, att, train, future_token_probes(task, cfg.analysis.probe_offsets, cfg.analysis.probe_classes, att))
+
+    def monitor_for(arm, model):
+        if not arm.local:  # the local-myopic wrapper has no blocks of its own to split at
+            n_blocks = len(residual_blocks(model))
+            if bad := [layer for layer in att.layers if layer >= n_blocks]:
+                raise ConfigError(f"attribution.layers: {bad} must be below the model's {n_blocks} blocks (the state "
+                                  "entering block L is split)")
+            if bad := [t for t in att.positions if t >= task.seq_len]:
+                raise ConfigError(f"attribution.positions: {bad} must be below data.seq_len={task.seq_len}")
+        return feature_attribution.combine(geometry(arm, model) if geometry else None,
+                                           None if arm.local else attribute)
+
+    return monitor_for
 
 
 def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
@@ -217,5 +246,5 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     return kept.get("model"), status
 
 
-__all__ = ["analysis_precision", "fresh_model", "pretrained_hf", "pretrained_start", "run_single", "start_kind",
+__all__ = ["analysis_precision", "fresh_model", "monitors", "pretrained_hf", "pretrained_start", "run_single", "start_kind",
            "starting_model"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from myopia.config import ConfigError
 from myopia.models.gpt import GPTConfig
 from myopia.runs.arms import Arm, parse_arms
+from myopia.runs.feature_attribution import AttributionConfig
 from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
 from myopia.train.config import OptimConfig, TrainConfig
 
@@ -75,6 +76,11 @@ class SyntheticExperiment:
     (0 = off; arms whose forward is vanilla's). The task needs pre-caching, so the future part
     is where a vanilla model's pre-caching signal shows (docs/synthetic.md)."""
 
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    """Per-feature attribution during training: at these layers and positions, which part of each arm's
+    own gradient (direct, pre-cached, shared) moves the f(x_n) probe's reading towards f(x_t)
+    (docs/attribution.md). Off by default; the ``attribution-cpu`` preset turns it on."""
+
     def __post_init__(self) -> None:
         if self.gradient_split_batches < 0:
             raise ValueError(f"gradient_split_batches={self.gradient_split_batches} must be >= 0 (0 = off)")
@@ -102,6 +108,12 @@ PRESETS: dict[str, dict] = {
     # The earlier cpu preset: f = sin(4x), learned positions, GPT-2's initialisation, gradient clipping
     # at 1.0. ~4.5 minutes per arm on 2 cores; the horizon and breadcrumbs presets use its model.
     "cpu-sin4": {**_CPU, "out": "runs/synthetic-cpu-sin4", "task": _CPU_TASK, "probe": _PROBE},
+    # Per-feature attribution on cpu-sin4 (where vanilla reliably learns f(x_n) at layer 1): vanilla and
+    # myopic, the f(x_n) probe at layer 1 split at positions 8, 16, 24 and the last (31, where nothing
+    # can be pre-cached), measured at 0, 1, 2, 4, ..., every 250 steps. docs/attribution.md.
+    "attribution-cpu": {**_CPU, "out": "runs/synthetic-attribution-cpu", "task": _CPU_TASK, "probe": _PROBE,
+                        "control_arms": [], "gradient_split_batches": 0,
+                        "attribution": {"layers": [1], "positions": [8, 16, 24, 31], "every": 250}},
     # The shift-0 control alone at the cpu-sin4 budget.
     "breadcrumbs": {**_CPU, "out": "runs/synthetic-breadcrumbs", "arms": ["vanilla", "myopic"],
                     "control_arms": [], "task": {**_CPU_TASK, "shift": 0}},

@@ -19,9 +19,11 @@ import torch
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import mean_ci
 from myopia.attention.cut import Cut
+from myopia.config import ConfigError
 from myopia.experiments.synthetic import horizon, report
 from myopia.experiments.synthetic.config import PAPER, ProbeConfig, SyntheticExperiment, conditions
-from myopia.runs import gradient_geometry
+from myopia.experiments.synthetic.features import fx_probes
+from myopia.runs import feature_attribution, gradient_geometry
 from myopia.runs.arms import Arm, build_model
 from myopia.runs.grid import Cell, arm_folders, paired_runs, runs_by_arm, train_grid
 from myopia.runs.pairs import Pair, parse_pairs
@@ -98,6 +100,7 @@ def estimate_seconds_per_step(cfg: SyntheticExperiment, task: SyntheticConfig, d
 
 def run(cfg: SyntheticExperiment) -> dict:
     conds = conditions(cfg)
+    check_attribution(cfg)
     pairs = parse_pairs(cfg.pairs, [a.name for a in conds[0].arms], "pairs")
     device = resolve_device(cfg.train.device)
     n_arms = len(cfg.seeds) * sum(len(c.arms) for c in conds)
@@ -120,7 +123,18 @@ def run(cfg: SyntheticExperiment) -> dict:
             return _scorer(cfg, results["conditions"][cell.condition.label], cell, device)
 
         def monitor(cell: Cell):
-            return gradient_geometry.monitor_factory(cell.task, cfg.gradient_split_batches, cell.train)
+            geometry = gradient_geometry.monitor_factory(cell.task, cfg.gradient_split_batches, cell.train)
+            if not cfg.attribution.enabled:
+                return geometry
+            probes = fx_probes(cell.condition.task, cfg.attribution, cfg.probe.ridge, cell.seed)
+            attribute = feature_attribution.monitor(cell.task, cfg.attribution, cell.train, probes)
+
+            def monitor_for(arm, model):
+                # the local-myopic wrapper has no blocks of its own to split at
+                return feature_attribution.combine(geometry(arm, model) if geometry else None,
+                                                   None if arm.local else attribute)
+
+            return monitor_for
 
         if not train_grid(cfg, results, conds, scorer, monitor):
             return results.write(cfg.out, Status.INTERRUPTED)
@@ -133,8 +147,21 @@ def run(cfg: SyntheticExperiment) -> dict:
         geometry = gradient_geometry.collect(arm_folders(cfg.out, cfg.seeds[0], conds))
         if geometry is not None:
             results["gradient_geometry"] = geometry
+        attribution = feature_attribution.collect(arm_folders(cfg.out, cfg.seeds[0], conds))
+        if attribution is not None:
+            results[feature_attribution.KEY] = attribution
         data = results.write(cfg.out, Status.COMPLETED)
     return publish(cfg.out, data, report.write, report.summary_text)
+
+
+def check_attribution(cfg: SyntheticExperiment) -> None:
+    """One-line errors for attribution sites the model or the task does not have."""
+    att = cfg.attribution
+    if bad := [layer for layer in att.layers if layer >= cfg.model.n_layer]:
+        raise ConfigError(f"attribution.layers: {bad} must be below model.n_layer={cfg.model.n_layer} (the state "
+                          "entering block L is split; layer 1 is the residual stream after block 0)")
+    if bad := [t for t in att.positions if t >= cfg.task.seq_len]:
+        raise ConfigError(f"attribution.positions: {bad} must be below task.seq_len={cfg.task.seq_len}")
 
 
 def _scorer(cfg: SyntheticExperiment, entry: dict, cell: Cell, device: torch.device):
@@ -202,4 +229,4 @@ def compare(results: dict, pairs: list[Pair]) -> dict:
     return out
 
 
-__all__ = ["compare", "estimate_seconds_per_step", "layer1_r2", "probe_model", "run", "summarise", "task_trivial_loss"]
+__all__ = ["check_attribution", "compare", "estimate_seconds_per_step", "layer1_r2", "probe_model", "run", "summarise", "task_trivial_loss"]

@@ -7,7 +7,7 @@ import os
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
 from myopia.experiments.synthetic import horizon
-from myopia.runs import gradient_geometry
+from myopia.runs import feature_attribution, gradient_geometry
 from myopia.runs.pairs import PAPER_PAIR
 from myopia.runs.results import write_report
 from myopia.train.loop import MetricsLog
@@ -151,6 +151,11 @@ def write(out: str, results: dict) -> None:
         if gradient_geometry.plot(geometry, os.path.join(out, "gradient_geometry.png")):
             made.append("gradient_geometry.png")
         text += gradient_geometry.report_lines(geometry)
+    attribution = results.get(feature_attribution.KEY)
+    if attribution is not None:
+        if feature_attribution.plot(attribution, os.path.join(out, "feature_attribution.png")):
+            made.append("feature_attribution.png")
+        text += feature_attribution.report_lines(attribution)
     for name in made:
         text += [f"![{name}]({name})", ""]
     write_report(out, text)

@@ -1,0 +1,160 @@
+"""Per-feature attribution during training (myopia.runs.feature_attribution): the push towards a
+feature's target values is the first-order decrease it claims, the monitor leaves training bit for bit
+as it was, a myopic arm's pre-cached push is exactly zero at every step, and ``myopia synthetic``
+writes the records, a summary, a plot and the report's table."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_attribution import _data, _gpt
+
+from myopia import GPT, GPTConfig, cli
+from myopia.analysis.attribution import feature_pushes, split_gradient
+from myopia.experiments.synthetic.features import fx_probes
+from myopia.runs import feature_attribution as fa
+from myopia.tasks.synthetic import SyntheticConfig, SyntheticTask
+from myopia.train.config import OptimConfig, TrainConfig
+from myopia.train.loop import train_arm
+
+
+def _ce(out, y):
+    return F.cross_entropy(out.transpose(1, 2), y, reduction="none")
+
+
+def test_push_towards_targets_is_the_first_order_decrease_of_the_squared_error():
+    model, (x, y) = _gpt(), _data()
+    layer, position = 1, 2
+    split = split_gradient(model, x, y, _ce, layer, position)
+    g = torch.Generator().manual_seed(3)
+    w, t = torch.randn(8, dtype=torch.float64, generator=g), torch.randn(x.shape[0], dtype=torch.float64, generator=g)
+
+    @torch.no_grad()
+    def error():
+        _, hidden = model(x, return_hidden_states=True)
+        return 0.5 * float(((hidden[layer][:, position] @ w - t) ** 2).sum())
+
+    pushes = feature_pushes(split, w, targets=t)
+    assert pushes["direct"] + pushes["precached"] + pushes["shared"] == pytest.approx(
+        -sum(float((a * b).sum()) for a, b in zip(split.feature_grad(w, t - split.values @ w), split.total())), rel=1e-10)
+    for part in ("precached", "direct"):
+        before = error()
+        with torch.no_grad():
+            for p, grad in zip(split.params, split.part(part)):
+                p -= 1e-6 * grad
+        after = error()
+        with torch.no_grad():
+            for p, grad in zip(split.params, split.part(part)):
+                p += 1e-6 * grad
+        assert (before - after) / 1e-6 == pytest.approx(pushes[part], rel=1e-4)
+        assert abs(pushes[part]) > 1e-6  # a push that could be anything
+    with pytest.raises(ValueError, match="one value per example"):
+        feature_pushes(split, w, targets=t[:2])
+
+
+def test_several_directions_scored_together_add_up():
+    """A (d, k) read-out (a multi-class probe) pushes by the sum of its k columns' pushes."""
+    model, (x, y) = _gpt(), _data()
+    split = split_gradient(model, x, y, _ce, 0, 1)
+    g = torch.Generator().manual_seed(4)
+    W, t = torch.randn(8, 3, dtype=torch.float64, generator=g), torch.randn(x.shape[0], 3, dtype=torch.float64, generator=g)
+    together = feature_pushes(split, W, targets=t)
+    for part in ("direct", "precached", "shared"):
+        alone = sum(feature_pushes(split, W[:, j], targets=t[:, j])[part] for j in range(3))
+        assert together[part] == pytest.approx(alone, rel=1e-10)
+    assert feature_pushes(split, W)["direct"] == pytest.approx(sum(feature_pushes(split, W[:, j])["direct"]
+                                                                   for j in range(3)), rel=1e-10)
+
+
+def test_attribution_config_refuses_half_a_site():
+    with pytest.raises(ValueError, match="both layers and positions"):
+        fa.AttributionConfig(layers=[1])
+    assert not fa.AttributionConfig().enabled
+
+
+def _synthetic_run(tmp_path, attention, monitor):
+    task_cfg = SyntheticConfig(seq_len=8, window=3)
+    task = SyntheticTask(task_cfg, seed=0)
+    train = TrainConfig(steps=9, batch_size=8, eval_every=4, checkpoint_every=0, log_every=1, progress=False)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, input_dim=2, output_dim=1,
+                          dropout=0.2, attention=attention))
+    watch = None
+    if monitor:
+        cfg = fa.AttributionConfig(layers=[1], positions=[2, 7], batch_size=4, probe_sequences=32)
+        watch = fa.monitor(task, cfg, train, fx_probes(task_cfg, cfg, 1e-4, seed=0))
+    result = train_arm(model, task, OptimConfig(lr=3e-3), train, arm_dir=str(tmp_path / attention / str(monitor)),
+                       arm=attention, monitor=watch)
+    return model, result, fa.read_trajectory(str(tmp_path / attention / str(monitor)))
+
+
+def test_monitor_leaves_training_unchanged_and_a_myopic_arm_precaches_nothing(tmp_path):
+    """With dropout on (any RNG use would show), the monitored run equals the unmonitored one bit for
+    bit; it measures at 0, 1, 2, 4, 8 and the last step; the vanilla arm's pre-cached push is non-zero
+    before the last position and zero at it, the myopic arm's is exactly zero everywhere."""
+    plain, a, _ = _synthetic_run(tmp_path, "vanilla", monitor=False)
+    watched, b, trajectory = _synthetic_run(tmp_path, "vanilla", monitor=True)
+    assert [r["loss"] for r in a.history if "loss" in r] == [r["loss"] for r in b.history if "loss" in r]
+    for p, q in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(p, q)
+    assert [e["step"] for e in trajectory] == [0, 1, 2, 4, 8, 9]
+    sites = [r for e in trajectory for r in e["sites"]]
+    assert {(r["layer"], r["position"]) for r in sites} == {(1, 2), (1, 7)}
+    assert any(abs(r["sgd"]["precached"]) > 0 for r in sites if r["position"] == 2)
+    assert all(r["sgd"]["precached"] == 0 for r in sites if r["position"] == 7)  # the last position
+    assert trajectory[0]["sites"][0]["adam"] is None and trajectory[-1]["sites"][0]["adam"] is not None
+    _, _, myopic = _synthetic_run(tmp_path, "myopic", monitor=True)
+    assert all(r[kind]["precached"] == 0 for e in myopic for r in e["sites"] for kind in ("sgd", "adam") if r[kind])
+    assert any(abs(r["sgd"]["direct"]) > 0 for e in myopic for r in e["sites"])
+
+
+def test_synthetic_experiment_writes_the_attribution(tmp_path):
+    out = tmp_path / "att"
+    assert cli.main(["synthetic", "--preset", "tiny", "--control_arms", "", "--out", str(out), "--train.steps", "8",
+                     "--gradient_split_batches", "0", "--attribution.layers", "1",
+                     "--attribution.positions", "3,15", "--attribution.batch_size", "8",
+                     "--attribution.probe_sequences", "64"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    att = results["feature_attribution"]
+    assert set(att["runs"]) == {"shift1_p1 vanilla", "shift1_p1 myopic"}
+    summary = att["summary"]["shift1_p1 myopic"]["layer 1 position 3 f(x_t)"]
+    assert summary["precached"] == 0 and summary["direct"] != 0
+    assert att["summary"]["shift1_p1 vanilla"]["layer 1 position 3 f(x_t)"]["precached"] != 0
+    assert (out / "feature_attribution.png").exists()
+    assert "| shift1_p1 vanilla | 1 | 3 | f(x_t) |" in (out / "report.md").read_text()
+
+
+def test_synthetic_refuses_a_site_the_model_does_not_have(tmp_path, capsys):
+    assert cli.main(["synthetic", "--preset", "tiny", "--out", str(tmp_path / "x"), "--attribution.layers", "2",
+                     "--attribution.positions", "3"]) != 0
+    assert "attribution.layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", [[], ["--hf_model", "llama-tiny"]], ids=["gpt", "llama-tiny"])
+def test_lm_experiment_scores_future_token_probes(tmp_path, model):
+    """``myopia lm --attribution...`` splits each arm's gradient at the start and end of training and
+    scores the future-token probes (t+1, t+2; none where t+k is past the window); the myopic arm's
+    pre-cached push is exactly zero; the report ranks the layers."""
+    out = tmp_path / "lm"
+    assert cli.main(["lm", "--preset", "tiny", "--arms", "vanilla,myopic", "--out", str(out), *model,
+                     "--train.steps", "2", "--analysis.probe_offsets", "1,2", "--attribution.layers", "0,1",
+                     "--attribution.positions", "3,15", "--attribution.batch_size", "4",
+                     "--attribution.probe_sequences", "32"]) == 0
+    att = json.loads((out / "results.json").read_text())["feature_attribution"]
+    vanilla, myopic = att["runs"]["seed 0 vanilla"], att["runs"]["seed 0 myopic"]
+    assert [e["step"] for e in vanilla] == [0, 1, 2]
+    sites = {(r["layer"], r["position"], r["feature"]) for r in vanilla[0]["sites"]}
+    assert (1, 15, "token t+1") in sites and (1, 15, "token t+2") not in sites  # t+2 = 17 > T = 16
+    assert all(0 <= r["probe"]["accuracy"] <= 1 for r in vanilla[0]["sites"])
+    assert any(r["sgd"]["precached"] != 0 for r in vanilla[0]["sites"] if r["position"] == 3)
+    assert all(r["sgd"]["precached"] == 0 for e in myopic for r in e["sites"])
+    report = (out / "report.md").read_text()
+    assert "## Per-feature attribution by layer: seed 0 vanilla, step 0" in report
+    assert (out / "feature_attribution_layers.png").exists()
+
+
+def test_lm_refuses_a_layer_the_model_does_not_have(tmp_path, capsys):
+    assert cli.main(["lm", "--preset", "tiny", "--arms", "vanilla", "--out", str(tmp_path / "x"),
+                     "--train.steps", "1", "--attribution.layers", "2", "--attribution.positions", "3"]) != 0
+    assert "attribution.layers" in capsys.readouterr().err
