@@ -113,10 +113,15 @@ def test_feature_pushes_add_up_and_adam_preconditions():
     total = -sum(float((a * b).sum()) for a, b in zip(direction, split.total()))
     assert pushes["direct"] + pushes["precached"] + pushes["shared"] == pytest.approx(total, rel=1e-10)
     assert -1 <= pushes["precaching_score"] <= 1
-    opt = torch.optim.AdamW(model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     assert adam_preconditioner(opt, split.params) is None  # no moments before the first step
     model(x).sum().backward()
+    before = [p.detach().clone() for p in split.params]
     opt.step()
+    # AdamW's first step is lr * g / (sqrt(g^2) + eps): the preconditioner times the gradient it saw
+    pre = adam_preconditioner(opt, split.params)
+    for p, p0, c in zip(split.params, before, pre):
+        torch.testing.assert_close(p0 - p.detach(), 1e-3 * p.grad * c, rtol=1e-6, atol=1e-12)
     split = split_gradient(model, x, y, _ce, 1, 2)  # at the new weights
     plain, adam = feature_pushes(split, w), feature_pushes(split, w, adam_preconditioner(opt, split.params))
     assert adam["precached"] != plain["precached"] and adam["direct"] != plain["direct"]

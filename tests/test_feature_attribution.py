@@ -112,7 +112,7 @@ def test_monitor_leaves_training_unchanged_and_a_myopic_arm_precaches_nothing(tm
 def test_synthetic_experiment_writes_the_attribution(tmp_path):
     out = tmp_path / "att"
     assert cli.main(["synthetic", "--preset", "tiny", "--control_arms", "", "--out", str(out), "--train.steps", "8",
-                     "--gradient_split_batches", "0", "--attribution.layers", "1",
+                     "--seeds", "0,1", "--gradient_split_batches", "0", "--attribution.layers", "1",
                      "--attribution.positions", "3,15", "--attribution.batch_size", "8",
                      "--attribution.probe_sequences", "64"]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -123,6 +123,8 @@ def test_synthetic_experiment_writes_the_attribution(tmp_path):
     assert att["summary"]["shift1_p1 vanilla"]["layer 1 position 3 f(x_t)"]["precached"] != 0
     assert (out / "feature_attribution.png").exists()
     assert "| shift1_p1 vanilla | 1 | 3 | f(x_t) |" in (out / "report.md").read_text()
+    assert fa.read_trajectory(str(out / "seed0" / "shift1_p1" / "vanilla"))  # the first seed only is measured
+    assert not fa.read_trajectory(str(out / "seed1" / "shift1_p1" / "vanilla"))
 
 
 def test_synthetic_refuses_a_site_the_model_does_not_have(tmp_path, capsys):
@@ -154,7 +156,14 @@ def test_lm_experiment_scores_future_token_probes(tmp_path, model):
     assert (out / "feature_attribution_layers.png").exists()
 
 
-def test_lm_refuses_a_layer_the_model_does_not_have(tmp_path, capsys):
-    assert cli.main(["lm", "--preset", "tiny", "--arms", "vanilla", "--out", str(tmp_path / "x"),
-                     "--train.steps", "1", "--attribution.layers", "2", "--attribution.positions", "3"]) != 0
-    assert "attribution.layers" in capsys.readouterr().err
+@pytest.mark.parametrize("bad,named", [
+    (["--attribution.layers", "2", "--attribution.positions", "3"], "attribution.layers"),
+    (["--attribution.layers", "0", "--attribution.positions", "16"], "attribution.positions"),
+    (["--attribution.layers", "0", "--attribution.positions", "3", "--analysis.probe_offsets", "16"], "probe_offsets"),
+], ids=["layer", "position", "no-probe"])
+def test_lm_refuses_a_site_or_probe_it_does_not_have_before_training(tmp_path, capsys, bad, named):
+    out = tmp_path / "x"
+    assert cli.main(["lm", "--preset", "tiny", "--arms", "vanilla", "--out", str(out), "--train.steps", "1",
+                     "--analysis.probe_offsets", "1", *bad]) != 0
+    assert named in capsys.readouterr().err
+    assert not (out / "pretrain").exists() and not (out / "seed0").exists()

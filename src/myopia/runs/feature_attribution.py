@@ -13,6 +13,7 @@ future-token probes (docs/attribution.md).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,8 +21,9 @@ import torch
 from torch import nn
 
 from myopia.analysis import plots
-from myopia.analysis.attribution import adam_preconditioner, feature_pushes, split_gradient
+from myopia.analysis.attribution import adam_preconditioner, feature_pushes, residual_blocks, split_gradient
 from myopia.analysis.gradients import log_spaced_steps
+from myopia.config import ConfigError
 from myopia.tasks.base import loss_mask
 from myopia.train.config import TrainConfig
 from myopia.train.layout import metrics_path
@@ -144,6 +146,40 @@ def monitor(task, cfg: AttributionConfig, train: TrainConfig, fit_probes: ProbeF
         return {KEY: measure(model, task, cfg, fit_probes, optimizer)}
 
     return watch
+
+
+def monitor_factory(task, cfg: AttributionConfig, train: TrainConfig, fit_probes: ProbeFitter) -> Callable | None:
+    """``monitor_for(arm, model)`` for ``run_arms``: :func:`monitor` for every arm but local-myopic ones
+    (their wrapper has no blocks of its own to split at), after a one-line error for a layer the model
+    does not have; or None when off (no sites, or FSDP over several ranks: the bare model's parameters
+    are shards there)."""
+    if not cfg.enabled or (train.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return None
+    watch = monitor(task, cfg, train, fit_probes)
+
+    def monitor_for(arm, model):
+        if arm.local:
+            return None
+        n_blocks = len(residual_blocks(model))
+        if bad := [layer for layer in cfg.layers if layer >= n_blocks]:
+            raise ConfigError(f"attribution.layers: {bad} must be below the model's {n_blocks} blocks (the state "
+                              "entering block L is split; layer 1 is the residual stream after block 0)")
+        return watch
+
+    return monitor_for
+
+
+def merge_factories(*factories: Callable | None) -> Callable | None:
+    """One ``monitor_for(arm, model)`` from several (e.g. the gradient split's and this one), None if
+    none is given."""
+    present = [f for f in factories if f is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+
+    def monitor_for(arm, model):
+        return combine(*(f(arm, model) for f in present))
+
+    return monitor_for
 
 
 def combine(*monitors: Callable | None) -> Callable | None:
@@ -278,7 +314,7 @@ def plot_by_layer(attribution: dict, label: str, step: int, path: str) -> str | 
     # numbers, while a much larger direct push still fits
     largest = max((abs(r["sgd"]["precached"]) for r in entry["sites"]), default=0.0)
     left.set_yscale("symlog", linthresh=largest / 10 if largest > 0 else 1e-6)
-    left.set_ylabel("push towards the true future token (plain step)")
+    left.set_ylabel("push towards the feature's values (plain step)")
     left.set_title(f"{label}, step {step}")
     left.legend(frameon=False, fontsize=7)
     right.set_ylim(-1.05, 1.05)
@@ -289,8 +325,8 @@ def plot_by_layer(attribution: dict, label: str, step: int, path: str) -> str | 
 
 
 def step_lines(attribution: dict, label: str, step: int) -> list[str]:
-    """The report's per-layer table of one measurement of run ``label``, the largest pre-cached push
-    first in each probe's ranking."""
+    """The report's per-layer table of one measurement of run ``label`` (by probe, position and layer),
+    then the three largest pre-cached pushes."""
     entry = next((e for e in attribution["runs"].get(label, []) if e["step"] == step), None)
     if entry is None:
         return []
@@ -330,5 +366,6 @@ def report_lines(attribution: dict) -> list[str]:
     return lines + [""]
 
 
-__all__ = ["KEY", "AttributionConfig", "Probe", "ProbeFitter", "collect", "combine", "measure", "monitor", "plot",
+__all__ = ["KEY", "AttributionConfig", "Probe", "ProbeFitter", "collect", "combine", "measure", "merge_factories",
+           "monitor", "monitor_factory", "plot",
            "plot_by_layer", "read_trajectory", "report_lines", "step_lines", "summarise"]

@@ -12,8 +12,9 @@ from myopia.analysis.probes import ProbeStats
 from myopia.experiments.lm.analysis import token_classes
 from myopia.runs.feature_attribution import AttributionConfig, Probe, ProbeFitter
 
-_FIRST_WINDOW = 2 * 10**7
-"""Training windows from here on fit the probes (the analysis's probes use 10**7 onwards)."""
+_FIRST_STEP = 2 * 10**7
+"""The probes are fitted on the training batches of steps from here on (a pure function of the step;
+the analysis's probes use 10**7 onwards, training far fewer)."""
 
 
 def _tokens(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -23,8 +24,9 @@ def _tokens(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def future_token_probes(task, offsets: list[int], n_classes: int, cfg: AttributionConfig) -> ProbeFitter:
     """``fit_probes(model, layers)``: at each layer and offset k, the ridge probe from the state at t
     to the one-hot class of the token at t+k (``n_classes``: the most frequent tokens and 'other'),
-    fitted on half of ``cfg.probe_sequences`` training windows (held-out accuracy on the other half). Scored together over its classes: its push is the move of the probe's k-class reading
-    towards the one-hot of the true future token."""
+    fitted on half of ``cfg.probe_sequences`` training windows (held-out accuracy on the other half).
+    Scored together over its classes: its push is the move of the probe's k-class reading towards the
+    one-hot of the true future token."""
     lookup = token_classes(task, n_classes)
     T = task.seq_len
     offsets = [k for k in offsets if 0 < k < T]
@@ -40,7 +42,7 @@ def future_token_probes(task, offsets: list[int], n_classes: int, cfg: Attributi
 
     def windows(first: int):
         for i in range(first, first + half, 16):
-            yield task.train_batch(_FIRST_WINDOW + i, 0, min(16, first + half - i))
+            yield task.train_batch(_FIRST_STEP + i, 0, min(16, first + half - i))
 
     @torch.no_grad()
     def fit_probes(model: nn.Module, layers: list[int]) -> dict[int, list[Probe]]:

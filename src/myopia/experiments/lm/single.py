@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import torch
 
-from myopia.analysis.attribution import residual_blocks
 from myopia.attention.cut import VANILLA
 from myopia.config import ConfigError
 from myopia.experiments.lm import steps
@@ -37,6 +36,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
     """The experiment at ``cfg.data.seq_len``; ``block_size`` (the context sweep's) sizes the model's
     context beyond the window, so that runs at several window lengths train the same model."""
     arms = parse_arms(cfg.arms, allow_local=True)
+    check_attribution(cfg)
     pairs = parse_pairs(cfg.analysis.pairs, [a.name for a in arms], "analysis.pairs")
     probe_arms = {a.name for a in arms if not a.cut.changes_forward}  # a bigram state sees one token
     cuts = {a.name: a.cut for a in arms if not a.local}
@@ -143,24 +143,30 @@ def monitors(cfg: LMExperiment, task: TextTask, train: TrainConfig, first_seed: 
     """``monitor_for(arm, model)``: the arms' training monitors, reported for the first seed only: the
     gradient split and the per-feature attribution (future-token probes), where configured."""
     geometry = gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches if first_seed else 0, train)
-    att = cfg.attribution
-    if not (first_seed and att.enabled):
+    if not (first_seed and cfg.attribution.enabled):
         return geometry
-    attribute = feature_attribution.monitor(
-        task, att, train, future_token_probes(task, cfg.analysis.probe_offsets, cfg.analysis.probe_classes, att))
+    probes = future_token_probes(task, cfg.analysis.probe_offsets, cfg.analysis.probe_classes, cfg.attribution)
+    return feature_attribution.merge_factories(
+        geometry, feature_attribution.monitor_factory(task, cfg.attribution, train, probes))
 
-    def monitor_for(arm, model):
-        if not arm.local:  # the local-myopic wrapper has no blocks of its own to split at
-            n_blocks = len(residual_blocks(model))
-            if bad := [layer for layer in att.layers if layer >= n_blocks]:
-                raise ConfigError(f"attribution.layers: {bad} must be below the model's {n_blocks} blocks (the state "
-                                  "entering block L is split)")
-            if bad := [t for t in att.positions if t >= task.seq_len]:
-                raise ConfigError(f"attribution.positions: {bad} must be below data.seq_len={task.seq_len}")
-        return feature_attribution.combine(geometry(arm, model) if geometry else None,
-                                           None if arm.local else attribute)
 
-    return monitor_for
+def check_attribution(cfg: LMExperiment) -> None:
+    """One-line errors, before anything trains, for attribution sites the windows or the model do not
+    have, and for attribution without a future-token probe to score."""
+    att = cfg.attribution
+    if not att.enabled:
+        return
+    T = cfg.data.seq_len
+    if bad := [t for t in att.positions if t >= T]:
+        raise ConfigError(f"attribution.positions: {bad} must be below data.seq_len={T}")
+    if not [k for k in cfg.analysis.probe_offsets if 0 < k < T]:
+        raise ConfigError(f"attribution: analysis.probe_offsets={cfg.analysis.probe_offsets} has no offset k with "
+                          f"0 < k < data.seq_len={T}; the attribution scores future-token probes (e.g. "
+                          "--analysis.probe_offsets 1,2)")
+    n_layer = None if cfg.hf_model or cfg.init_from else cfg.model.n_layer  # else checked once the model is built
+    if n_layer is not None and (bad := [layer for layer in att.layers if layer >= n_layer]):
+        raise ConfigError(f"attribution.layers: {bad} must be below model.n_layer={cfg.model.n_layer} (the state "
+                          "entering block L is split; layer 1 is the residual stream after block 0)")
 
 
 def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:
@@ -246,5 +252,5 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     return kept.get("model"), status
 
 
-__all__ = ["analysis_precision", "fresh_model", "monitors", "pretrained_hf", "pretrained_start", "run_single", "start_kind",
-           "starting_model"]
+__all__ = ["analysis_precision", "check_attribution", "fresh_model", "monitors", "pretrained_hf", "pretrained_start",
+           "run_single", "start_kind", "starting_model"]
