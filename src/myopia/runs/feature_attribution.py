@@ -13,7 +13,6 @@ future-token probes (docs/attribution.md).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ from myopia.analysis.gradients import log_spaced_steps
 from myopia.config import ConfigError
 from myopia.tasks.base import loss_mask
 from myopia.train.config import TrainConfig
+from myopia.train.distributed import sharded_across_ranks
 from myopia.train.layout import metrics_path
 from myopia.train.loop import MetricsLog
 
@@ -61,6 +61,15 @@ class AttributionConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.layers)
+
+    def check_sites(self, n_blocks: int | None, blocks_named: str, seq_len: int | None, seq_len_named: str) -> None:
+        """One-line errors for a layer at or past ``n_blocks`` or a position at or past ``seq_len``
+        (either None: not known yet), the limits named as the user knows them (e.g. model.n_layer)."""
+        if n_blocks is not None and (bad := [layer for layer in self.layers if layer >= n_blocks]):
+            raise ConfigError(f"attribution.layers: {bad} must be below {n_blocks} ({blocks_named}; the state "
+                              "entering block L is split; layer 1 is the residual stream after block 0)")
+        if seq_len is not None and (bad := [t for t in self.positions if t >= seq_len]):
+            raise ConfigError(f"attribution.positions: {bad} must be below {seq_len} ({seq_len_named})")
 
 
 @dataclass
@@ -109,6 +118,8 @@ def measure(model: nn.Module, task, cfg: AttributionConfig, fit_probes: ProbeFit
     x, y = task.heldout_batch(0, cfg.batch_size)
     x, y = x.to(device), y.to(device)
     losses = _per_position_losses(task)
+    params = [p for p in model.parameters() if p.requires_grad]
+    pre = adam_preconditioner(optimizer, params) if optimizer is not None else None  # the same at every site
     was_training = model.training
     model.eval()
     records = []
@@ -119,8 +130,7 @@ def measure(model: nn.Module, task, cfg: AttributionConfig, fit_probes: ProbeFit
                 wanted = [(p, t) for p in probes[layer] if (t := p.targets(x, y, position)) is not None]
                 if not wanted:
                     continue
-                split = split_gradient(model, x, y, losses, layer, position)
-                pre = adam_preconditioner(optimizer, split.params) if optimizer is not None else None
+                split = split_gradient(model, x, y, losses, layer, position, params)
                 for probe, t in wanted:
                     w = probe.weight.to(split.values.device)
                     t = t.to(split.values.device) - probe.bias.to(split.values.device)
@@ -153,17 +163,14 @@ def monitor_factory(task, cfg: AttributionConfig, train: TrainConfig, fit_probes
     (their wrapper has no blocks of its own to split at), after a one-line error for a layer the model
     does not have; or None when off (no sites, or FSDP over several ranks: the bare model's parameters
     are shards there)."""
-    if not cfg.enabled or (train.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if not cfg.enabled or sharded_across_ranks(train.parallel):
         return None
     watch = monitor(task, cfg, train, fit_probes)
 
     def monitor_for(arm, model):
         if arm.local:
             return None
-        n_blocks = len(residual_blocks(model))
-        if bad := [layer for layer in cfg.layers if layer >= n_blocks]:
-            raise ConfigError(f"attribution.layers: {bad} must be below the model's {n_blocks} blocks (the state "
-                              "entering block L is split; layer 1 is the residual stream after block 0)")
+        cfg.check_sites(len(residual_blocks(model)), "the model's blocks", None, "")
         return watch
 
     return monitor_for

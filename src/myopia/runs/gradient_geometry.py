@@ -3,12 +3,12 @@ trajectories gathered from the arms' ``metrics.jsonl``, a plot and the report's 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from myopia.analysis import plots
 from myopia.analysis.gradients import PAPER_GEOMETRY, split_monitor, splittable
 from myopia.train.config import TrainConfig
+from myopia.train.distributed import sharded_across_ranks
 from myopia.train.layout import metrics_path
 from myopia.train.loop import MetricsLog
 
@@ -17,7 +17,7 @@ def monitor_factory(task, n_batches: int, train: TrainConfig) -> Callable | None
     """``monitor_for(arm, model)`` for ``run_arms`` training with ``train`` (batch size, precision,
     eval cadence, last step), or None when off (``n_batches`` 0, or FSDP: the bare model's
     parameters are shards there)."""
-    if n_batches <= 0 or (train.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if n_batches <= 0 or sharded_across_ranks(train.parallel):
         return None
 
     def monitor_for(arm, model):

@@ -119,6 +119,12 @@ def parallelize(model: nn.Module, dist: Dist, strategy: str, device: torch.devic
     raise ValueError(f"train.parallel={strategy!r} is not one of ddp, fsdp")
 
 
+def sharded_across_ranks(strategy: str) -> bool:
+    """Whether the bare model's parameters are shards in this process (FSDP over several ranks), so that
+    a measurement on it (a monitor's gradient split) would see only this rank's pieces."""
+    return strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules FSDP2 shards one by one (each a unit of all-gather and reshard): our GPT's
     ``blocks``; for a transformers model its decoder layers, the classes its ``_no_split_modules``

@@ -126,13 +126,12 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
         if curves:
             results["horizon_curves"] = curves
         pretrained = pretrain_dir(cfg.out, seeds[0] if cfg.pretrain.per_seed else None)
+        first_seed_arms = {f"seed {seeds[0]} {a.name}": os.path.join(seed_dir(cfg.out, seeds[0]), a.name) for a in arms}
         geometry = gradient_geometry.collect(
-            {**({"pretraining": pretrained} if cfg.pretrain.steps and not cfg.init_from else {}),
-             **{f"seed {seeds[0]} {a.name}": os.path.join(seed_dir(cfg.out, seeds[0]), a.name) for a in arms}})
+            {**({"pretraining": pretrained} if cfg.pretrain.steps and not cfg.init_from else {}), **first_seed_arms})
         if geometry is not None:
             results["gradient_geometry"] = geometry
-        attribution = feature_attribution.collect(
-            {f"seed {seeds[0]} {a.name}": os.path.join(seed_dir(cfg.out, seeds[0]), a.name) for a in arms})
+        attribution = feature_attribution.collect(first_seed_arms)
         if attribution is not None:
             results[feature_attribution.KEY] = attribution
         data = results.write(cfg.out, Status.COMPLETED)
@@ -157,16 +156,12 @@ def check_attribution(cfg: LMExperiment) -> None:
     if not att.enabled:
         return
     T = cfg.data.seq_len
-    if bad := [t for t in att.positions if t >= T]:
-        raise ConfigError(f"attribution.positions: {bad} must be below data.seq_len={T}")
+    n_layer = None if cfg.hf_model or cfg.init_from else cfg.model.n_layer  # else checked once the model is built
+    att.check_sites(n_layer, "model.n_layer", T, "data.seq_len")
     if not [k for k in cfg.analysis.probe_offsets if 0 < k < T]:
         raise ConfigError(f"attribution: analysis.probe_offsets={cfg.analysis.probe_offsets} has no offset k with "
                           f"0 < k < data.seq_len={T}; the attribution scores future-token probes (e.g. "
                           "--analysis.probe_offsets 1,2)")
-    n_layer = None if cfg.hf_model or cfg.init_from else cfg.model.n_layer  # else checked once the model is built
-    if n_layer is not None and (bad := [layer for layer in att.layers if layer >= n_layer]):
-        raise ConfigError(f"attribution.layers: {bad} must be below model.n_layer={cfg.model.n_layer} (the state "
-                          "entering block L is split; layer 1 is the residual stream after block 0)")
 
 
 def fresh_model(cfg: LMExperiment, arm: Arm, task: TextTask, overrides: dict, seed: int) -> torch.nn.Module:

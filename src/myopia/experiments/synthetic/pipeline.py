@@ -19,7 +19,6 @@ import torch
 from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import mean_ci
 from myopia.attention.cut import Cut
-from myopia.config import ConfigError
 from myopia.experiments.synthetic import horizon, report
 from myopia.experiments.synthetic.config import PAPER, ProbeConfig, SyntheticExperiment, conditions
 from myopia.experiments.synthetic.features import fx_probes
@@ -150,12 +149,7 @@ def run(cfg: SyntheticExperiment) -> dict:
 
 def check_attribution(cfg: SyntheticExperiment) -> None:
     """One-line errors for attribution sites the model or the task does not have."""
-    att = cfg.attribution
-    if bad := [layer for layer in att.layers if layer >= cfg.model.n_layer]:
-        raise ConfigError(f"attribution.layers: {bad} must be below model.n_layer={cfg.model.n_layer} (the state "
-                          "entering block L is split; layer 1 is the residual stream after block 0)")
-    if bad := [t for t in att.positions if t >= cfg.task.seq_len]:
-        raise ConfigError(f"attribution.positions: {bad} must be below task.seq_len={cfg.task.seq_len}")
+    cfg.attribution.check_sites(cfg.model.n_layer, "model.n_layer", cfg.task.seq_len, "task.seq_len")
 
 
 def _scorer(cfg: SyntheticExperiment, entry: dict, cell: Cell, device: torch.device):
