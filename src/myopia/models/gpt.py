@@ -18,6 +18,7 @@ from torch import nn
 from myopia.attention import ATTENTION_MODES, BACKENDS, VANILLA, Cut, attention, reference_attention
 from myopia.attention.cut import check_backend
 from myopia.attention.projection import project_with_weight_only_copy
+from myopia.models.token_loss import linear_cross_entropy
 
 
 INIT_SCHEMES = ("gpt2", "torch-default")
@@ -314,11 +315,17 @@ class GPT(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        targets: torch.Tensor | None = None,
         *,
         return_hidden_states: bool = False,
         past_states: list[torch.Tensor] | None = None,
     ):
         """``x``: token ids ``(B, T)`` or, with ``input_dim``, vectors ``(B, T, input_dim)``.
+
+        With ``targets`` (token ids ``(B, T)``; -100 = no loss) a token model returns the
+        next-token cross-entropy at every position, ``(B, T)`` float32, instead of the logits:
+        the head and the loss run in row chunks (:func:`myopia.models.token_loss.linear_cross_entropy`),
+        so the ``(B, T, vocab_size)`` logits never exist at once.
 
         With ``return_hidden_states`` also returns the residual stream before block 0 (the
         embeddings) and after every block: ``n_layer + 1`` tensors of shape ``(B, T, n_embd)``.
@@ -330,6 +337,9 @@ class GPT(nn.Module):
         """
         if past_states is not None and len(past_states) < self.config.n_layer:
             raise ValueError(f"past_states has {len(past_states)} tensors; the model has {self.config.n_layer} blocks")
+        if targets is not None and self.config.output_dim is not None:
+            raise ValueError("GPT(targets=...) computes a next-token cross-entropy; this model has a continuous "
+                             f"output (output_dim={self.config.output_dim}): call model(x) and score its output")
         T = x.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
@@ -341,7 +351,10 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, None if past_states is None else past_states[i])
             hidden.append(h)
-        out = self.head(self.ln_f(h))
+        if targets is None:
+            out = self.head(self.ln_f(h))
+        else:
+            out = linear_cross_entropy(self.ln_f(h), self.head.weight, targets)
         return (out, hidden) if return_hidden_states else out
 
 

@@ -41,10 +41,10 @@ class LocalMyopicGPT(nn.Module):
         self.frozen.eval()  # no dropout in the states that serve as the past
         return self
 
-    def forward(self, x: torch.Tensor, *, return_hidden_states: bool = False):
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, return_hidden_states: bool = False):
         with torch.no_grad():
             _, past = self.frozen(x, return_hidden_states=True)
-        return self.model(x, past_states=past[:-1], return_hidden_states=return_hidden_states)
+        return self.model(x, targets, past_states=past[:-1], return_hidden_states=return_hidden_states)
 
 
 __all__ = ["LocalMyopicGPT"]

@@ -47,6 +47,7 @@ class AnswerTask:
     """Base of the answer tasks: subclasses set ``vocab``, ``prompt_len``, ``answer_len`` and ``sample``."""
 
     name = "answer"
+    next_token_loss = True  # the model may fuse its head into the loss (tasks.base.position_losses)
     vocab: list[str]
     prompt_len: int
     answer_len: int

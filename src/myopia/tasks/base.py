@@ -40,6 +40,9 @@ class Task(Protocol):
 
     # Optional: ``loss_mask(y) -> (B, T) bool``, the positions that carry loss (e.g. an answer's
     # tokens). A task without it trains on every position; see :func:`mean_loss`.
+    # Optional: ``next_token_loss = True``: ``loss_per_position`` is the cross-entropy of token-id
+    # targets (IGNORE = no loss), so the model may compute it itself, head fused into the loss
+    # (``model(x, targets=y)``); see :func:`position_losses`.
 
 
 def loss_mask(task: Task, y: torch.Tensor) -> torch.Tensor | None:
@@ -48,12 +51,31 @@ def loss_mask(task: Task, y: torch.Tensor) -> torch.Tensor | None:
     return None if fn is None else fn(y)
 
 
-def mean_loss(task: Task, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The loss the training loop minimises on one (micro-)batch: the mean over every position, or,
-    for a task with a loss mask, the sum over masked positions divided by their number (so the loss
-    and the gradient scale are those of the masked tokens alone)."""
-    per_position = task.loss_per_position(pred, y)
+def position_losses(task: Task, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``model``'s loss at every position of ``x``, ``(B, T)``. For a next-token task
+    (``task.next_token_loss``) the model computes it from its last hidden states with the head fused
+    into the loss (``model(x, targets=y)``: :mod:`myopia.models.token_loss`), so no logits tensor of
+    the vocabulary's width exists; otherwise ``task.loss_per_position(model(x), y)``."""
+    if getattr(task, "next_token_loss", False):
+        return model(x, targets=y)
+    return task.loss_per_position(model(x), y)
+
+
+def reduce_loss(task: Task, per_position: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss the training loop minimises on one (micro-)batch from its per-position losses: the
+    mean over every position, or, for a task with a loss mask, the sum over masked positions divided
+    by their number (so the loss and the gradient scale are those of the masked tokens alone)."""
     mask = loss_mask(task, y)
     if mask is None:
         return per_position.mean()
     return torch.where(mask, per_position, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def model_loss(task: Task, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`reduce_loss` of :func:`position_losses`: the training loss of ``model`` on ``(x, y)``."""
+    return reduce_loss(task, position_losses(task, model, x, y), y)
+
+
+def mean_loss(task: Task, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`reduce_loss` of the task's loss of the model output ``pred`` (logits or values)."""
+    return reduce_loss(task, task.loss_per_position(pred, y), y)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from myopia.data.cache import load_or_build
+from myopia.data.cache import default_cache_dir, load_or_build
 from myopia.data.corpus import DataError, fingerprint, load_documents, split_documents
 from myopia.data.tokenizer import build_tokenizer
 from myopia.tasks.base import HELDOUT_STREAM, TRAIN_STREAM, batch_generator
@@ -44,10 +44,6 @@ def heldout_part(docs: list, part: str) -> list:
                             "data.heldout_fraction or use data.heldout_part all")
         return docs
     return docs[0::2] if part == "report" else docs[1::2]
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("MYOPIA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "myopia"))
 
 
 @dataclass
@@ -107,6 +103,7 @@ class TextConfig:
 
 class TextTask:
     name = "text"
+    next_token_loss = True  # the model may fuse its head into the loss (tasks.base.position_losses)
 
     def __init__(self, cfg: TextConfig, seed: int, log=print):
         self.cfg, self.seed, self.seq_len = cfg, seed, cfg.seq_len

@@ -11,17 +11,15 @@ import contextlib
 import json
 import math
 import os
-import platform
 import signal
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from myopia.tasks.base import Task, loss_mask, mean_loss
+from myopia.tasks.base import Task, loss_mask, model_loss, position_losses
 from myopia.train.layout import checkpoints_dir, metrics_path
 from myopia.train.checkpoint import (
     capture,
@@ -37,6 +35,7 @@ from myopia.train.checkpoint import (
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import Dist, no_grad_sync, parallelize
 from myopia.train.optim import build_optimizer, lr_at
+from myopia.train.precision import autocast_for, cpu_has_native_bf16  # noqa: F401 (re-exported)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,31 +52,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but no CUDA device is available; use --train.device cpu")
     return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matrix products in hardware (AMX or AVX512-BF16). Without either,
-    bf16 autocast on the CPU is emulated: 7-25x slower than float32 (SmolLM2-135M on an AVX2 AMD EPYC,
-    2026-12-03), where AMX makes it about 2x faster."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True  # not x86 (e.g. Apple silicon, Graviton): no claim made, no warning
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-_warned_slow_bf16 = False
-
-
-def autocast_for(device: torch.device, precision: str):
-    global _warned_slow_bf16
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    if device.type == "cpu" and not _warned_slow_bf16 and not cpu_has_native_bf16():
-        _warned_slow_bf16 = True
-        warnings.warn("train.precision bf16 on a CPU without AMX or AVX512-BF16: bf16 is emulated here and runs "
-                      "several times slower than float32; use --train.precision fp32 (or auto)", stacklevel=2)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -169,7 +143,7 @@ def evaluate(model: torch.nn.Module, task: Task, n_batches: int, batch_size: int
             x, y = task.heldout_batch(i, batch_size)
             x, y = dist.shard(x), dist.shard(y)
             y = y.to(device)
-            losses = task.loss_per_position(model(x.to(device)), y).double()
+            losses = position_losses(task, model, x.to(device), y).double()
             mask = loss_mask(task, y)
             if mask is not None:
                 losses = torch.where(mask, losses, 0.0)
@@ -350,7 +324,7 @@ def train_arm(
                 x, y = dist.shard(x).to(device, non_blocking=True), dist.shard(y).to(device, non_blocking=True)
                 with no_grad_sync(wrapped, sync=micro == cfg.grad_accum - 1):
                     with autocast_for(device, cfg.precision):
-                        loss = mean_loss(task, wrapped(x), y) / cfg.grad_accum
+                        loss = model_loss(task, wrapped, x, y) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
             loss_value = float(dist.mean(loss_sum))

@@ -25,10 +25,12 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from myopia.config import ConfigError
-from myopia.data.smollm2 import SMOLLM2, smollm2_gguf
+from myopia.data.smollm2 import SMOLLM2, smollm2_checkpoint
+from myopia.models.token_loss import linear_cross_entropy
 
 SMOLLM2_VOCAB = 49152
 
@@ -83,6 +85,12 @@ def preset_lr(spec: str) -> float | None:
     return None if name is None else HF_PRESETS[name].lr
 
 
+FUSED_HEAD_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
+"""Families whose logits are the output head applied to the last hidden state, nothing more (no
+soft-capping, scale or bias): ``HFCausalLM(x, targets)`` fuses their head into the loss
+(``tests/test_token_loss.py`` checks each against its own logits). Others take the logits path."""
+
+
 class HFCausalLM(nn.Module):
     """A transformers causal LM behind myopia.GPT's call signature."""
 
@@ -95,9 +103,35 @@ class HFCausalLM(nn.Module):
     def config(self):
         return self.hf.config
 
-    def forward(self, x: torch.Tensor, *, return_hidden_states: bool = False):
-        out = self.hf(input_ids=x, use_cache=False, output_hidden_states=return_hidden_states)
-        return (out.logits, list(out.hidden_states)) if return_hidden_states else out.logits
+    def causal_lm(self) -> nn.Module:
+        """The transformers ``*ForCausalLM`` (inside PEFT's wrapper, when LoRA is on)."""
+        return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
+
+    def fused_head(self) -> nn.Linear | None:
+        """The output head when it can run inside the loss (:data:`FUSED_HEAD_FAMILIES`, a plain
+        bias-free Linear, no final soft-cap or logit scale), else None."""
+        lm = self.causal_lm()
+        head, config = lm.get_output_embeddings(), lm.config
+        plain = type(head) is nn.Linear and head.bias is None
+        scaled = any(getattr(config, key, None) not in (None, 1.0)
+                     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        return head if plain and not scaled and config.model_type in FUSED_HEAD_FAMILIES else None
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, return_hidden_states: bool = False):
+        """Logits ``(B, T, vocab)``, or with ``targets`` the next-token cross-entropy at every position
+        ``(B, T)`` (float32; -100 = no loss), its head fused into the loss where :meth:`fused_head`
+        allows (no logits tensor); ``return_hidden_states`` also returns the residual streams."""
+        head = None if targets is None else self.fused_head()
+        if head is None:
+            out = self.hf(input_ids=x, use_cache=False, output_hidden_states=return_hidden_states)
+            result = out.logits
+            if targets is not None:
+                wide = result if result.dtype == torch.float64 else result.float()
+                result = F.cross_entropy(wide.transpose(1, 2), targets, reduction="none")
+        else:
+            out = self.causal_lm().base_model(input_ids=x, use_cache=False, output_hidden_states=return_hidden_states)
+            result = linear_cross_entropy(out.last_hidden_state, head.weight, targets)
+        return (result, list(out.hidden_states)) if return_hidden_states else result
 
     def set_attention(self, cut) -> HFCausalLM:
         """Switch the gradient cut in place (as ``GPT.set_attention``), through ``make_myopic``."""
@@ -174,8 +208,8 @@ def _from_pretrained(spec: str) -> nn.Module:
 
 
 def _from_smollm2() -> nn.Module:
-    folder, name = smollm2_gguf()
-    return _transformers().AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+    folder = smollm2_checkpoint()  # the GGUF, converted once into myopia's cache
+    return _transformers().AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32,
                                                                  attn_implementation="sdpa")
 
 
@@ -232,5 +266,5 @@ def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
     return HFCausalLM(model.train(), spec)
 
 
-__all__ = ["HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "preset_for", "preset_lr",
+__all__ = ["FUSED_HEAD_FAMILIES", "HF_PRESETS", "SMOLLM2", "HFCausalLM", "HFPreset", "build_hf_model", "preset_for", "preset_lr",
            "preset_vocab_size", "zero_attention_dropout"]
