@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 COMMON = ["train", "--arms", "myopic", "--train.steps", "8", "--train.batch_size", "8", "--train.grad_accum", "2",
           "--train.log_every", "1", "--train.checkpoint_every", "4", "--train.eval_batches", "2",
           "--train.progress", "false", "--train.device", "cpu", "--model.n_embd", "16", "--model.n_head", "2",
-          "--data.synthetic.seq_len", "8", "--data.synthetic.window", "3", "--optim.lr", "3e-3"]
+          "--data.synthetic.seq_len", "8", "--data.synthetic.window", "3", "--optim.lr", "3e-3",
+          "--train.precision", "fp32"]  # world sizes compared to 1e-5: float32 on every CPU (bf16 rounds per shard)
 
 
 def _free_port() -> int:
@@ -87,7 +88,8 @@ def test_gradient_split_under_ddp_matches_one_process(tmp_path):
     effect on training): 2 processes log the same losses and the same split as 1."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-m", "myopia.cli", "synthetic", "--preset", "tiny", "--train.device", "cpu", "--arms", "myopic",
-            "--control_arms", "", "--train.steps", "9", "--probe.train_sequences", "64", "--probe.test_sequences", "64"]
+            "--control_arms", "", "--train.steps", "9", "--probe.train_sequences", "64", "--probe.test_sequences", "64",
+            "--train.precision", "fp32"]
     runs = {}
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"

@@ -71,7 +71,7 @@ def test_unmasked_task_keeps_the_plain_mean_bit_for_bit():
     x, y = task.train_batch(0, 0, 4)
     pred = model(x)
     assert torch.equal(mean_loss(task, pred, y), task.loss_per_position(pred, y).mean())
-    ev = evaluate(model, task, 2, 4, torch.device("cpu"))
+    ev = evaluate(model, task, 2, 4, torch.device("cpu"), precision="fp32")
     per = torch.stack([task.loss_per_position(model(task.heldout_batch(i, 4)[0]), task.heldout_batch(i, 4)[1])
                        .double().sum(0) for i in range(2)]).sum(0) / 8
     assert ev["per_position"] == per.tolist()
@@ -81,7 +81,7 @@ def _first_step(task, tmp_path, name):
     model = _model(task)
     result = train_arm(model, task, OptimConfig(lr=1e-2, warmup=0.0, grad_clip=0.0),
                        TrainConfig(steps=1, batch_size=4, log_every=1, eval_batches=2, progress=False,
-                                   device="cpu"), os.path.join(tmp_path, name), "vanilla")
+                                   device="cpu", precision="fp32"), os.path.join(tmp_path, name), "vanilla")
     with open(os.path.join(tmp_path, name, "metrics.jsonl")) as f:
         loss = next(json.loads(ln)["loss"] for ln in f if '"loss"' in ln)
     return model, loss, result

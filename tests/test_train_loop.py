@@ -165,17 +165,17 @@ def test_bf16_autocast_on_a_cpu_without_native_bf16_warns_once(monkeypatch):
     """Emulated bf16 (no AMX / AVX512-BF16) is several times slower than float32: say so, once."""
     import warnings
 
-    from myopia.train import loop
+    from myopia.train import precision
 
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(loop, "_warned_slow_bf16", False)
+    monkeypatch.setenv("MYOPIA_NATIVE_BF16", "0")
+    monkeypatch.setattr(precision, "_warned_slow_bf16", False)
     cpu = torch.device("cpu")
     with pytest.warns(UserWarning, match="--train.precision fp32"):
-        with loop.autocast_for(cpu, "bf16"):
+        with precision.autocast_for(cpu, "bf16"):
             pass
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with loop.autocast_for(cpu, "bf16"):  # once per process
+        with precision.autocast_for(cpu, "bf16"):  # once per process
             pass
-        with loop.autocast_for(cpu, "auto"):  # float32 on a CPU: nothing to say
-            pass
+        with precision.autocast_for(cpu, "auto"):  # float32 on such a CPU: nothing to say
+            assert not torch.is_autocast_enabled("cpu")

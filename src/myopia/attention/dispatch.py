@@ -6,6 +6,7 @@ the fused O(n)-memory op (:mod:`myopia.attention.fused`) or the eager n×n refer
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -40,16 +41,31 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _autocast_inputs(*tensors):
-    """Under autocast, every input in the autocast dtype, as ``F.scaled_dot_product_attention`` casts
-    its own (a model's rotary often hands over float32 queries/keys beside bfloat16 values); the
-    fused and reference paths are not autocast ops, so they get the cast here. Outside autocast,
-    unchanged."""
+def attention_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype attention computes in under autocast (None: autocast is off, inputs as given).
+    On CUDA the autocast dtype, as ``F.scaled_dot_product_attention`` would cast to. On a CPU
+    float32: PyTorch's CPU flash kernel runs its backward slower in bfloat16 than in float32
+    (SmolLM2's 9 heads × 64 positions × 64 dims, 16 windows: 18.8 ms against 9.3 ms per layer,
+    forward and backward, 2 AMD EPYC cores with AVX512-BF16), and float32 is the more accurate."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
+
+
+@contextlib.contextmanager
+def attention_precision(*tensors):
+    """``with attention_precision(q, k, v, ...) as (q, k, v, ...)``: the tensors in
+    :func:`attention_dtype` with autocast off inside, so that every attention path (SDPA, the fused
+    op, the reference; a model's rotary often hands over float32 queries and keys beside bfloat16
+    values) computes in the same dtype; outside autocast, unchanged."""
     device = next(t for t in tensors if t is not None).device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+    dtype = attention_dtype(device)
+    if dtype is None:
+        yield tensors
+        return
+    with torch.autocast(device, enabled=False):  # float64 is outside autocast's reach, and stays
+        yield tuple(t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype)
+                    for t in tensors)
 
 
 def attention(
@@ -83,7 +99,11 @@ def attention(
     """
     cut = Cut.parse(cut)
     check_backend(backend)
-    q, k, v, k_past, v_past = _autocast_inputs(q, k, v, k_past, v_past)
+    with attention_precision(q, k, v, k_past, v_past) as (q, k, v, k_past, v_past):
+        return _attention(q, k, v, cut, scale, attn_mask, k_past, v_past, backend, dropout_p)
+
+
+def _attention(q, k, v, cut: Cut, scale, attn_mask, k_past, v_past, backend: str, dropout_p: float) -> torch.Tensor:
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if cut.changes_forward:
@@ -139,4 +159,4 @@ def attention(
     return fused.fused_myopic_attention(q, k, v, scale=scale, beta=cut.beta, horizon=cut.horizon, mask=mask, **past)
 
 
-__all__ = ["additive_mask", "attention"]
+__all__ = ["additive_mask", "attention", "attention_dtype", "attention_precision"]

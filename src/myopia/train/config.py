@@ -70,7 +70,8 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA if available, else CPU) | cpu | cuda | cuda:N."""
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
+    """auto (bf16 autocast on CUDA and on a CPU with bf16 matrix units, AVX512-BF16 or AMX; float32 on
+    other CPUs, where bf16 is emulated and slow) | fp32 | bf16 (autocast: float32 weights and AdamW state)."""
     progress: bool = True
     """Show a progress bar with loss, throughput and ETA."""
     deterministic: bool = False

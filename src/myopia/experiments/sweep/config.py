@@ -81,7 +81,7 @@ PRESETS: dict[str, dict] = {
         "pretrain": {"steps": 800, "lr": 3e-3},
         "optim": {"lr": 1e-3},
         "train": {"steps": 200, "batch_size": 16, "eval_every": 400, "eval_batches": 8, "checkpoint_every": 400,
-                  "log_every": 25},
+                  "log_every": 25, "precision": "fp32"},  # as measured (auto: bf16 on CPUs with bf16 units)
         "analysis": {"heldout_windows": 500, "bootstrap": 500, "probe_train_windows": 200},
     },
 }

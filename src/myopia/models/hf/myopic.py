@@ -34,6 +34,7 @@ from torch import nn
 
 from myopia.attention import VANILLA, Cut, additive_mask, attention, expand_kv
 from myopia.attention.cut import check_backend
+from myopia.attention.dispatch import attention_precision
 from myopia.attention.projection import project_with_weight_only_copy
 from myopia.attention.reference import reference_attention
 
@@ -76,7 +77,7 @@ def myopia_attention_forward(
     """transformers attention function (registered as ``"myopia"``)."""
     state: _LayerState | None = getattr(module, "_myopia_state", None)
     if state is None or state.cut.is_vanilla:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     softcap, sinks = _score_terms(module, key, attention_mask, kwargs)
     if state.phase == "record":
         state.k_past, state.v_past = key, value
@@ -100,11 +101,12 @@ def myopia_attention_forward(
         cut = VANILLA if plain else state.cut
         if cut.needs_past_kv and k_past is None:
             raise RuntimeError(f"{type(module).__name__} was called with cut {cut.spec!r} without its detached pass")
-        out = _attention_with_score_terms(module, state, cut, query, key, value, attention_mask, dropout, scaling,
-                                          softcap, sinks, k_past, v_past)
+        with attention_precision(query, key, value, k_past, v_past, sinks) as (query, key, value, k_past, v_past, sinks):
+            out = _attention_with_score_terms(module, state, cut, query, key, value, attention_mask, dropout, scaling,
+                                              softcap, sinks, k_past, v_past)
         return out.transpose(1, 2).contiguous(), None
     if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     cut = state.cut
     if cut.needs_past_kv and k_past is None:
         raise RuntimeError(
@@ -118,6 +120,13 @@ def myopia_attention_forward(
         backend=state.backend, dropout_p=dropout,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """transformers' SDPA attention in myopia's attention precision (:func:`attention_precision`: float32
+    on a CPU under autocast), so that a vanilla arm computes exactly what the myopic arms' op does."""
+    with attention_precision(query, key, value) as (query, key, value):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
 # Keywords transformers (5.x) passes to attention functions that do not change attention values:
