@@ -125,6 +125,9 @@ def resolve_config(cmd: Command, ns: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from myopia.train.memory import keep_freed_memory
+
+    keep_freed_memory()  # before the first large tensor: CPU steps reuse memory instead of faulting it in
     from myopia.data.corpus import DataError
     from myopia.train.checkpoint import CheckpointError
     from myopia.train.loop import (

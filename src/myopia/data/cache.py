@@ -17,6 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+def default_cache_dir() -> str:
+    """Where tokenizers, token caches and converted models live: $MYOPIA_CACHE or ~/.cache/myopia."""
+    return os.environ.get("MYOPIA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "myopia"))
+
+
 MAGIC = "myopia-token-cache"
 VERSION = 1
 HEADER_BYTES = 4096

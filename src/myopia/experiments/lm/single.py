@@ -13,7 +13,15 @@ import torch
 from myopia.attention.cut import VANILLA
 from myopia.config import ConfigError
 from myopia.experiments.lm import steps
-from myopia.experiments.lm.analysis import analyse, combine_seeds, score_start
+from myopia.experiments.lm.analysis import (
+    ModelScores,
+    combine_seeds,
+    compare,
+    drop_log_probs,
+    plan_for,
+    score_model,
+    score_start,
+)
 from myopia.experiments.lm.config import PAPER, LMExperiment
 from myopia.experiments.lm.cuts import horizon_curves
 from myopia.experiments.lm.features import future_token_probes
@@ -29,7 +37,8 @@ from myopia.runs.runner import run_arms
 from myopia.tasks.text import TextTask
 from myopia.train.config import TrainConfig
 from myopia.train.layout import pretrain_dir, seed_dir
-from myopia.train.loop import autocast_for, resolve_device
+from myopia.train.loop import resolve_device
+from myopia.train.precision import autocast_for, describe
 
 
 def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
@@ -52,13 +61,16 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
         raise ConfigError(f"analysis.long_window={cfg.analysis.long_window}: the model's context is "
                           f"{overrides['block_size']} tokens (data.seq_len); use --analysis.long_window "
                           f"{overrides['block_size']} or less")
+    accum = f" ({cfg.train.grad_accum} micro-batches of {cfg.train.batch_size})" if cfg.train.grad_accum > 1 else ""
     print(f"myopia lm: {len(seeds)} seed(s) x {len(arms)} arms x {cfg.train.steps} steps of "
-          f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens; corpus {cfg.data.corpus}: "
+          f"{cfg.train.batch_size * cfg.train.grad_accum} x {cfg.data.seq_len} tokens{accum}; corpus {cfg.data.corpus}: "
           f"{len(base_task.train.tokens):,} training and {len(base_task.heldout.tokens):,} held-out tokens "
           f"({base_task.heldout.n_docs} held-out documents), tokenizer {base_task.tokenizer.name}", flush=True)
+    precision = describe(device, cfg.train.precision)
+    print(f"myopia lm: precision {precision['resolved']} ({precision['reason']})", flush=True)
     results = Results("lm", cfg, body={"paper": PAPER, "seeds": seeds, "training": {},
-                                       "start": start_kind(cfg, len(seeds)),
-                                       "analysis_precision": analysis_precision(cfg.train)})
+                                       "start": start_kind(cfg, len(seeds)), "precision": precision,
+                                       "analysis_precision": precision["resolved"]})
     with recording(results, cfg.out):
         start = None
         if not cfg.pretrain.per_seed:
@@ -68,10 +80,10 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                 if pretraining["status"] != Status.COMPLETED:
                     return results.write(cfg.out, Status(pretraining["status"]))
         scored_start = None
-        if not cfg.pretrain.per_seed:  # the start all seeds share, on the analysis windows
+        if not cfg.pretrain.per_seed:  # the start all seeds share, on the analysis windows: scored once
             start_model = start if start is not None else pretrained_start(cfg, task=base_task, overrides=overrides)
             if start_model is not None:
-                with autocast_for(device, analysis_precision(cfg.train)):
+                with autocast_for(device, cfg.train.precision):
                     scored_start = score_start(cfg.analysis, base_task, start_model, device)
                 results["start_loss"] = scored_start["summary"]["loss"]
                 results["start_model"] = scored_start["summary"]
@@ -84,33 +96,40 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                 results.body.setdefault("pretraining_per_seed", {})[str(seed)] = pretraining["arms"].get("vanilla")
                 if pretraining["status"] != Status.COMPLETED:
                     return results.write(cfg.out, Status(pretraining["status"]))
-            models: dict[str, torch.nn.Module] = {}
+            first_seed = seed == seeds[0]
+            scores: dict[str, ModelScores] = {}
+            kl_dir = os.path.join(seed_dir(cfg.out, seed), ".top-kl")
 
-            def keep(arm, model, result, models=models):
-                models[arm.name] = model
+            def score(arm, model, result, scores=scores, task=task, first_seed=first_seed, kl_dir=kl_dir):
+                # each arm is scored as soon as it is trained, then dropped: one model in memory at a time
+                results["parameters"] = sum(p.numel() for p in model.parameters())
+                plan = plan_for(cfg.analysis, arm.name, pairs, first_seed, probe_arms, kl_dir)
+                with autocast_for(device, cfg.train.precision):
+                    scores[arm.name] = score_model(cfg.analysis, task, arm.name, model, device, plan)
 
-            def make(arm, models=models, seed=seed):
+            def make(arm, seed=seed, task=task):
                 if arm.local:  # parse_arms put vanilla first; it is trained by now
                     if cfg.hf_model:
                         raise ConfigError(f"arms: {LOCAL_ARM} is implemented for myopia's GPT, not for hf_model")
-                    return LocalMyopicGPT(models["vanilla"])
+                    return LocalMyopicGPT(load_model(os.path.join(seed_dir(cfg.out, seed), "vanilla"),
+                                                     Arm(name="vanilla", cut=VANILLA), overrides))
                 if start is not None:
                     return copy.deepcopy(start).set_attention(arm.cut)
                 return fresh_model(cfg, arm, task, overrides, seed)
 
             train = replace(cfg.train, seed=seed)
             status = run_arms(seed_dir(cfg.out, seed), cfg, arms, task, make, cfg.optim, train,
-                              resume=cfg.resume, on_arm_done=keep,
-                              monitor_for=monitors(cfg, task, train, first_seed=seed == seeds[0]))
+                              resume=cfg.resume, on_arm_done=score,
+                              monitor_for=monitors(cfg, task, train, first_seed=first_seed))
             results["training"][str(seed)] = status["arms"]
             if status["status"] != Status.COMPLETED:
+                drop_log_probs(scores)
                 return results.write(cfg.out, Status(status["status"]))
-            counted = models.get("vanilla") or next(iter(models.values()))
-            results["parameters"] = sum(p.numel() for p in counted.parameters())
-            with autocast_for(device, analysis_precision(cfg.train)):
-                per_seed[str(seed)] = analyse(cfg.analysis, task, models, device, pairs, full=seed == seeds[0],
-                                              probe_arms=probe_arms, start=scored_start, cuts=cuts)
-            del models
+            try:
+                per_seed[str(seed)] = compare(cfg.analysis, task, scores, pairs, full=first_seed,
+                                              start=scored_start, cuts=cuts)
+            finally:
+                drop_log_probs(scores)
         results.update(combine_seeds(per_seed))
         by_step = steps.gap_by_step(cfg.out, seeds, pairs)
         for label, rows in by_step.items():
@@ -179,13 +198,6 @@ def pretrained_hf(cfg: LMExperiment) -> bool:
     return bool(cfg.hf_model) and cfg.hf_model not in HF_PRESETS
 
 
-def analysis_precision(train: TrainConfig) -> str:
-    """The held-out analysis runs in bf16 autocast only where training asked for it explicitly
-    (``train.precision bf16``); otherwise in float32, also on a GPU whose
-    training autocasts by default."""
-    return "bf16" if train.precision == "bf16" else "fp32"
-
-
 def pretrained_start(cfg: LMExperiment, task: TextTask, overrides: dict) -> torch.nn.Module | None:
     """The pretrained ``hf_model`` every arm starts from (a checkpoint folder, hf:NAME or smollm2-135m),
     built as vanilla; None for fresh-weight presets."""
@@ -247,5 +259,5 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
     return kept.get("model"), status
 
 
-__all__ = ["analysis_precision", "check_attribution", "fresh_model", "monitors", "pretrained_hf", "pretrained_start",
+__all__ = ["check_attribution", "fresh_model", "monitors", "pretrained_hf", "pretrained_start",
            "run_single", "start_kind", "starting_model"]
