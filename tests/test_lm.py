@@ -200,6 +200,7 @@ def test_top_kl_tokens_are_the_largest(tmp_path):
                                      block_size=16)).eval()
     cfg = LMExperiment(data=data)
     cfg.analysis.top_kl, cfg.analysis.probe_train_windows, cfg.analysis.first_position_tokens = 4, 16, -1
+    cfg.analysis.top_kl_windows = 0  # every analysis window (the default searches 64 of them)
     top = analyse(cfg.analysis, task, models, torch.device("cpu"))["comparisons"]["myopic vs vanilla"]["top_kl"]
     kls = []
     with torch.no_grad():
