@@ -84,8 +84,8 @@ def test_a_retained_graph_gives_the_same_gradient_twice():
     loss = linear_cross_entropy(h, w, y, rows=8).mean()
     first = torch.autograd.grad(loss, [h, w], retain_graph=True)
     second = torch.autograd.grad(loss, [h, w])
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    for a, b in zip(first, second):  # the second recomputes the head's gradient (the first scaled it in place)
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_without_gradients_the_losses_are_the_same():
@@ -125,7 +125,7 @@ def test_no_tensor_holds_the_logits_of_every_row():
 
 
 def test_chunk_rows_bounds_the_chunk():
-    assert chunk_rows(49152, 10_000) == 640  # SmolLM2: 640 rows, 126 MB of float32 logits
+    assert chunk_rows(49152, 10_000) == 320  # SmolLM2: 320 rows, 63 MB of float32 logits
     assert chunk_rows(49152, 100) == 100
     assert chunk_rows(10**7, 10_000) == 256  # never fewer than 256 rows
 

@@ -12,6 +12,7 @@ counted row (a mean or sum of the losses, as training takes); any other upstream
 on some positions only, as the gradient split and the attribution take) recomputes the head's
 gradient chunk by chunk with the true weights. Either way the result is the gradient of the plain
 loss up to rounding (``tests/test_token_loss.py``: float64 to 1e-12, float32 to its rounding).
+The chunk buffers are reused from chunk to chunk and freed when the call returns.
 
 Why not a library's: Liger's and cut-cross-entropy's fused kernels are Triton, GPU only; PyTorch
 2.13's own ``F.linear_cross_entropy(options=LinearCrossEntropyOptions())`` runs on the CPU but its
@@ -30,8 +31,8 @@ import torch
 IGNORE_INDEX = -100
 """Targets with this id carry no loss and no gradient (``F.cross_entropy``'s default)."""
 
-CHUNK_BYTES = 128 * 2**20
-"""One chunk's float32 logits take about this much memory (SmolLM2's 49,152 tokens: 640 rows)."""
+CHUNK_BYTES = 64 * 2**20
+"""One chunk's float32 logits take about this much memory (SmolLM2's 49,152 tokens: 320 rows)."""
 
 
 def chunk_rows(vocab_size: int, rows: int) -> int:
@@ -54,42 +55,28 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Workspace:
-    """The chunk buffers of one call, reused from chunk to chunk (and from call to call while the
-    shapes stay the same): on a CPU, a fresh 100 MB tensor costs more in page faults than the
-    arithmetic done in it (BENCHMARKS.md)."""
+    """The chunk buffers of one call, reused from chunk to chunk: a chunk's logits in the matmul dtype,
+    its log-probabilities in the wide dtype, the head's weight in the matmul dtype and one chunk's
+    head gradient. They are freed when the call returns, so they never add to the peak of the rest of
+    the step (the CLI keeps freed memory in the heap, myopia.train.memory, so the next call takes them
+    back without page faults)."""
 
-    _kept: dict = {}
-
-    def __init__(self, rows: int, vocab: int, d: int, dtype: torch.dtype, device: torch.device):
-        key = (rows, vocab, d, dtype, device)
-        if key not in self._kept:
-            self._kept.clear()  # one set at a time: a new shape replaces the old buffers
-            wide = _wide(dtype)
-            self._kept[key] = (torch.empty(rows, vocab, dtype=dtype, device=device),  # logits / p
-                               torch.empty(rows, vocab, dtype=wide, device=device),   # widened logits
-                               torch.empty(rows, vocab, dtype=wide, device=device),   # log-probabilities
-                               torch.empty(vocab, d, dtype=dtype, device=device))     # a chunk's head gradient
-        self.low, self.wide, self.logp, self.head = self._kept[key]
-
-    @classmethod
-    def release(cls) -> None:
-        cls._kept.clear()
+    def __init__(self, rows: int, weight: torch.Tensor, dtype: torch.dtype):
+        vocab, d = weight.shape
+        device = weight.device
+        self.low = torch.empty(rows, vocab, dtype=dtype, device=device)
+        self.logp = torch.empty(rows, vocab, dtype=_wide(dtype), device=device)
+        self.weight = weight if weight.dtype == dtype else torch.empty(vocab, d, dtype=dtype, device=device).copy_(weight)
+        self.head = torch.empty(vocab, d, dtype=dtype, device=device)
 
 
-def release_workspace() -> None:
-    """Free the chunk buffers :func:`linear_cross_entropy` keeps between calls (a few hundred MB for
-    a 49k vocabulary); the next call allocates them again."""
-    _Workspace.release()
-
-
-def _log_probs(h: torch.Tensor, w: torch.Tensor, ws: _Workspace) -> torch.Tensor:
-    """Log-softmax of ``h @ w.T`` (the matmul in ``h``'s dtype; the softmax in float32, or float64
+def _log_probs(h: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """Log-softmax of ``h @ weight.T`` (the matmul in ``h``'s dtype; the softmax in float32, or float64
     for float64 inputs), in the workspace."""
     n = h.shape[0]
-    low = torch.mm(h, w.T, out=ws.low[:n])
-    if low.dtype == ws.logp.dtype:
-        return torch._log_softmax(low, -1, False, out=ws.logp[:n])
-    return torch._log_softmax(ws.wide[:n].copy_(low), -1, False, out=ws.logp[:n])
+    low = torch.mm(h, ws.weight.T, out=ws.low[:n])
+    logp = low if low.dtype == ws.logp.dtype else ws.logp[:n].copy_(low)
+    return logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
 
 
 def _losses(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -135,39 +122,45 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index, rows, dtype):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
-            ws = _Workspace(rows, weight.shape[0], weight.shape[1], dtype, hidden.device)
-            h, w = hidden.to(dtype), weight.to(dtype)
+            ws = _Workspace(rows, weight, dtype)
+            h = hidden.to(dtype)
             valid = _valid(targets, ignore_index)
             losses = torch.empty(len(targets), dtype=_wide(dtype), device=hidden.device)
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = None
             for s, e in _chunks(len(targets), rows):
                 v = None if valid is None else valid[s:e]
-                logp = _log_probs(h[s:e], w, ws)
+                logp = _log_probs(h[s:e], ws)
                 losses[s:e] = _losses(logp, targets[s:e], v)
                 p = _dlogits(logp, targets[s:e], v, ws)
                 if need_h:
-                    grad_h[s:e] = p @ w
+                    grad_h[s:e] = p @ ws.weight
                 if need_w:
                     grad_w = _add_head_grad(grad_w, p, h[s:e], ws)
-        ctx.save_for_backward(hidden, weight, targets, grad_h, grad_w)
+            del ws
+        ctx.save_for_backward(hidden, weight, targets, grad_h)
+        ctx.grad_w = grad_w  # not a saved tensor: the backward scales it in place (and only once)
         ctx.ignore_index, ctx.rows, ctx.dtype = ignore_index, rows, dtype
         return losses
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, targets, grad_h, grad_w = ctx.saved_tensors
+        hidden, weight, targets, grad_h = ctx.saved_tensors
+        grad_w = ctx.grad_w
         valid = _valid(targets, ctx.ignore_index)
         g = grad_out.to(_wide(ctx.dtype))
         d_hidden = d_weight = None
         if grad_h is not None:
             d_hidden = (grad_h.to(g.dtype) * g.unsqueeze(1)).to(hidden.dtype)
-        if grad_w is not None:
+        if ctx.needs_input_grad[1]:
             counted = g if valid is None else g[valid]
             if counted.numel() == 0:
                 d_weight = torch.zeros_like(weight)
-            elif bool((counted == counted[0]).all()):  # a mean or sum: one scale for every row
-                d_weight = (grad_w * counted[0]).to(weight.dtype)  # not in place: a retained graph may need it again
+            elif ctx.grad_w is not None and bool((counted == counted[0]).all()):  # a mean or sum: one scale
+                # scaled in place (no second 113 MB for SmolLM2) and handed over; a second backward through
+                # a retained graph recomputes instead
+                ctx.grad_w = None
+                d_weight = grad_w.mul_(counted[0]).to(weight.dtype)
             else:  # any other weighting of the rows: recompute with the true weights
                 d_weight = _weight_grad(hidden, weight, targets, valid, g, ctx.rows, ctx.dtype).to(weight.dtype)
         return d_hidden, d_weight, None, None, None, None
@@ -175,12 +168,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _weight_grad(hidden, weight, targets, valid, g, rows, dtype) -> torch.Tensor:
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        ws = _Workspace(rows, weight.shape[0], weight.shape[1], dtype, hidden.device)
-        h, w = hidden.to(dtype), weight.to(dtype)
+        ws = _Workspace(rows, weight, dtype)
+        h = hidden.to(dtype)
         out = None
         for s, e in _chunks(len(targets), rows):
             v = None if valid is None else valid[s:e]
-            p = _dlogits(_log_probs(h[s:e], w, ws), targets[s:e], v, ws, scale=g[s:e])
+            p = _dlogits(_log_probs(h[s:e], ws), targets[s:e], v, ws, scale=g[s:e])
             out = _add_head_grad(out, p, h[s:e], ws)
     return out
 
@@ -204,13 +197,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         losses = _LinearCrossEntropy.apply(h, weight, t, ignore_index, rows, dtype)
     else:
         with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-            ws = _Workspace(rows, weight.shape[0], weight.shape[1], dtype, h.device)
-            hc, w = h.to(dtype), weight.to(dtype)
+            ws = _Workspace(rows, weight, dtype)
+            hc = h.to(dtype)
             valid = _valid(t, ignore_index)
             losses = torch.empty(len(t), dtype=_wide(dtype), device=h.device)
             for s, e in _chunks(len(t), rows):
-                losses[s:e] = _losses(_log_probs(hc[s:e], w, ws), t[s:e], None if valid is None else valid[s:e])
+                losses[s:e] = _losses(_log_probs(hc[s:e], ws), t[s:e], None if valid is None else valid[s:e])
     return losses.reshape(shape)
 
 
-__all__ = ["CHUNK_BYTES", "IGNORE_INDEX", "chunk_rows", "linear_cross_entropy", "release_workspace"]
+__all__ = ["CHUNK_BYTES", "IGNORE_INDEX", "chunk_rows", "linear_cross_entropy"]
