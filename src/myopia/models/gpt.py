@@ -335,11 +335,21 @@ class GPT(nn.Module):
         ``past_states[l]`` at earlier positions instead of this model's own states. Equal weights
         give exactly the other model's outputs.
         """
-        if past_states is not None and len(past_states) < self.config.n_layer:
-            raise ValueError(f"past_states has {len(past_states)} tensors; the model has {self.config.n_layer} blocks")
         if targets is not None and self.config.output_dim is not None:
             raise ValueError("GPT(targets=...) computes a next-token cross-entropy; this model has a continuous "
                              f"output (output_dim={self.config.output_dim}): call model(x) and score its output")
+        hidden = self._streams(x, past_states)
+        h = hidden[-1]
+        if targets is None:
+            out = self.head(self.ln_f(h))
+        else:
+            out = linear_cross_entropy(self.ln_f(h), self.head.weight, targets)
+        return (out, hidden) if return_hidden_states else out
+
+    def _streams(self, x: torch.Tensor, past_states: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The residual stream before block 0 (the embeddings) and after every block."""
+        if past_states is not None and len(past_states) < self.config.n_layer:
+            raise ValueError(f"past_states has {len(past_states)} tensors; the model has {self.config.n_layer} blocks")
         T = x.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
@@ -351,11 +361,17 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, None if past_states is None else past_states[i])
             hidden.append(h)
-        if targets is None:
-            out = self.head(self.ln_f(h))
-        else:
-            out = linear_cross_entropy(self.ln_f(h), self.head.weight, targets)
-        return (out, hidden) if return_hidden_states else out
+        return hidden
+
+    def residual_streams(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(streams, final)``: the residual streams (embeddings, then after every block) and the final
+        normalised state the output head reads, without computing the head."""
+        hidden = self._streams(x)
+        return hidden, self.ln_f(hidden[-1])
+
+    def output_head(self) -> nn.Linear:
+        """The output head (for a token model, the unembedding)."""
+        return self.head
 
 
 __all__ = ["ATTENTION_MODES", "BACKENDS", "GPT", "GPTConfig"]

@@ -133,6 +133,17 @@ class HFCausalLM(nn.Module):
             result = linear_cross_entropy(out.last_hidden_state, head.weight, targets)
         return (result, list(out.hidden_states)) if return_hidden_states else result
 
+    def residual_streams(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(streams, final)``: transformers' hidden states (the embeddings, then after every layer) and
+        the final normalised state the output head reads (the base model's last hidden state), without
+        computing the head."""
+        out = self.causal_lm().base_model(input_ids=x, use_cache=False, output_hidden_states=True)
+        return list(out.hidden_states), out.last_hidden_state
+
+    def output_head(self) -> nn.Module:
+        """The output head (the unembedding)."""
+        return self.causal_lm().get_output_embeddings()
+
     def set_attention(self, cut) -> HFCausalLM:
         """Switch the gradient cut in place (as ``GPT.set_attention``), through ``make_myopic``."""
         from myopia.models.hf.myopic import make_myopic

@@ -1,0 +1,122 @@
+"""Future-token decodability in ``myopia lm`` (``--future_lens.enabled true``): the future lens
+(:mod:`myopia.analysis.future_lens`) of the start model and of the first seed's arms on the same
+held-out positions, each kept beside its model (a resumed run measures only what is missing), and
+gathered into ``results.json``'s ``future_lens`` with paired differences (each compared pair, and each
+arm against the start), a report table and ``future_lens.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from myopia.analysis import plots
+from myopia.analysis import future_lens as fl
+from myopia.analysis.stats import format_ci
+
+KEY = "future_lens"
+
+
+def measure(cfg: fl.FutureLensConfig, task, model: torch.nn.Module, device, cache: str, key: str) -> dict:
+    """The model's future lens with its per-position correctness (for paired differences), read from
+    ``cache`` (an .npz beside the model's checkpoints) when it was measured under ``key``, else measured
+    and written there."""
+    found = _load(cache, key)
+    if found is not None:
+        return found
+    result = fl.future_lens(model, task, cfg, device, keep_positions=True)
+    _save(cache, key, result)
+    return result
+
+
+def _save(path: str, key: str, result: dict) -> None:
+    scored = result["positions_scored"]
+    names = {f"a{i}": list(k) for i, k in enumerate(scored)}
+    summary = {k: v for k, v in result.items() if k != "positions_scored"}
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, meta=np.array(json.dumps({"key": key, "summary": summary, "names": names})),
+             **{name: scored[tuple(k)] for name, k in names.items()})
+    os.replace(tmp, path)
+
+
+def _load(path: str, key: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("key") != key:
+                return None
+            scored = {tuple(k): data[name] for name, k in meta["names"].items()}
+    except (OSError, ValueError, KeyError):
+        return None
+    return {**meta["summary"], "positions_scored": scored}
+
+
+def gather(cfg: fl.FutureLensConfig, models: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
+    """``results.json``'s ``future_lens``: every model's summary (``models``), and the paired top-1
+    differences ``treatment − baseline`` for ``pairs`` and for every arm against the start model."""
+    out = {"models": {name: {k: v for k, v in r.items() if k != "positions_scored"} for name, r in models.items()},
+           "differences": {}}
+    wanted = list(pairs) + [(name, "start") for name in models if name != "start" and "start" in models]
+    for treatment, baseline in wanted:
+        if treatment in models and baseline in models:
+            out["differences"][f"{treatment} - {baseline}"] = fl.paired_difference(models[treatment], models[baseline], cfg)
+    return out
+
+
+def report_lines(result: dict) -> list[str]:
+    """The report's decodability section: top-1 accuracy per stream and offset for every model, the
+    ceiling and skip-bigram rows, and the paired differences."""
+    models = result["models"]
+    first = next(iter(models.values()))
+    offsets, layers = first["offsets"], first["layers"]
+    names = list(models)
+    lines = ["## Future-token decodability (Future Lens's linear map, decoded by the model's own head)", "",
+             f"From the residual stream at t, a ridge map to the model's final normalised state at t + k, decoded "
+             f"over the whole vocabulary: top-1 accuracy for the token at t + k + 1 (95% CI over documents), on "
+             f"{first['positions'][str(offsets[0])]:,} held-out positions in {first['documents']} documents; maps "
+             f"fitted on {first.get('fit_tokens', 0):,} training-side positions. Stream 0 is the embeddings; "
+             f"{fl.FINAL} the final normalised state.", "",
+             "| stream | " + " | ".join(f"{n} k={k}" for k in offsets for n in names) + " |",
+             "|---|" + "---|" * (len(offsets) * len(names))]
+    for l in layers:
+        lines.append(f"| {l} | " + " | ".join(format_ci(models[n]["maps"][str(l)][str(k)]["top1"], 3)
+                                              for k in offsets for n in names) + " |")
+    lines.append("| own prediction at t + k (ceiling) | " + " | ".join(
+        format_ci(models[n]["ceiling"][str(k)]["top1"], 3) for k in offsets for n in names) + " |")
+    lines.append("| skip-bigram from the token at t | " + " | ".join(
+        format_ci(models[n]["skip_bigram"][str(k)]["top1"], 3) if models[n]["skip_bigram"] else "-"
+        for k in offsets for n in names) + " |")
+    for label, diff in result["differences"].items():
+        lines += ["", f"Paired difference {label} (top-1, 95% CI over documents):", "",
+                  "| stream | " + " | ".join(f"k={k}" for k in offsets) + " |", "|---|" + "---|" * len(offsets)]
+        lines += [f"| {l} | " + " | ".join(format_ci(diff[str(l)][str(k)], 4) for k in offsets) + " |"
+                  for l in layers]
+    return lines + [""]
+
+
+def plot(result: dict, path: str) -> str | None:
+    """Top-1 accuracy against the stream, one line per model and offset (the skip-bigram dotted)."""
+    plt = plots.pyplot()
+    if plt is None:
+        return None
+    models = result["models"]
+    first = next(iter(models.values()))
+    offsets, layers = first["offsets"], first["layers"]
+    x = [max(l for l in layers if l != fl.FINAL) + 1 if l == fl.FINAL else l for l in layers]
+    fig, axes = plt.subplots(1, len(offsets), figsize=(4.2 * len(offsets), 3.8), squeeze=False)
+    for ax, k in zip(axes[0], offsets):
+        for i, (name, r) in enumerate(models.items()):
+            cis = [r["maps"][str(l)][str(k)]["top1"] for l in layers]
+            ax.plot(x, [c["mean"] for c in cis], "o-", ms=3, color=f"C{i}", label=name)
+            ax.fill_between(x, [c["low"] for c in cis], [c["high"] for c in cis], color=f"C{i}", alpha=0.15)
+        if first["skip_bigram"]:
+            ax.axhline(first["skip_bigram"][str(k)]["top1"]["mean"], color="grey", ls=":", lw=1, label="skip-bigram")
+        plots.finish_axis(ax, "residual stream (0 = embeddings)", "top-1 accuracy", f"token at t + {k + 1} (k = {k})")
+    return plots.save_figure(fig, path)
+
+
+__all__ = ["KEY", "gather", "measure", "plot", "report_lines"]

@@ -1,0 +1,98 @@
+"""Future-token decodability (myopia.analysis.future_lens): the decoder is the model's own unembedding
+path (the map from the final state to itself at k = 0 reproduces the model's own next-token accuracy
+exactly), the closed-form ridge is least squares, the skip-bigram counts successors, and the results
+carry intervals and paired differences."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_word_corpus
+
+from myopia import GPT, GPTConfig
+from myopia.analysis import future_lens as fl
+from myopia.tasks.text import TextConfig, TextTask
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fl")
+    folder = write_word_corpus(tmp / "corpus", 40, 200)
+    return TextTask(TextConfig(corpus=str(folder), vocab_size=300, seq_len=16, cache_dir=str(tmp / "c")), 0,
+                    log=lambda *a: None)
+
+
+def _model(task, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=16,
+                         block_size=16)).double().eval()
+
+
+def test_the_final_state_mapped_to_itself_at_k0_is_the_models_own_prediction(task):
+    model = _model(task)
+    cfg = fl.FutureLensConfig(layers=[fl.FINAL, 1], offsets=[0, 2], fit_tokens=2000, score_tokens=600,
+                              ridges=[0.0, 1.0], bootstrap=50)
+    result = fl.future_lens(model, task, cfg, keep_positions=True)
+    scored = result["positions_scored"]
+    own = result["ceiling"]["0"]["top1"]["mean"]
+    final = result["maps"][str(fl.FINAL)]["0"]
+    assert result["ridge"][str(fl.FINAL)]["0"] == 0.0  # the identity: no shrinkage wins on held-back data
+    assert final["top1"]["mean"] == own  # exactly: the decoder is the model's own head
+    assert np.array_equal(scored[("map", fl.FINAL, 0, "top1")], scored[("ceiling", 0, "top1")])
+    assert final["agree"]["mean"] == 1.0
+    # and the ceiling is the model's own next-token accuracy, computed here from its logits
+    x, y, _ = next(task.heldout_all(1000, -(-600 // 14)))
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).double().mean().item()
+    assert own == pytest.approx(acc, abs=1e-12)
+    # a real map: the block-1 stream two tokens ahead is worse than the ceiling there, with intervals
+    m = result["maps"]["1"]["2"]["top1"]
+    assert m["low"] <= m["mean"] <= m["high"]
+    assert 0 <= m["mean"] <= 1 and result["skip_bigram"]["2"]["top5"]["mean"] >= result["skip_bigram"]["2"]["top1"]["mean"]
+
+
+def test_the_closed_form_is_least_squares():
+    torch.manual_seed(0)
+    h = torch.randn(500, 6, dtype=torch.float64)
+    z = h @ torch.randn(6, 4, dtype=torch.float64) + 0.3 + 0.01 * torch.randn(500, 4, dtype=torch.float64)
+    fit, held = fl._Stats(6, 4), fl._Stats(6, 4)
+    fit.add(h[:400], z[:400])
+    held.add(h[400:], z[400:])
+    lens = fl._solve(fit, held, [0.0])
+    design = torch.cat([h, torch.ones(500, 1, dtype=torch.float64)], 1)
+    coef = torch.linalg.lstsq(design, z).solution
+    assert torch.allclose(lens(h), design @ coef, atol=1e-9)
+    # a ridge that held-back data prefers is chosen: pure noise targets want the largest strength
+    noise = torch.randn(500, 4, dtype=torch.float64)
+    fit, held = fl._Stats(6, 4), fl._Stats(6, 4)
+    fit.add(h[:50], noise[:50])
+    held.add(h[50:], noise[50:])
+    assert fl._solve(fit, held, [0.0, 1e-2, 100.0]).ridge == 100.0
+
+
+def test_skip_bigram_counts_successors_within_documents(task):
+    tables = fl.skip_bigram(task, [0, 1])
+    tokens = np.asarray(task.train.tokens, dtype=np.int64)
+    off = np.asarray(task.train.doc_offsets)
+    doc = np.searchsorted(off, np.arange(len(tokens)), side="right") - 1
+    t = int(tokens[5])
+    for k in (0, 1):
+        d = k + 1
+        idx = np.flatnonzero((tokens[:-d] == t) & (doc[:-d] == doc[d:]))
+        counts = np.bincount(tokens[idx + d], minlength=task.tokenizer.vocab_size)
+        assert counts[tables[k][t, 0]] == counts.max()
+        assert sorted(counts[tables[k][t]].tolist(), reverse=True) == sorted(counts, reverse=True)[:5]
+
+
+def test_paired_differences_are_over_the_same_positions(task):
+    cfg = fl.FutureLensConfig(layers=[0, 2], offsets=[1], fit_tokens=1000, score_tokens=300, bootstrap=50)
+    a = fl.future_lens(_model(task, 0), task, cfg, keep_positions=True)
+    b = fl.future_lens(_model(task, 1), task, cfg, keep_positions=True)
+    diff = fl.paired_difference(a, b, cfg)
+    for l in ("0", "2"):
+        assert diff[l]["1"]["mean"] == pytest.approx(a["maps"][l]["1"]["top1"]["mean"] - b["maps"][l]["1"]["top1"]["mean"])
+    assert fl.paired_difference(a, a, cfg)["2"]["1"]["mean"] == 0.0
+
+
+def test_default_layers():
+    assert fl.default_layers(2) == [0, 1, 2]
+    assert fl.default_layers(30) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
