@@ -263,7 +263,7 @@ def feature_pushes(split: GradientSplit, w: torch.Tensor,
         part = split.part(name)
         if preconditioner is not None:
             part = [g * c for g, c in zip(part, preconditioner)]
-        pushes[name] = -_dot(direction, part)
+        pushes[name] = 0.0 - _dot(direction, part)  # a zero part pushes by 0, not −0
     through = abs(pushes["direct"]) + abs(pushes["precached"])
     pushes["precaching_score"] = pushes["precached"] / through if through > 0 else 0.0
     return pushes
