@@ -221,3 +221,14 @@ def test_the_report_says_zero_by_construction_only_where_the_cut_makes_it_so(arm
     assert ("| 0 (by construction) |" in report) is claimed
     assert [r["precached_zero_by_construction"] for r in records] == [claimed]
     assert (records[0]["sgd"]["precached"] == 0) is claimed
+
+
+def test_the_docs_state_the_correspondence_with_rofin_et_al():
+    """docs/attribution.md says which of our cuts their myopic baseline is (detached past keys and
+    values: ``myopic_kv``) and contrasts their fixed final-model probe with our refitted ones."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "attribution.md").read_text()
+    section = text.split("## Correspondence with Rofin et al.", 1)[1].split("\n## ", 1)[0]
+    assert "keys and values" in section and "our `myopic_kv`" in section
+    assert "final model" in section and "refit" in section and "what" in section

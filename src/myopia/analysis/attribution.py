@@ -2,8 +2,8 @@
 
 For one state h, the residual stream entering block ``layer`` at ``position`` t (TransformerLens's
 ``blocks.{layer}.hook_resid_pre``), and the loss L = mean over the batch and positions of L_s, the
-parameter gradient splits exactly into (Rofin, Naghiyev & Hahn, ICLR 2026, who use myopic training as
-their baseline):
+parameter gradient splits exactly into (Rofin, Naghiyev & Hahn, ICLR 2026, whose myopic baseline,
+detaching past keys and values, is our ``myopic_kv``; docs/attribution.md):
 
 - **shared**: ∇θL with h replaced by a constant at every reader (position t's own later layers
   included): everything that does not pass through h;
