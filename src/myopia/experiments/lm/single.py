@@ -195,7 +195,7 @@ def monitors(cfg: LMExperiment, task: TextTask, train: TrainConfig, first_seed: 
         return geometry
     probes = future_token_probes(task, cfg.analysis.probe_offsets, cfg.analysis.probe_classes, cfg.attribution)
     return feature_attribution.merge_factories(
-        geometry, feature_attribution.monitor_factory(task, cfg.attribution, train, probes))
+        geometry, feature_attribution.monitor_factory(task, cfg.attribution, train, probes, optim=cfg.optim))
 
 
 def check_attribution(cfg: LMExperiment) -> None:
