@@ -1,7 +1,8 @@
 """Per-feature attribution (myopia.analysis.attribution): each part equals its definition by brute
 force in float64 (separate backward passes with explicit stop-gradients, one per loss), the parts sum
-to the full gradient, nothing is pre-cached at the last position, and a myopic model's own gradient
-has no pre-cached part at all."""
+to the full gradient, nothing is pre-cached at the last position, a myopic model's own gradient has
+no pre-cached part at all (and where that holds by construction), and on every arm a push is the
+finite difference of the feature's reading under the part's update."""
 
 import pytest
 import torch
@@ -9,7 +10,15 @@ import torch.nn.functional as F
 from definition import gradients, relative_error
 
 from myopia import GPT, GPTConfig
-from myopia.analysis.attribution import adam_preconditioner, feature_pushes, residual_blocks, split_gradient
+from myopia.analysis.attribution import (
+    adam_preconditioner,
+    feature_pushes,
+    model_cut,
+    precached_is_zero_by_construction,
+    residual_blocks,
+    split_gradient,
+)
+from myopia.attention.cut import Cut
 
 B, T = 3, 6
 
@@ -137,3 +146,93 @@ def test_feature_pushes_add_up_and_adam_preconditions():
 def _state(model, x, layer, position):
     _, hidden = model(x, return_hidden_states=True)
     return hidden[layer][:, position]
+
+
+def _wide_gpt(attention):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=11, n_layer=3, n_head=2, n_embd=16, block_size=T, attention=attention)).double()
+
+
+def _entering(model, x, layer, position):
+    """The residual stream entering block ``layer`` at ``position`` (any model with blocks), no graph."""
+    seen = {}
+
+    def read(module, args, kwargs):
+        seen["h"] = (args[0] if args else kwargs["hidden_states"])[:, position]
+
+    handle = residual_blocks(model)[layer].register_forward_pre_hook(read, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
+def _fd_push(model, x, layer, position, w, targets, update, eps=1e-5):
+    """The first-order change under the step −update, by central differences: of Σ_b w·h_b, or with
+    ``targets`` the decrease of ½ Σ_b (w·h_b − τ_b)²."""
+    def reading(sign):
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), update):
+                p.add_(sign * eps * g)
+            value = _entering(model, x, layer, position) @ w
+            for p, g in zip(model.parameters(), update):
+                p.sub_(sign * eps * g)
+        return float(value.sum()) if targets is None else -0.5 * float(((value - targets) ** 2).sum())
+
+    return (reading(-1) - reading(1)) / (2 * eps)
+
+
+@pytest.mark.parametrize("arm", ["vanilla", "myopic", "myopic_kv", "myopic:h=1", "myopic:layers=1", "myopic@0.5"])
+def test_a_push_is_the_finite_difference_of_the_reading_on_every_arm(arm):
+    """A push is the first-order change of the feature's reading under the update a part makes. The
+    forward is the same under every cut, so the reading's change runs through the ordinary (uncut)
+    graph, whichever cut produced the update: on a cut arm the direction must not come from the cut
+    graph (through it, the myopic arm's direct push at layer 2 read −1.35 where the reading moves by −1.41)."""
+    model, (x, y) = _wide_gpt(arm), _data()
+    g = torch.Generator().manual_seed(6)
+    w, t = torch.randn(16, dtype=torch.float64, generator=g), torch.randn(B, dtype=torch.float64, generator=g)
+    layer, position = 2, 3
+    split = split_gradient(model, x, y, _ce, layer, position)
+    assert split.params == list(model.parameters())
+    reported = [(targets, feature_pushes(split, w, targets=targets)) for targets in (None, t)]  # before any move
+    for targets, pushes in reported:
+        for part in ("direct", "precached", "shared"):
+            want = _fd_push(model, x, layer, position, w, targets, split.part(part))
+            assert pushes[part] == pytest.approx(want, rel=1e-7, abs=1e-9), (part, targets is None)
+    assert model.attention_cut() == Cut.parse(arm)  # switched back
+
+
+def test_a_hugging_face_models_push_is_the_finite_difference_too():
+    """The same on a transformers model that ``make_myopic`` cut (its cut and backend restored after)."""
+    from hf_tiny import build
+
+    from myopia.models.hf.myopic import attention_modules, current_cut, make_myopic
+
+    model = make_myopic(build("llama"), "myopic", backend="reference")
+    x, y = _data(vocab=23)
+    w = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    split = split_gradient(model, x, y, _ce, 1, 2)
+    pushes = feature_pushes(split, w)
+    assert current_cut(model) == Cut.parse("myopic")
+    assert {m._myopia_state.backend for m in attention_modules(model)} == {"reference"}
+    # transformers computes RMSNorm in float32 inside the float64 model: a wider step, a looser match
+    for part in ("direct", "shared"):
+        want = _fd_push(model, x, 1, 2, w, None, split.part(part), eps=1e-3)
+        assert pushes[part] == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("arm,layer,claimed", [
+    ("myopic", 1, True), ("myopic_kv", 0, True), ("myopic:h=0", 2, True), ("bigram", 1, True),
+    ("myopic:layers=1-2", 1, True), ("myopic:layers=1-2", 0, False), ("myopic:layers=1", 1, False),
+    ("myopic@0.5", 1, False), ("myopic:h=1", 1, False), ("myopic@1", 1, False), ("vanilla", 1, False),
+])
+def test_zero_by_construction_is_claimed_exactly_where_the_split_is_zero(arm, layer, claimed):
+    """The pre-cached part is zero by construction only where every block from the layer on cuts
+    every past edge: not under myopic@β, a horizon or a cut that leaves a later block vanilla."""
+    model, (x, y) = _wide_gpt(arm), _data()
+    assert model_cut(model) == Cut.parse(arm)
+    assert precached_is_zero_by_construction(Cut.parse(arm), layer, 3) is claimed
+    split = split_gradient(model, x, y, _ce, layer, 1)
+    assert all(float(g.abs().max()) == 0 for g in split.precached) is claimed

@@ -53,7 +53,8 @@ def _env(tmp_path, **extra):
     (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     (tmp_path / "pids").mkdir(exist_ok=True)
     path = os.pathsep.join([str(tmp_path / "bin"), os.path.dirname(sys.executable), os.environ["PATH"]])
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, "PYTHONPATH": str(tmp_path / "site"),
+    site = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, "PYTHONPATH": site,
             "MYOPIA_TEST_PIDS": str(tmp_path / "pids"), "NPROC": "2", "PORT": str(_free_port()), **extra}
 
 

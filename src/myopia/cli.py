@@ -129,13 +129,17 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # before the first large tensor: CPU steps reuse memory instead of faulting it in
     from myopia.data.corpus import DataError
+    from myopia.runs import attempts
+    from myopia.runs.results import stage
     from myopia.train.checkpoint import CheckpointError
     from myopia.train.loop import (
         EXIT_PREEMPTED,
         PREEMPTION_SIGNALS,
         NonFiniteLoss,
+        Preempted,
         RunDirectoryError,
         forget_stop,
+        preemption_handlers,
         stopped_by,
     )
 
@@ -146,32 +150,53 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     cmd = next(c for c in commands if c.name == ns.command)
+    out = None
+    code, outcome, error = 2, "failed", None
     try:
         cfg = resolve_config(cmd, ns)
         if ns.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
         forget_stop()
-        result = cmd.run(cfg)
-        _wait_for_all_ranks()  # a rank that left early would make torchrun kill rank 0 mid-write
+        out = getattr(cfg, "out", None) if isinstance(getattr(cfg, "out", None), str) else None
+        if out:
+            attempts.record_start(out, [cmd.name, *(sys.argv[2:] if argv is None else argv[1:])])
+        with preemption_handlers():
+            result = cmd.run(cfg)
+            _wait_for_all_ranks()  # a rank that left early would make torchrun kill rank 0 mid-write
+        code, outcome = 0, "completed"
         if _interrupted(result):
             signal_name = stopped_by()
             preempted = signal_name in PREEMPTION_SIGNALS
-            if os.environ.get("RANK", "0") != "0":
-                return EXIT_PREEMPTED if preempted else 130
-            print(f"myopia {cmd.name}: {'stopped by ' + signal_name if preempted else 'interrupted'}; the checkpoints "
-                  f"are saved in {getattr(cfg, 'out', 'the run folder')}: rerun the same command with --resume to "
-                  f"continue{f' (exit code {EXIT_PREEMPTED}: requeue)' if preempted else ''}", file=sys.stderr)
-            return EXIT_PREEMPTED if preempted else 130
+            code, outcome = (EXIT_PREEMPTED, "preempted") if preempted else (130, "interrupted")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"myopia {cmd.name}: {'stopped by ' + signal_name if preempted else 'interrupted'}; the "
+                      f"checkpoints are saved in {getattr(cfg, 'out', 'the run folder')}: rerun the same command with "
+                      f"--resume to continue{f' (exit code {EXIT_PREEMPTED}: requeue)' if preempted else ''}",
+                      file=sys.stderr)
+        return code
+    except Preempted as exc:
+        code, outcome = EXIT_PREEMPTED, "preempted"
+        if os.environ.get("RANK", "0") == "0":
+            print(f"myopia {cmd.name}: stopped by {exc.signal} while {stage()}; finished arms keep their checkpoints "
+                  f"in {out or 'the run folder'}: rerun the same command with --resume to continue (exit code "
+                  f"{EXIT_PREEMPTED}: requeue)", file=sys.stderr)
+        return code
     except (ConfigError, DataError, CheckpointError, RunDirectoryError, NonFiniteLoss) as exc:
+        code, error = 2, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"myopia {cmd.name}: error: {exc}", file=sys.stderr)
-        return 2
+        return code
     except KeyboardInterrupt:
+        code, outcome = 130, "interrupted"
         print(f"myopia {cmd.name}: interrupted", file=sys.stderr)
-        return 130
+        return code
+    except BaseException as exc:  # a crash: recorded, then the traceback as usual
+        code, error = 1, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise
     finally:
+        if out:
+            attempts.record_end(out, outcome, code, error=error, stage=stage() if outcome != "completed" else None)
         _teardown_distributed()
-    return 0
 
 
 def _interrupted(result: object) -> bool:

@@ -27,11 +27,18 @@ from myopia.config import ConfigError
 SAFE_KEYS = frozenset({
     "out", "resume", "train.progress", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.eval_on_start", "train.checkpoint_every", "train.keep_checkpoints", "train.device", "train.log_to",
-    "train.deterministic", "train.parallel", "train.allow_changes",
+    "train.deterministic", "train.parallel", "train.allow_changes", "train.discard_damaged",
 })
 """Keys a resumed run may change freely: they decide what is logged, evaluated, saved or shown, and
 where it runs, never which updates the weights get (train.device, train.parallel and
-train.deterministic change the floating-point order, as any other machine would)."""
+train.deterministic change the floating-point order, as any other machine would). Except
+:data:`SAFE_UNLESS`: keys that change the numerics through another setting."""
+
+SAFE_UNLESS = {"train.device": ("train.precision", "auto")}
+"""``{key: (other key, value)}``: ``key`` is safe only while ``other key`` has another value in both
+configurations. Under ``train.precision auto`` the device decides the precision (bf16 autocast on
+CUDA, float32 or bf16 on a CPU by its bf16 units), so moving a run between devices changes its
+arithmetic, not only its order."""
 
 GROWABLE_KEYS = frozenset({"seeds", "arms", "control_arms", "pairs", "p_values", "shifts", "pads", "modes",
                            "context_lengths", "models"})
@@ -67,6 +74,15 @@ def _grows(old: object, new: object) -> bool:
     return isinstance(old, list) and isinstance(new, list) and all(item in new for item in old)
 
 
+def _safe(key: str, a: dict, b: dict) -> bool:
+    if key not in SAFE_KEYS:
+        return False
+    if key in SAFE_UNLESS:
+        other, value = SAFE_UNLESS[key]
+        return value not in (a.get(other), b.get(other))
+    return True
+
+
 def config_changes(old: dict, new: dict) -> list[Change]:
     """Every dotted key whose value differs between the two configurations and that is neither safe
     nor a grown list of runs."""
@@ -74,7 +90,7 @@ def config_changes(old: dict, new: dict) -> list[Change]:
     changes = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if va == vb or key in SAFE_KEYS or (key in GROWABLE_KEYS and _grows(va, vb)):
+        if va == vb or _safe(key, a, b) or (key in GROWABLE_KEYS and _grows(va, vb)):
             continue
         changes.append(Change(key, va, vb))
     return changes
@@ -116,5 +132,5 @@ def recorded_changes(out: str) -> list[dict]:
     return found
 
 
-__all__ = ["CHANGES_FILE", "Change", "GROWABLE_KEYS", "SAFE_KEYS", "check_resume", "config_changes", "flatten",
+__all__ = ["CHANGES_FILE", "Change", "GROWABLE_KEYS", "SAFE_KEYS", "SAFE_UNLESS", "check_resume", "config_changes", "flatten",
            "recorded_changes"]

@@ -20,17 +20,29 @@ import torch
 from torch import nn
 
 from myopia.analysis import plots
-from myopia.analysis.attribution import adam_preconditioner, feature_pushes, residual_blocks, split_gradient
+from myopia.analysis.attribution import (
+    PARTS,
+    adam_preconditioner,
+    feature_pushes,
+    model_cut,
+    precached_is_zero_by_construction,
+    residual_blocks,
+    split_gradient,
+)
 from myopia.analysis.gradients import log_spaced_steps
 from myopia.config import ConfigError
 from myopia.tasks.base import loss_mask
-from myopia.train.config import TrainConfig
+from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import sharded_across_ranks
 from myopia.train.layout import metrics_path
 from myopia.train.loop import MetricsLog
+from myopia.train.optim import lr_at
 
 KEY = "feature_attribution"
 """The key of the records in ``metrics.jsonl`` and of the gathered results in ``results.json``."""
+LR_KEY = "feature_attribution_lr_until_next"
+"""The key, beside :data:`KEY` in ``metrics.jsonl``, of the learning rate summed over the updates from
+a measurement to the next (:func:`lr_until_next`)."""
 
 
 @dataclass
@@ -112,13 +124,15 @@ def measure(model: nn.Module, task, cfg: AttributionConfig, fit_probes: ProbeFit
     """One measurement: for every configured layer and position, the split of the model's own
     training gradient (its attention cut as it is) on the task's held-out batch 0, and each
     probe's pushes towards its targets: ``sgd`` (a plain step) and ``adam`` (AdamW's step with ``optimizer``'s
-    current moments; None before its first step). The model is left as it was (eval mode
-    meanwhile, so no dropout or RNG is used; ``.grad`` untouched)."""
+    current moments; None before its first step), and whether the model's cut makes the pre-cached
+    part zero by construction there. The model is left as it was (eval mode meanwhile, so no dropout
+    or RNG is used; ``.grad`` untouched; its cut restored after each split)."""
     device = next(model.parameters()).device
     x, y = task.heldout_batch(0, cfg.batch_size)
     x, y = x.to(device), y.to(device)
     losses = _per_position_losses(task)
     params = [p for p in model.parameters() if p.requires_grad]
+    cut, n_blocks = model_cut(model), len(residual_blocks(model))
     pre = adam_preconditioner(optimizer, params) if optimizer is not None else None  # the same at every site
     was_training = model.training
     model.eval()
@@ -138,34 +152,56 @@ def measure(model: nn.Module, task, cfg: AttributionConfig, fit_probes: ProbeFit
                         "layer": layer, "position": position, "feature": probe.name,
                         "probe": {probe.metric: probe.quality},
                         "sgd": feature_pushes(split, w, targets=t),
-                        "adam": feature_pushes(split, w, pre, t) if pre else None})
+                        "adam": feature_pushes(split, w, pre, t) if pre else None,
+                        "precached_zero_by_construction":
+                            cut is not None and precached_is_zero_by_construction(cut, layer, n_blocks)})
                 del split
     finally:
         model.train(was_training)
     return records
 
 
-def monitor(task, cfg: AttributionConfig, train: TrainConfig, fit_probes: ProbeFitter) -> Callable:
+def _measured(step: int, every: int, train: TrainConfig) -> bool:
+    return log_spaced_steps(step, every) or step == train.steps
+
+
+def lr_until_next(step: int, cfg: AttributionConfig, train: TrainConfig, optim: OptimConfig) -> float:
+    """The learning rate summed over the updates from measured step ``step`` to the next measurement
+    (0 at the last step): what turns a push per unit learning rate into the change it stands for until
+    the next measurement."""
+    every = cfg.every or train.eval_every
+    total = 0.0
+    for u in range(step, train.steps):
+        if u > step and _measured(u, every, train):
+            break
+        total += lr_at(u, train.steps, optim)
+    return total
+
+
+def monitor(task, cfg: AttributionConfig, train: TrainConfig, fit_probes: ProbeFitter, *,
+            optim: OptimConfig) -> Callable:
     """A training-loop monitor (``train_arm``'s ``monitor``) that :func:`measure`\\ s at the configured
-    steps and returns ``{"feature_attribution": records}``."""
+    steps and returns ``{"feature_attribution": records, "feature_attribution_lr_until_next": Σ lr}``
+    (``optim``: the arm's optimiser settings, for its learning-rate schedule)."""
     every = cfg.every or train.eval_every
 
     def watch(model: nn.Module, step: int, optimizer=None) -> dict | None:
-        if not (log_spaced_steps(step, every) or step == train.steps):
+        if not _measured(step, every, train):
             return None
-        return {KEY: measure(model, task, cfg, fit_probes, optimizer)}
+        return {KEY: measure(model, task, cfg, fit_probes, optimizer), LR_KEY: lr_until_next(step, cfg, train, optim)}
 
     return watch
 
 
-def monitor_factory(task, cfg: AttributionConfig, train: TrainConfig, fit_probes: ProbeFitter) -> Callable | None:
+def monitor_factory(task, cfg: AttributionConfig, train: TrainConfig, fit_probes: ProbeFitter, *,
+                    optim: OptimConfig) -> Callable | None:
     """``monitor_for(arm, model)`` for ``run_arms``: :func:`monitor` for every arm but local-myopic ones
     (their wrapper has no blocks of its own to split at), after a one-line error for a layer the model
     does not have; or None when off (no sites, or FSDP over several ranks: the bare model's parameters
     are shards there)."""
     if not cfg.enabled or sharded_across_ranks(train.parallel):
         return None
-    watch = monitor(task, cfg, train, fit_probes)
+    watch = monitor(task, cfg, train, fit_probes, optim=optim)
 
     def monitor_for(arm, model):
         if arm.local:
@@ -207,8 +243,9 @@ def combine(*monitors: Callable | None) -> Callable | None:
 
 
 def read_trajectory(arm_dir: str) -> list[dict]:
-    """``[{"step": s, "sites": records}, ...]`` from an arm's metrics (empty if not measured)."""
-    return [{"step": r["step"], "sites": r[KEY]}
+    """``[{"step": s, "sites": records, "lr_until_next": Σ lr}, ...]`` from an arm's metrics (empty if
+    not measured; ``lr_until_next`` None in records written before it was kept)."""
+    return [{"step": r["step"], "sites": r[KEY], "lr_until_next": r.get(LR_KEY)}
             for r in MetricsLog(metrics_path(arm_dir), enabled=False).read() if KEY in r]
 
 
@@ -226,30 +263,61 @@ def _site(r: dict) -> str:
 
 
 def summarise(trajectory: list[dict]) -> dict:
-    """Per site (layer, position, feature): the plain-step pushes summed over the measured steps
-    (a coarse integral over training) and their pre-caching score, and the step with the largest
-    pre-cached push."""
+    """Per site (layer, position, feature): the plain-step pushes integrated over training, each
+    measurement's push times the learning rate summed over the updates until the next one (the decrease
+    of the feature's squared error that plain steps along each part would have made, at the measured
+    gradients; None where a measurement lacks that sum), their pre-caching score; the largest single
+    pre-cached push and its step; and whether the arm's cut makes the pre-cached part zero by
+    construction there."""
     out: dict = {}
+    weighted = all(entry.get("lr_until_next") is not None for entry in trajectory)
     for entry in trajectory:
         for r in entry["sites"]:
             s = out.setdefault(_site(r), {"layer": r["layer"], "position": r["position"], "feature": r["feature"],
-                                          "direct": 0.0, "precached": 0.0, "shared": 0.0,
-                                          "max_precached": -math.inf, "max_precached_step": None})
-            for part in ("direct", "precached", "shared"):
-                s[part] += r["sgd"][part]
+                                          "integral": dict.fromkeys(PARTS, 0.0) if weighted else None,
+                                          "max_precached": -math.inf, "max_precached_step": None,
+                                          "precached_zero_by_construction": True})
+            if weighted:
+                for part in PARTS:
+                    s["integral"][part] += r["sgd"][part] * entry["lr_until_next"]
             if r["sgd"]["precached"] > s["max_precached"]:
                 s["max_precached"], s["max_precached_step"] = r["sgd"]["precached"], entry["step"]
+            s["precached_zero_by_construction"] &= bool(r.get("precached_zero_by_construction"))
     for s in out.values():
-        through = abs(s["direct"]) + abs(s["precached"])
-        s["precaching_score"] = s["precached"] / through if through > 0 else 0.0
+        s["precaching_score"] = None if s["integral"] is None else _score(s["integral"])
     return out
+
+
+def _score(pushes: dict) -> float:
+    through = abs(pushes["direct"]) + abs(pushes["precached"])
+    return pushes["precached"] / through if through > 0 else 0.0
+
+
+def _running_integral(runs: list[dict], site: str) -> tuple[list[int], list[float], list[float], list[dict]]:
+    """For one site of a run, at each measurement that has it: step + 1, the pre-cached and direct
+    plain-step pushes integrated from step 0 up to that step (NaN after a measurement without its
+    learning-rate sum), and the probe's record."""
+    xs, pre, direct, probes = [], [], [], []
+    pre_sum = direct_sum = 0.0
+    for e in runs:
+        r = next((r for r in e["sites"] if _site(r) == site), None)
+        if r is None:
+            continue
+        xs.append(e["step"] + 1)
+        pre.append(pre_sum)
+        direct.append(direct_sum)
+        probes.append(r["probe"])
+        lr = math.nan if e.get("lr_until_next") is None else e["lr_until_next"]
+        pre_sum += r["sgd"]["precached"] * lr
+        direct_sum += r["sgd"]["direct"] * lr
+    return xs, pre, direct, probes
 
 
 def plot(attribution: dict, path: str) -> str | None:
     """Per run (colour) and site (shade), against the step: the pre-cached (solid) and direct (dotted)
-    pushes of a plain step on each feature, summed over the measured steps so far (left: a single
-    measurement is one batch and swings in sign; the running sum shows which part trains the feature
-    over training), and each probe's held-out quality as fitted at that step (right)."""
+    plain-step pushes on each feature integrated from step 0 (left; :func:`summarise`'s weighting: a
+    single measurement is one batch and swings in sign, the integral shows which part trains the
+    feature over training), and each probe's held-out quality as fitted at that step (right)."""
     plt = plots.pyplot()
     if plt is None:
         return None
@@ -262,15 +330,10 @@ def plot(attribution: dict, path: str) -> str | None:
         sites = dict.fromkeys(_site(r) for e in runs for r in e["sites"])
         for j, site in enumerate(sites):
             alpha = 1.0 - 0.6 * j / max(1, len(sites) - 1)
-            xs, pre, direct, quality = [], [], [], []
-            for e in runs:
-                r = next((r for r in e["sites"] if _site(r) == site), None)
-                if r is None:
-                    continue
-                xs.append(e["step"] + 1)
-                pre.append((pre[-1] if pre else 0.0) + r["sgd"]["precached"])
-                direct.append((direct[-1] if direct else 0.0) + r["sgd"]["direct"])
-                metric, value = next(iter(r["probe"].items()))
+            xs, pre, direct, probes = _running_integral(runs, site)
+            quality = []
+            for probe in probes:
+                metric, value = next(iter(probe.items()))
                 metrics[metric] = None
                 quality.append(math.nan if value is None else value)
             first = j == 0  # one legend entry per run; the shade tells the sites apart
@@ -283,7 +346,7 @@ def plot(attribution: dict, path: str) -> str | None:
         ax.set_xlabel("step + 1")
         ax.grid(alpha=0.3)
     left.axhline(0, color="black", lw=0.8)
-    left.set_ylabel("push towards the feature's values, summed")
+    left.set_ylabel("push towards the feature's values × lr, integrated")
     left.set_title("Which gradient part trains the feature (plain step)")
     left.legend(frameon=False, fontsize=6)
     right.set_ylabel("probe " + " / ".join(metrics) + " (held out)")
@@ -354,25 +417,37 @@ def step_lines(attribution: dict, label: str, step: int) -> list[str]:
 
 
 def report_lines(attribution: dict) -> list[str]:
-    """The report's table: per run and site, the pushes summed over the measured steps and the
-    largest pre-cached push."""
+    """The report's table: per run and site, the plain-step pushes integrated over training
+    (:func:`summarise`), the pre-cached one marked where the arm's cut makes it zero by construction,
+    and the largest single pre-cached push."""
+    rows = [(label, s) for label, sites in attribution["summary"].items() for s in sites.values()]
     lines = ["## Per-feature attribution: which gradient part trains the probed feature", "",
              "Each arm's own training gradient on held-out batch 0, split at the residual stream entering "
              "block L at position t: direct (from L_t), pre-cached (from later losses L_s, s > t) and shared "
              "(not through that state). A part's push is the first-order move of the probe's reading towards "
-             "the feature's true values under a plain step along that part, per unit learning rate; summed "
-             "over the measured steps. Score = pre-cached / (|direct| + |pre-cached|). A myopic arm's "
-             "pre-cached part is zero by construction.", "",
-             "| run | layer | position | feature | direct | pre-cached | score | largest pre-cached push (step) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for label, sites in attribution["summary"].items():
-        for s in sites.values():
-            lines.append(f"| {label} | {s['layer']} | {s['position']} | {s['feature']} | {s['direct']:.3g} | "
-                         f"{s['precached']:.3g} | {s['precaching_score']:+.2f} | "
-                         f"{s['max_precached']:.3g} ({s['max_precached_step']}) |")
+             "the feature's true values under a plain step along that part, per unit learning rate. The table "
+             "integrates it over training: each measurement's push times the learning rate summed over the "
+             "updates until the next measurement, i.e. how far plain steps along that part, at the measured "
+             "gradients, would have moved the reading (not what AdamW did). "
+             "Score = pre-cached / (|direct| + |pre-cached|)."]
+    if any(s.get("precached_zero_by_construction") for _, s in rows):
+        lines[-1] += (" \"0 (by construction)\": the arm's cut (myopic or myopic_kv with β = 0 and no horizon, or "
+                      "bigram, in every block from L on) leaves no path from later losses to the state; under "
+                      "myopic@β, a horizon or a cut that leaves a later block vanilla the pre-cached part is "
+                      "measured like any other.")
+    lines += ["", "| run | layer | position | feature | direct | pre-cached | score | largest pre-cached push (step) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for label, s in rows:
+        integral = s.get("integral") or {}
+        direct, precached = (f"{integral[p]:.3g}" if integral else "-" for p in ("direct", "precached"))
+        if s.get("precached_zero_by_construction"):
+            precached = "0 (by construction)"
+        score = "-" if s.get("precaching_score") is None else f"{s['precaching_score']:+.2f}"
+        lines.append(f"| {label} | {s['layer']} | {s['position']} | {s['feature']} | {direct} | {precached} | "
+                     f"{score} | {s['max_precached']:.3g} ({s['max_precached_step']}) |")
     return lines + [""]
 
 
-__all__ = ["KEY", "AttributionConfig", "Probe", "ProbeFitter", "collect", "combine", "measure", "merge_factories",
-           "monitor", "monitor_factory", "plot",
+__all__ = ["KEY", "LR_KEY", "AttributionConfig", "Probe", "ProbeFitter", "collect", "combine", "lr_until_next",
+           "measure", "merge_factories", "monitor", "monitor_factory", "plot",
            "plot_by_layer", "read_trajectory", "report_lines", "step_lines", "summarise"]

@@ -105,6 +105,7 @@ class Results:
                 "environment": self.environment, "resources": self.resources(), **self.body}
         if self.status == Status.INTERRUPTED and stopped_by():
             data["stopped_by"] = stopped_by()  # SIGINT (Ctrl-C), or a scheduler's SIGTERM / SIGUSR1
+            data["stopped_in"] = stage()  # training an arm (saved), or scoring, analysing, reporting
         return data
 
     def resources(self) -> dict:
@@ -130,18 +131,33 @@ class Results:
         return data
 
 
+_STAGE = ["setting up"]
+
+
+def set_stage(text: str) -> None:
+    """What the command is doing now (``training arm myopic in runs/x/seed0``, ``scoring ...``): a run
+    stopped by a signal records it in results.json as ``stopped_in``."""
+    _STAGE[0] = text
+
+
+def stage() -> str:
+    return _STAGE[0]
+
+
 @contextmanager
 def recording(results: Results, out: str, write: bool = True) -> Iterator[Results]:
     """Run the body; if it raises, record the run as ``interrupted`` (Ctrl-C) or ``failed`` (with the
     error's one line) in ``out/results.json`` and re-raise. Another run's results.json (e.g. a completed
     run in the same ``out``, refused without --resume) is never overwritten: the failure is written
     only where this run has written before, or where there is none."""
+    from myopia.train.loop import Preempted
+
     try:
         yield results
     except BaseException as exc:
         mine = results.written or not os.path.exists(os.path.join(out, "results.json"))
         if write and os.path.isdir(out) and mine and results.status == Status.RUNNING:
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, (KeyboardInterrupt, Preempted)):
                 results.write(out, Status.INTERRUPTED)
             elif isinstance(exc, Exception):
                 results["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -166,4 +182,5 @@ def publish(out: str, data: dict, write: Callable[[str, dict], object], summary:
     return data
 
 
-__all__ = ["Results", "Status", "environment", "peak_rss_mib", "publish", "recording", "write_report"]
+__all__ = ["Results", "Status", "environment", "peak_rss_mib", "publish", "recording", "set_stage", "stage",
+           "write_report"]

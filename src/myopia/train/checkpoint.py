@@ -124,6 +124,31 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
+def gather_rng(dist) -> dict[str, torch.Tensor]:
+    """Every rank's generator states, for rank 0 to save (a collective under torchrun): rank r's as
+    ``rng/rank<r>/...`` beside rank 0's as plain ``rng/...`` (what a one-process run restores)."""
+    mine = rng_tensors()
+    if not dist.enabled:
+        return mine
+    every = dist.all_objects({k: v.cpu() for k, v in mine.items()})
+    out = {k: v.clone() for k, v in every[0].items()}
+    for rank, states in enumerate(every):
+        out.update({f"rng/rank{rank}/{k[len('rng/'):]}": v.clone() for k, v in states.items()})
+    return out
+
+
+def rng_for_rank(tensors: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The generator states rank ``rank`` restores: its own, when the checkpoint was saved by as many
+    processes; otherwise rank 0's (a run resumed at another world size cannot continue every rank's
+    stream; batches do not depend on it, dropout masks do)."""
+    prefix = f"rng/rank{rank}/"
+    own = {f"rng/{k[len(prefix):]}": v for k, v in tensors.items() if k.startswith(prefix)}
+    saved_world = len({k.split("/")[1] for k in tensors if k.startswith("rng/rank")})
+    if own and saved_world == world:
+        return own
+    return {k: v for k, v in tensors.items() if k.startswith("rng/") and not k.startswith("rng/rank")}
+
+
 def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
     if "rng/cpu" in tensors:
         torch.set_rng_state(tensors["rng/cpu"])
@@ -141,13 +166,18 @@ def save_checkpoint(
     state: dict,
     keep: int = 2,
     rng: dict[str, torch.Tensor] | None = None,
+    point_latest: bool = True,
 ) -> str:
     """Write checkpoint ``step`` under ``ckpt_dir`` atomically and return its folder.
 
     ``model_state``/``optim_state`` are full (unsharded) state dicts, e.g. from :func:`capture`;
-    ``rng`` the generator states to store (default: this process's).
+    ``rng`` the generator states to store (default: this process's; a multi-process run passes every
+    rank's, :func:`gather_rng`). ``point_latest``: make it the checkpoint ``latest`` names (a
+    consolidation of an older step does not). Stale temporary folders of earlier, killed saves are
+    removed first.
     """
     os.makedirs(ckpt_dir, exist_ok=True)
+    remove_stale(ckpt_dir)
     name = f"step_{step:07d}"
     final = os.path.join(ckpt_dir, name)
     tmp = os.path.join(ckpt_dir, f".{name}.tmp-{os.getpid()}")
@@ -167,7 +197,7 @@ def save_checkpoint(
         for fname in ("model.safetensors", "optimizer.safetensors"):
             with open(os.path.join(tmp, fname), "rb") as f:
                 os.fsync(f.fileno())
-        _commit(tmp, final)
+        _commit(tmp, final, point_latest)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(ckpt_dir)
@@ -181,8 +211,12 @@ def save_checkpoint(
     return final
 
 
-def _commit(tmp: str, final: str) -> None:
-    """Checksum every file of the finished folder ``tmp``, move it to ``final`` and point ``latest`` at it."""
+def _commit(tmp: str, final: str, point_latest: bool = True) -> None:
+    """Checksum every file of the finished folder ``tmp``, move it to ``final`` and (``point_latest``)
+    point ``latest`` at it. Re-saving an existing step moves the old folder aside first
+    (``.step_N.old-PID``) and deletes it only after the new one is in place; a kill between the two
+    renames leaves both the old folder and the complete new one (``.step_N.tmp-PID``, manifest
+    written), which :func:`latest_checkpoint` finds: there is a loadable checkpoint at every instant."""
     ckpt_dir, name = os.path.dirname(final), os.path.basename(final)
     files = sorted(os.path.relpath(os.path.join(root, f), tmp) for root, _, names in os.walk(tmp) for f in names)
     _write_json(os.path.join(tmp, MANIFEST), {f: _sha256(os.path.join(tmp, f)) for f in files})
@@ -195,7 +229,38 @@ def _commit(tmp: str, final: str) -> None:
     _fsync_dir(ckpt_dir)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
-    atomic_write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
+    if point_latest:
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
+
+
+def _set_aside(ckpt_dir: str) -> list[str]:
+    """Folders of interrupted saves under ``ckpt_dir``: ``.step_N.tmp-*`` (being written, or complete
+    and about to be renamed) and ``.step_N.old-*`` (a complete checkpoint moved aside while its step
+    was re-saved)."""
+    return sorted(n for n in os.listdir(ckpt_dir)
+                  if n.startswith(".step_") and (".tmp-" in n or ".old-" in n))
+
+
+def remove_stale(ckpt_dir: str) -> list[str]:
+    """Delete the set-aside folders of earlier, killed saves (:func:`_set_aside`) once ``ckpt_dir``
+    holds an intact checkpoint that does not need them; returns what was removed. Each is a full-size
+    copy of a checkpoint, so a run killed during saves would otherwise fill the disk."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    stale = _set_aside(ckpt_dir)
+    if not stale or not any(_intact(os.path.join(ckpt_dir, n)) for n in os.listdir(ckpt_dir) if n.startswith("step_")):
+        return []
+    for name in stale:
+        shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    return stale
+
+
+def _intact(path: str) -> bool:
+    try:
+        verify(path)
+        return True
+    except CheckpointError:
+        return False
 
 
 def is_sharded(path: str) -> bool:
@@ -265,6 +330,7 @@ def save_sharded_checkpoint(ckpt_dir: str, step: int, model: torch.nn.Module, op
     final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, f".{name}.tmp-sharded")
     if dist.is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
+        remove_stale(ckpt_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
@@ -273,8 +339,9 @@ def save_sharded_checkpoint(ckpt_dir: str, step: int, model: torch.nn.Module, op
         writer = HuggingFaceStorageWriter(os.path.join(tmp, SHARDS), save_distributed=True,
                                           fqn_to_index_mapping=_file_buckets(flat))
         dcp_save(flat, storage_writer=writer)
+        rng = gather_rng(dist)  # every rank's generators, gathered to rank 0
         if dist.is_main:
-            save_file(rng_tensors(), os.path.join(tmp, RNG_FILE))
+            save_file(rng, os.path.join(tmp, RNG_FILE))
             _write_json(os.path.join(tmp, "state.json"), {
                 **state, "step": step, "sharded": True, "tied": _tied_names(model),
                 "optimizer": {"param_groups": optim_sd["param_groups"], "scalars": scalars, "int_keys": False}})
@@ -333,8 +400,10 @@ def consolidate(path: str) -> str:
         return path
     weights, optim_state, state, rng = read_checkpoint(path)
     state = {k: v for k, v in state.items() if k not in ("sharded", "optimizer", "tied", "step")}
-    return save_checkpoint(os.path.dirname(path.rstrip("/")), checkpoint_step(path), weights, optim_state, state,
-                           keep=10**9, rng=rng)
+    ckpt_dir = os.path.dirname(path.rstrip("/"))
+    is_latest = latest_checkpoint(ckpt_dir, verified=False) in (path.rstrip("/"), None)
+    return save_checkpoint(ckpt_dir, checkpoint_step(path), weights, optim_state, state,
+                           keep=10**9, rng=rng, point_latest=is_latest)
 
 
 def _prune(ckpt_dir: str, keep: int) -> None:
@@ -347,7 +416,8 @@ def latest_checkpoint(ckpt_dir: str, verified: bool = True, log=None) -> str | N
     """The newest complete checkpoint folder under ``ckpt_dir``, or None.
 
     With ``verified`` the checksums are checked, and a damaged checkpoint is skipped (with a
-    message) in favour of the newest older one that is intact.
+    message) in favour of the newest older one that is intact. A step whose folder is missing or
+    damaged is also looked for among the folders an interrupted re-save set aside (:func:`_set_aside`).
     """
     if not os.path.isdir(ckpt_dir):
         return None
@@ -356,7 +426,16 @@ def latest_checkpoint(ckpt_dir: str, verified: bool = True, log=None) -> str | N
     if os.path.isfile(pointer):
         with open(pointer) as f:
             candidates.append(f.read().strip())
-    candidates += sorted((n for n in os.listdir(ckpt_dir) if n.startswith("step_")), reverse=True)
+    steps = sorted((n for n in os.listdir(ckpt_dir) if n.startswith("step_")), reverse=True)
+    aside = _set_aside(ckpt_dir)
+    by_step: dict[str, list[str]] = {}
+    for n in aside:  # ".step_N.tmp-PID" before ".step_N.old-PID": a complete tmp is the newer save
+        by_step.setdefault(n[1:].split(".")[0], []).append(n)
+    for key in by_step:
+        by_step[key].sort(key=lambda n: ".old-" in n)
+    names = sorted(set(steps) | set(by_step), reverse=True)
+    for name in names:
+        candidates += [name, *by_step.get(name, [])]
     seen = set()
     for name in candidates:
         path = os.path.join(ckpt_dir, name)
@@ -373,9 +452,48 @@ def latest_checkpoint(ckpt_dir: str, verified: bool = True, log=None) -> str | N
     return None
 
 
+def damage_report(ckpt_dir: str) -> str | None:
+    """What ``ckpt_dir`` holds when it holds no intact checkpoint but is not empty (damaged or
+    incomplete checkpoints, folders of interrupted saves), in a few words; None if it holds an intact
+    checkpoint or nothing at all (a run that never saved)."""
+    if not os.path.isdir(ckpt_dir) or latest_checkpoint(ckpt_dir, log=lambda *_: None) is not None:
+        return None
+    found = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isdir(path):
+            continue
+        try:
+            verify(path)
+        except CheckpointError as exc:
+            found.append(str(exc).split(" (")[0] if "checksum" not in str(exc) else str(exc))
+    if not found and not os.path.isfile(os.path.join(ckpt_dir, LATEST)):
+        return None
+    return "; ".join(found) or f"{ckpt_dir} names a latest checkpoint that is gone"
+
+
+def set_aside_damaged(arm_dir: str) -> str:
+    """Move an arm's checkpoints folder (all damaged) and its metrics.jsonl aside, under names with the
+    time, so that the arm can train again from step 0 without deleting anything; returns the new
+    folder's path."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    src = os.path.join(arm_dir, "checkpoints")
+    dst = os.path.join(arm_dir, f"checkpoints.damaged-{stamp}")
+    os.replace(src, dst)
+    metrics = os.path.join(arm_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        os.replace(metrics, os.path.join(dst, "metrics.jsonl"))
+    return dst
+
+
 def checkpoint_step(path: str | None) -> int:
     """The step a checkpoint folder (``.../step_NNNNNNN``) holds; 0 for None (no checkpoint yet)."""
-    return int(os.path.basename(path.rstrip("/")).split("_")[-1]) if path else 0
+    if not path:
+        return 0
+    name = os.path.basename(path.rstrip("/")).lstrip(".")  # also a set-aside ".step_N.old-PID"
+    return int(name.split(".")[0].split("_")[-1])
 
 
 def verify(path: str) -> None:

@@ -81,6 +81,10 @@ class TrainConfig:
     """Under torchrun with several processes: ddp (replicated) | fsdp (FSDP2 fully_shard per block)."""
     log_to: list[str] = field(default_factory=list)
     """Also stream metrics to trackers: tensorboard, wandb (optional extras; empty = metrics.jsonl only)."""
+    discard_damaged: bool = False
+    """With --resume: an arm whose checkpoints folder holds no intact checkpoint (damaged or interrupted
+    saves) moves it and its metrics.jsonl aside (checkpoints.damaged-<time>/) and trains again from
+    step 0. Without it such an arm stops with an error that names the damage, changing nothing."""
     allow_changes: list[str] = field(default_factory=list)
     """With --resume: configuration keys (dotted, e.g. optim.lr) allowed to differ from the run's
     config.yaml; each change is recorded in config_changes.jsonl and results.json. Other changes that

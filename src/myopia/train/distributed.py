@@ -55,6 +55,15 @@ class Dist:
             torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
         return value
 
+    def mean_and_any(self, value: torch.Tensor, flag: bool) -> tuple[torch.Tensor, bool]:
+        """:meth:`mean` of ``value`` (a scalar tensor) and :meth:`any` of ``flag`` in one all-reduce: the
+        loop's per-step loss average carries its stop decision, at no extra collective."""
+        if not self.enabled:
+            return value, flag
+        both = torch.stack([value.detach().float().reshape(()), value.new_tensor(1.0 if flag else 0.0).float()])
+        torch_dist.all_reduce(both, op=torch_dist.ReduceOp.SUM)
+        return both[0] / self.world, bool(both[1].item() > 0)
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
         if not self.enabled:

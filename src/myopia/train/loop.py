@@ -22,20 +22,25 @@ from tqdm.auto import tqdm
 from myopia.tasks.base import Task, loss_mask, model_loss, position_losses
 from myopia.train.layout import checkpoints_dir, metrics_path
 from myopia.train.checkpoint import (
+    CheckpointError,
     capture,
+    damage_report,
+    gather_rng,
     is_sharded,
     latest_checkpoint,
     load_sharded,
     read_checkpoint,
     restore,
     restore_rng,
+    rng_for_rank,
     save_checkpoint,
     save_sharded_checkpoint,
+    set_aside_damaged,
 )
 from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import Dist, no_grad_sync, parallelize
 from myopia.train.optim import build_optimizer, lr_at
-from myopia.train.precision import autocast_for, cpu_has_native_bf16  # noqa: F401 (re-exported)
+from myopia.train.precision import autocast_for, cpu_has_native_bf16, describe, resolve_precision  # noqa: F401
 
 
 class NonFiniteLoss(RuntimeError):
@@ -92,6 +97,48 @@ class StopSignal:
     def preempted(self) -> bool:
         """Stopped by a scheduler's signal (not by a person's Ctrl-C)."""
         return self.signal in PREEMPTION_SIGNALS
+
+
+class Preempted(BaseException):
+    """A scheduler's SIGTERM or SIGUSR1 outside the training loop (setting up, scoring, analysing,
+    reporting): raised where the command is, so that it unwinds at once, ``results.json`` records the
+    signal and the stage (``stopped_by``, ``stopped_in``) and the process exits with
+    :data:`EXIT_PREEMPTED`. Inside the loop the same signals finish the step and save instead
+    (:func:`graceful_interrupt`). A BaseException, as KeyboardInterrupt, so that no ``except
+    Exception`` swallows it."""
+
+    def __init__(self, name: str):
+        super().__init__(f"stopped by {name}")
+        self.signal = name
+
+
+@contextlib.contextmanager
+def preemption_handlers() -> Iterator[None]:
+    """A command's signal handling outside the training loop: the first SIGTERM or SIGUSR1 raises
+    :class:`Preempted`; repeats are ignored while it unwinds (schedulers send the signal more than
+    once). The loop installs its own handlers over these while it trains and restores them after."""
+    raised: list[str] = []
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if raised:
+            return
+        raised.append(name)
+        _stopped_by[0] = _stopped_by[0] or name
+        raise Preempted(name)
+
+    previous = {}
+    try:
+        for name in PREEMPTION_SIGNALS:
+            if hasattr(signal, name):
+                previous[getattr(signal, name)] = signal.signal(getattr(signal, name), handler)
+    except ValueError:  # not the main thread: leave the signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
@@ -252,10 +299,22 @@ def train_arm(
         device = torch.device("cuda", dist.local_rank)
     model.to(device).train()
     ckpt_dir = checkpoints_dir(arm_dir)
-    latest = dist.broadcast_object(latest_checkpoint(ckpt_dir) if dist.is_main else None)
-    if latest is not None and not resume:
+    latest, damage = dist.broadcast_object(
+        (latest_checkpoint(ckpt_dir), damage_report(ckpt_dir)) if dist.is_main else None)
+    if (latest is not None or damage is not None) and not resume:
         raise RunDirectoryError(
             f"{arm_dir} already holds a run of arm {arm!r}; pass --resume to continue it or choose a new --out")
+    if latest is None and damage is not None:  # never a silent restart: the run's work is in those folders
+        if not cfg.discard_damaged:
+            raise CheckpointError(
+                f"arm {arm!r}: {ckpt_dir} holds no intact checkpoint ({damage}); nothing was changed. Start in a new "
+                "--out, or pass --train.discard_damaged to move the damaged checkpoints aside and train this arm "
+                "again from step 0")
+        if dist.is_main:
+            moved = set_aside_damaged(arm_dir)
+            tqdm.write(f"[{arm}] no intact checkpoint ({damage}); moved aside to {moved}; training from step 0")
+        dist.barrier()
+    resolved = resolve_precision(device, cfg.precision)
     sharded = dist.enabled and cfg.parallel == "fsdp"  # FSDP saves and loads per-rank shards (train/checkpoint.py)
     wrapped = parallelize(model, dist, cfg.parallel, device)
     optimizer = build_optimizer(wrapped, optim_cfg)
@@ -266,7 +325,14 @@ def train_arm(
         else:
             weights, optim_state, state, rng = read_checkpoint(latest)
             restore(wrapped, optimizer, weights, optim_state)
-        restore_rng(rng)
+        restore_rng(rng_for_rank(rng, dist.rank, dist.world))
+        saved_precision = state.get("precision")
+        if saved_precision not in (None, resolved) and "train.precision" not in cfg.allow_changes:
+            raise CheckpointError(
+                f"arm {arm!r}: {latest} was trained in {saved_precision}, and train.precision {cfg.precision} means "
+                f"{resolved} on this {device.type} ({describe(device, cfg.precision)['reason']}); resume with "
+                f"--train.precision {saved_precision}, or accept the change on record with --train.allow_changes "
+                "train.precision")
         start_step, last_eval = state["step"], state.get("eval")
         seconds_before, tokens_before = state.get("seconds", 0.0), state.get("tokens", 0)
         if dist.is_main:
@@ -282,13 +348,14 @@ def train_arm(
     def checkpoint(step: int, status: str) -> str | None:
         state = {"arm": arm, "status": status, "seconds": seconds_before + time.perf_counter() - t0,
                  "tokens": tokens_before + (step - start_step) * tokens_per_step, "eval": last_eval,
-                 "world_size": dist.world, "model_config": _model_config(model)}
+                 "world_size": dist.world, "model_config": _model_config(model), "precision": resolved}
         if sharded:  # no rank gathers the full state
             return save_sharded_checkpoint(ckpt_dir, step, wrapped, optimizer, state, dist, keep=cfg.keep_checkpoints)
         model_state, optim_state = capture(wrapped, optimizer)
+        rng = gather_rng(dist)  # every rank's generators (a collective), saved by rank 0
         path = None
         if dist.is_main:
-            path = save_checkpoint(ckpt_dir, step, model_state, optim_state, state, keep=cfg.keep_checkpoints)
+            path = save_checkpoint(ckpt_dir, step, model_state, optim_state, state, keep=cfg.keep_checkpoints, rng=rng)
         dist.barrier()
         return dist.broadcast_object(path)
 
@@ -307,14 +374,18 @@ def train_arm(
                 last_eval = evaluate(wrapped, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision, dist)
                 log.write({"step": 0, "eval_loss": last_eval["loss"]})
             run_monitor()
+        stopping = False
         while step < cfg.steps:
-            if dist.any(stop.requested):  # a signal may reach only some ranks: all stop at the same step
+            if stopping:  # decided with the last step's loss all-reduce: every rank stops after the same step
                 name = next((n for n in dist.all_objects(stop.signal) if n), None)
                 stop.request(name)  # every rank now knows what stopped the run
                 last_ckpt = checkpoint(step, "interrupted")
                 if dist.is_main:
                     tqdm.write(f"[{arm}] stopped at step {step}; checkpoint {last_ckpt}")
                 break
+            if stop.requested and not dist.enabled:
+                stopping = True
+                continue
             lr = lr_at(step, cfg.steps, optim_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -327,7 +398,9 @@ def train_arm(
                         loss = model_loss(task, wrapped, x, y) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
-            loss_value = float(dist.mean(loss_sum))
+            # a signal may reach only some ranks: the stop flag rides the loss's all-reduce
+            mean_loss, stopping = dist.mean_and_any(loss_sum, stop.requested)
+            loss_value = float(mean_loss)
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(
                     f"arm {arm!r}: loss became {loss_value} at step {step}; last good checkpoint: "

@@ -56,6 +56,46 @@ class ModelScores:
     log_probs: str | None = None
 
 
+    def save(self, path: str, key: str) -> None:
+        """Write the scores to ``path`` (an .npz, atomically), under ``key`` (what they were computed
+        from): a resumed run reads them back instead of scoring the arm again (:meth:`load`)."""
+        import json
+
+        arrays = {name: value for name, value in self.__dict__.items() if isinstance(value, np.ndarray)}
+        meta = {"key": key, "probes": self.probes, "log_probs": self.log_probs}
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, key: str) -> "ModelScores | None":
+        """The scores :meth:`save` wrote under the same ``key``, or None (none, stale or unreadable)."""
+        import json
+
+        if not os.path.isfile(path):
+            return None
+        try:
+            with np.load(path) as data:
+                meta = json.loads(str(data["meta"]))
+                if meta.get("key") != key:
+                    return None
+                arrays = {name: data[name] for name in data.files if name != "meta"}
+        except (OSError, ValueError, KeyError):
+            return None
+        log_probs = meta.get("log_probs")
+        return cls(**arrays, probes=meta.get("probes"),
+                   log_probs=log_probs if log_probs and os.path.isfile(log_probs) else None)
+
+
+def scores_key(*parts) -> str:
+    """A digest of what a model's scores depend on (the analysis settings, the plan, the model's
+    checkpoint step, the data): cached scores are used only under the same key."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 @dataclass(frozen=True)
 class ScoringPlan:
     """What :func:`score_model` measures besides the per-window losses."""
@@ -119,6 +159,7 @@ def kl_rows(a: AnalysisConfig, task: TextTask) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
 
 
+@torch.no_grad()
 def store_log_probs(a: AnalysisConfig, task: TextTask, name: str, model: torch.nn.Module, device: torch.device,
                     folder: str, batch: int = 8) -> str:
     """``model``'s float32 log-probabilities at every position of the KL windows (:func:`kl_rows`),
@@ -282,9 +323,17 @@ def long_window_analysis(a: AnalysisConfig, per_window: dict[str, np.ndarray], d
 
 def score_start(a: AnalysisConfig, task: TextTask, model: torch.nn.Module, device: torch.device) -> dict:
     """The arms' starting model on the analysis windows (and the long windows, if any), once per run:
-    its per-window losses (for the arms' paired ``vs_start``) and its summary for results.json
-    (``start_loss``)."""
-    scores = score_model(a, task, "start model", model, device, ScoringPlan(long_window=bool(a.long_window)))
+    :func:`start_summary` of its :func:`score_model`."""
+    return start_summary(a, score_model(a, task, "start model", model, device, start_plan(a)))
+
+
+def start_plan(a: AnalysisConfig) -> ScoringPlan:
+    return ScoringPlan(long_window=bool(a.long_window))
+
+
+def start_summary(a: AnalysisConfig, scores: ModelScores) -> dict:
+    """The start model's per-window losses (for the arms' paired ``vs_start``) and its summary for
+    results.json (``start_loss``)."""
     summary = {"loss": cluster_bootstrap_ci(scores.per_window.mean(1), scores.docs, a.bootstrap),
                "per_position": scores.per_window.mean(0).tolist()}
     if scores.long is not None:
@@ -471,8 +520,8 @@ def combine_seeds(per_seed: dict[str, dict]) -> dict:
     return out
 
 
-__all__ = ["SCORE_BATCH", "ModelScores", "ProbeCounts", "ScoringPlan", "analyse", "check_context", "combine_seeds",
+__all__ = ["SCORE_BATCH", "ModelScores", "scores_key", "ProbeCounts", "ScoringPlan", "analyse", "check_context", "combine_seeds",
            "compare", "drop_log_probs", "first_position_losses", "fit_probes", "kl_rows", "long_window_analysis",
            "long_window_losses", "model_context", "plan_for", "probe_layers", "score_model", "score_start",
-           "store_log_probs", "top_kl",
+           "start_plan", "start_summary", "store_log_probs", "top_kl",
            "token_classes"]

@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 
 from myopia.attention.cut import VANILLA
-from myopia.config import ConfigError
+from myopia.config import ConfigError, to_dict
 from myopia.experiments.lm import steps
 from myopia.experiments.lm.analysis import (
     ModelScores,
@@ -20,7 +20,10 @@ from myopia.experiments.lm.analysis import (
     drop_log_probs,
     plan_for,
     score_model,
-    score_start,
+    scores_key,
+    start_plan,
+    start_summary,
+    store_log_probs,
 )
 from myopia.experiments.lm.config import PAPER, LMExperiment
 from myopia.experiments.lm.cuts import horizon_curves
@@ -32,7 +35,7 @@ from myopia.models.local import LocalMyopicGPT
 from myopia.runs import feature_attribution, gradient_geometry
 from myopia.runs.arms import LOCAL_ARM, Arm, build_model, load_model, parse_arms
 from myopia.runs.pairs import PAPER_PAIR, parse_pairs
-from myopia.runs.results import Results, Status, publish, recording
+from myopia.runs.results import Results, Status, publish, recording, set_stage
 from myopia.runs.runner import run_arms
 from myopia.tasks.text import TextTask
 from myopia.train.config import TrainConfig
@@ -81,13 +84,10 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                     return results.write(cfg.out, Status(pretraining["status"]))
         scored_start = None
         if not cfg.pretrain.per_seed:  # the start all seeds share, on the analysis windows: scored once
-            start_model = start if start is not None else pretrained_start(cfg, task=base_task, overrides=overrides)
-            if start_model is not None:
-                with autocast_for(device, cfg.train.precision):
-                    scored_start = score_start(cfg.analysis, base_task, start_model, device)
+            scored_start = shared_start_scores(cfg, base_task, overrides, start, device, precision["resolved"])
+            if scored_start is not None:
                 results["start_loss"] = scored_start["summary"]["loss"]
                 results["start_model"] = scored_start["summary"]
-                del start_model
         per_seed: dict[str, dict] = {}
         for seed in seeds:
             task = base_task.with_seed(seed)
@@ -100,12 +100,23 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             scores: dict[str, ModelScores] = {}
             kl_dir = os.path.join(seed_dir(cfg.out, seed), ".top-kl")
 
-            def score(arm, model, result, scores=scores, task=task, first_seed=first_seed, kl_dir=kl_dir):
-                # each arm is scored as soon as it is trained, then dropped: one model in memory at a time
+            def score(arm, model, result, scores=scores, task=task, first_seed=first_seed, kl_dir=kl_dir, seed=seed):
+                # each arm is scored as soon as it is trained, then dropped: one model in memory at a time;
+                # its scores are kept beside its checkpoints, so a resumed run does not score it again
                 results["parameters"] = sum(p.numel() for p in model.parameters())
                 plan = plan_for(cfg.analysis, arm.name, pairs, first_seed, probe_arms, kl_dir)
+                cache = os.path.join(seed_dir(cfg.out, seed), arm.name, "scores.npz")
+                key = scores_key(to_dict(cfg.analysis), plan, result.steps, to_dict(cfg.data), precision["resolved"])
+                cached = ModelScores.load(cache, key)
                 with autocast_for(device, cfg.train.precision):
-                    scores[arm.name] = score_model(cfg.analysis, task, arm.name, model, device, plan)
+                    if cached is None:
+                        set_stage(f"scoring arm {arm.name} of seed {seed}")
+                        cached = score_model(cfg.analysis, task, arm.name, model, device, plan)
+                        cached.save(cache, key)
+                    elif plan.kl_dir is not None and cached.log_probs is None:  # its KL file went with the run
+                        cached.log_probs = store_log_probs(cfg.analysis, task, arm.name, model, device, plan.kl_dir)
+                        cached.save(cache, key)
+                scores[arm.name] = cached
 
             def make(arm, seed=seed, task=task):
                 if arm.local:  # parse_arms put vanilla first; it is trained by now
@@ -123,13 +134,11 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                               monitor_for=monitors(cfg, task, train, first_seed=first_seed))
             results["training"][str(seed)] = status["arms"]
             if status["status"] != Status.COMPLETED:
-                drop_log_probs(scores)
                 return results.write(cfg.out, Status(status["status"]))
-            try:
-                per_seed[str(seed)] = compare(cfg.analysis, task, scores, pairs, full=first_seed,
-                                              start=scored_start, cuts=cuts)
-            finally:
-                drop_log_probs(scores)
+            set_stage(f"comparing the arms of seed {seed}")
+            per_seed[str(seed)] = compare(cfg.analysis, task, scores, pairs, full=first_seed,
+                                          start=scored_start, cuts=cuts)
+            drop_log_probs(scores)  # only once compared: a resumed run still finds them
         results.update(combine_seeds(per_seed))
         by_step = steps.gap_by_step(cfg.out, seeds, pairs)
         for label, rows in by_step.items():
@@ -157,6 +166,27 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
     return publish(cfg.out, data, write_report, summary_text)
 
 
+def shared_start_scores(cfg: LMExperiment, task: TextTask, overrides: dict, start, device, precision: str) -> dict | None:
+    """The start model every seed shares, scored once per run (:func:`score_start`), and kept in
+    ``<out>/start_scores.npz`` so that a resumed run does not score it again; None if the arms start
+    from fresh weights."""
+    if start is None and not pretrained_hf(cfg):
+        return None
+    cache = os.path.join(cfg.out, "start_scores.npz")
+    key = scores_key(to_dict(cfg.analysis), "start", cfg.hf_model, cfg.init_from, to_dict(cfg.pretrain),
+                     to_dict(cfg.data), precision)
+    scores = ModelScores.load(cache, key)
+    if scores is None:
+        set_stage("scoring the start model")
+        model = start if start is not None else pretrained_start(cfg, task=task, overrides=overrides)
+        with autocast_for(device, cfg.train.precision):
+            scores = score_model(cfg.analysis, task, "start model", model, device, start_plan(cfg.analysis))
+        del model
+        os.makedirs(cfg.out, exist_ok=True)
+        scores.save(cache, key)
+    return start_summary(cfg.analysis, scores)
+
+
 def monitors(cfg: LMExperiment, task: TextTask, train: TrainConfig, first_seed: bool):
     """``monitor_for(arm, model)``: the arms' training monitors, reported for the first seed only: the
     gradient split and the per-feature attribution (future-token probes), where configured."""
@@ -165,7 +195,7 @@ def monitors(cfg: LMExperiment, task: TextTask, train: TrainConfig, first_seed: 
         return geometry
     probes = future_token_probes(task, cfg.analysis.probe_offsets, cfg.analysis.probe_classes, cfg.attribution)
     return feature_attribution.merge_factories(
-        geometry, feature_attribution.monitor_factory(task, cfg.attribution, train, probes))
+        geometry, feature_attribution.monitor_factory(task, cfg.attribution, train, probes, optim=cfg.optim))
 
 
 def check_attribution(cfg: LMExperiment) -> None:

@@ -127,7 +127,8 @@ def run(cfg: SyntheticExperiment) -> dict:
                 return geometry
             probes = fx_probes(cell.condition.task, cfg.attribution, cfg.probe.ridge, cell.seed)
             return feature_attribution.merge_factories(
-                geometry, feature_attribution.monitor_factory(cell.task, cfg.attribution, cell.train, probes))
+                geometry,
+                feature_attribution.monitor_factory(cell.task, cfg.attribution, cell.train, probes, optim=cfg.optim))
 
         if not train_grid(cfg, results, conds, scorer, monitor):
             return results.write(cfg.out, Status.INTERRUPTED)
