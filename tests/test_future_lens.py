@@ -96,3 +96,27 @@ def test_paired_differences_are_over_the_same_positions(task):
 def test_default_layers():
     assert fl.default_layers(2) == [0, 1, 2]
     assert fl.default_layers(30) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+
+
+def test_lm_reports_the_future_lens_of_the_start_and_the_arms(tmp_path):
+    import json
+
+    from myopia import cli
+
+    folder = write_word_corpus(tmp_path / "corpus", 60, 300)
+    out = tmp_path / "run"
+    args = ["lm", "--preset", "tiny", "--data.corpus", str(folder), "--arms", "vanilla,myopic,bigram",
+            "--pretrain.steps", "10", "--train.steps", "6", "--future_lens.enabled", "true",
+            "--future_lens.fit_tokens", "2000", "--future_lens.score_tokens", "500", "--future_lens.bootstrap", "50",
+            "--out", str(out)]
+    assert cli.main(args) == 0
+    lens = json.loads((out / "results.json").read_text())["future_lens"]
+    assert set(lens["models"]) == {"start", "vanilla", "myopic"}  # bigram's states see one token: no lens
+    assert lens["models"]["myopic"]["layers"] == [0, 1, 2] and lens["models"]["myopic"]["offsets"] == [1, 2, 3]
+    assert set(lens["differences"]) == {"myopic - vanilla", "vanilla - start", "myopic - start"}
+    d = lens["differences"]["myopic - vanilla"]["1"]["2"]
+    m, v = (lens["models"][n]["maps"]["1"]["2"]["top1"]["mean"] for n in ("myopic", "vanilla"))
+    assert d["mean"] == pytest.approx(m - v)
+    report = (out / "report.md").read_text()
+    assert "Future-token decodability" in report and "skip-bigram" in report and (out / "future_lens.png").exists()
+    assert (out / "seed0" / "myopic" / "future_lens.npz").exists() and (out / "future_lens_start.npz").exists()

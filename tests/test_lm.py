@@ -1,6 +1,7 @@
 """The language-modelling experiment end to end on a small local corpus, and its statistics."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -127,7 +128,9 @@ def test_every_arm_is_compared_with_vanilla_or_as_the_pairs_say(tmp_path, capsys
     assert cli.main([*common, "--out", str(bad), "--analysis.pairs", "myopic:h=8/vanilla"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "analysis.pairs" in err and "'myopic:h=8'" in err and "--arms" in err
-    assert not bad.exists()  # refused before anything ran
+    assert os.listdir(bad) == ["attempts.jsonl"]  # refused before anything ran; the attempt is on record
+    ended = [json.loads(x) for x in (bad / "attempts.jsonl").read_text().splitlines()][-1]
+    assert ended["outcome"] == "failed" and ended["exit_code"] == 2 and "analysis.pairs" in ended["error"]
 
 
 def test_local_myopic_arm_needs_vanilla_first(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from myopia.analysis.future_lens import FutureLensConfig
 from myopia.config import merge
 from myopia.models.gpt import GPTConfig
 from myopia.models.hf.lora import LoraConfig
@@ -137,6 +138,11 @@ class LMExperiment:
     of each arm's own gradient (direct, pre-cached, shared) moves the future-token probes
     (analysis.probe_offsets, analysis.probe_classes) towards the true future tokens
     (docs/attribution.md). Off by default; the ``smollm2-attribution`` preset turns it on."""
+    future_lens: FutureLensConfig = field(default_factory=FutureLensConfig)
+    """Future-token decodability (--future_lens.enabled true): linear maps from each residual stream at t
+    to the final normalised state at t + k, decoded by the model's own head over the whole vocabulary,
+    for the start model and the first seed's arms on the same held-out positions, with the skip-bigram
+    and the model's own prediction as baselines (myopia.analysis.future_lens; results.json future_lens)."""
     context_lengths: list[int] = field(default_factory=list)
     """Gap vs context length: run the experiment once per window length T (e.g. 64,256,1024) in
     <out>/T<T>/, with train.batch_size scaled so that batch x T stays train.batch_size x data.seq_len

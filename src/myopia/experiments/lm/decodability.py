@@ -23,15 +23,15 @@ def measure(cfg: fl.FutureLensConfig, task, model: torch.nn.Module, device, cach
     """The model's future lens with its per-position correctness (for paired differences), read from
     ``cache`` (an .npz beside the model's checkpoints) when it was measured under ``key``, else measured
     and written there."""
-    found = _load(cache, key)
+    found = load(cache, key)
     if found is not None:
         return found
     result = fl.future_lens(model, task, cfg, device, keep_positions=True)
-    _save(cache, key, result)
+    save(cache, key, result)
     return result
 
 
-def _save(path: str, key: str, result: dict) -> None:
+def save(path: str, key: str, result: dict) -> None:
     scored = result["positions_scored"]
     names = {f"a{i}": list(k) for i, k in enumerate(scored)}
     summary = {k: v for k, v in result.items() if k != "positions_scored"}
@@ -41,7 +41,7 @@ def _save(path: str, key: str, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load(path: str, key: str) -> dict | None:
+def load(path: str, key: str) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
@@ -119,4 +119,4 @@ def plot(result: dict, path: str) -> str | None:
     return plots.save_figure(fig, path)
 
 
-__all__ = ["KEY", "gather", "measure", "plot", "report_lines"]
+__all__ = ["KEY", "gather", "load", "measure", "plot", "report_lines", "save"]

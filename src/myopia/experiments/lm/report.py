@@ -7,7 +7,7 @@ import os
 
 from myopia.analysis import plots
 from myopia.analysis.stats import format_ci
-from myopia.experiments.lm import cuts, steps
+from myopia.experiments.lm import cuts, decodability, steps
 from myopia.experiments.lm.config import PAPER, PAPER_LONG_WINDOW
 from myopia.models.hf.presets import HF_PRESETS
 from myopia.runs import feature_attribution, gradient_geometry
@@ -236,6 +236,11 @@ def write_report(out: str, results: dict) -> None:
         start_run = geometry["runs"].get(label)
         if start_run and start_run[0]["step"] == 0 and results.get("start", {}).get("kind") != "fresh":
             text += gradient_geometry.layer_lines(start_run[0], f"the start model ({label})")
+    lens = results.get(decodability.KEY)
+    if lens is not None:
+        if decodability.plot(lens, os.path.join(out, "future_lens.png")):
+            made.append("future_lens.png")
+        text += decodability.report_lines(lens)
     attribution = results.get(feature_attribution.KEY)
     if attribution is not None:
         if feature_attribution.plot(attribution, os.path.join(out, "feature_attribution.png")):

@@ -12,7 +12,7 @@ import torch
 
 from myopia.attention.cut import VANILLA
 from myopia.config import ConfigError, to_dict
-from myopia.experiments.lm import steps
+from myopia.experiments.lm import decodability, steps
 from myopia.experiments.lm.analysis import (
     ModelScores,
     combine_seeds,
@@ -88,6 +88,12 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             if scored_start is not None:
                 results["start_loss"] = scored_start["summary"]["loss"]
                 results["start_model"] = scored_start["summary"]
+        lenses: dict[str, dict] = {}  # future lens: the start model and the first seed's arms
+        lens_arms = {a.name for a in arms if not a.local and not a.cut.changes_forward}
+        if cfg.future_lens.enabled and not cfg.pretrain.per_seed:
+            lens = start_lens(cfg, base_task, overrides, start, device, precision["resolved"])
+            if lens is not None:
+                lenses["start"] = lens
         per_seed: dict[str, dict] = {}
         for seed in seeds:
             task = base_task.with_seed(seed)
@@ -117,6 +123,13 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                         cached.log_probs = store_log_probs(cfg.analysis, task, arm.name, model, device, plan.kl_dir)
                         cached.save(cache, key)
                 scores[arm.name] = cached
+                if first_seed and cfg.future_lens.enabled and arm.name in lens_arms:
+                    set_stage(f"future lens of arm {arm.name} of seed {seed}")
+                    with autocast_for(device, cfg.train.precision):
+                        lenses[arm.name] = decodability.measure(
+                            cfg.future_lens, task, model, device,
+                            os.path.join(seed_dir(cfg.out, seed), arm.name, "future_lens.npz"),
+                            scores_key(to_dict(cfg.future_lens), result.steps, to_dict(cfg.data), precision["resolved"]))
 
             def make(arm, seed=seed, task=task):
                 if arm.local:  # parse_arms put vanilla first; it is trained by now
@@ -159,6 +172,9 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             {**({"pretraining": pretrained} if cfg.pretrain.steps and not cfg.init_from else {}), **first_seed_arms})
         if geometry is not None:
             results["gradient_geometry"] = geometry
+        if lenses:
+            results[decodability.KEY] = decodability.gather(
+                cfg.future_lens, lenses, [(p.treatment, p.baseline) for p in pairs])
         attribution = feature_attribution.collect(first_seed_arms)
         if attribution is not None:
             results[feature_attribution.KEY] = attribution
@@ -185,6 +201,23 @@ def shared_start_scores(cfg: LMExperiment, task: TextTask, overrides: dict, star
         os.makedirs(cfg.out, exist_ok=True)
         scores.save(cache, key)
     return start_summary(cfg.analysis, scores)
+
+
+def start_lens(cfg: LMExperiment, task: TextTask, overrides: dict, start, device, precision: str) -> dict | None:
+    """The shared start model's future lens (kept in ``<out>/future_lens_start.npz``); None without a start."""
+    if start is None and not pretrained_hf(cfg):
+        return None
+    cache = os.path.join(cfg.out, "future_lens_start.npz")
+    key = scores_key(to_dict(cfg.future_lens), "start", cfg.hf_model, cfg.init_from, to_dict(cfg.pretrain),
+                     to_dict(cfg.data), precision)
+    found = decodability.load(cache, key)
+    if found is not None:
+        return found
+    set_stage("future lens of the start model")
+    model = start if start is not None else pretrained_start(cfg, task=task, overrides=overrides)
+    os.makedirs(cfg.out, exist_ok=True)
+    with autocast_for(device, cfg.train.precision):
+        return decodability.measure(cfg.future_lens, task, model, device, cache, key)
 
 
 def monitors(cfg: LMExperiment, task: TextTask, train: TrainConfig, first_seed: bool):
