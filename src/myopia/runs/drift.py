@@ -25,7 +25,7 @@ import yaml
 from myopia.config import ConfigError
 
 SAFE_KEYS = frozenset({
-    "out", "resume", "train.progress", "train.log_every", "train.eval_every", "train.eval_batches",
+    "out", "resume", "train.progress", "train.log_every", "train.eval_every", "train.eval_at", "train.eval_batches",
     "train.eval_on_start", "train.checkpoint_every", "train.keep_checkpoints", "train.device", "train.log_to",
     "train.deterministic", "train.parallel", "train.allow_changes", "train.discard_damaged",
 })

@@ -54,6 +54,8 @@ class TrainConfig:
     """Micro-batches accumulated into one optimiser step."""
     eval_every: int = 0
     """Evaluate on held-out data every this many steps (0 = only at the end)."""
+    eval_at: list[int] = field(default_factory=list)
+    """Also evaluate after these steps (e.g. log-spaced 1,2,4,8,16: the gap against fine-tuning tokens)."""
     eval_batches: int = 16
     """Held-out batches per evaluation (the same ones every time)."""
     eval_on_start: bool = False
@@ -94,6 +96,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if any(s < 1 for s in self.eval_at):
+            raise ValueError(f"eval_at={self.eval_at} must list steps >= 1 (step 0: eval_on_start)")
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")

@@ -423,7 +423,7 @@ def train_arm(
                               elapsed_s=round(seconds_before + now - t0, 3))
                 log.write(record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if ((cfg.eval_every and step % cfg.eval_every == 0) or step in cfg.eval_at) and step < cfg.steps:
                 last_eval = evaluate(wrapped, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision, dist)
                 log.write({"step": step, "eval_loss": last_eval["loss"]})
                 bar.set_postfix(loss=f"{loss_value:.4f}", eval=f"{last_eval['loss']:.4f}", refresh=False)

@@ -249,17 +249,29 @@ PRESETS: dict[str, dict] = {
                      "probe_layers": [0, 10, 20, 30], "gradient_split_batches": 1}}),
     # Where and how far ahead it pre-caches: the cut in blocks 0-9, 10-19 or 20-29 only, in all blocks, and
     # with horizons w = 4, 16 (w = 0 is plain myopic): 7 arms x 3 seeds. The smollm2-cpu recipe (lr, warm-up
-    # fraction, batch, cosine) trimmed to fit an hour on 2 cores (float32, an AVX2 CPU at ~5 s per step of
-    # 8 x 64 tokens), not the seeds: 20 steps instead of 80, one in-training evaluation at the end,
-    # 16k held-out tokens instead of 102k, no probes, long windows, KL tokens or gradient split.
+    # fraction, 2,048 tokens per step, cosine) trimmed to fit half an hour on 2 cores with native bf16, not
+    # the seeds: 8 steps (16k tokens per arm; the float32 version of issue 33 had 10k), one in-training
+    # evaluation at the end, 16k held-out tokens instead of 102k, no probes, long windows, KL or split.
     "smollm2-where-cpu": merge(_SMOLLM2, {
         "out": "runs/lm-smollm2-where-cpu",
         "arms": ["vanilla", "myopic", "myopic:layers=0-9:name=blocks0-9", "myopic:layers=10-19:name=blocks10-19",
                  "myopic:layers=20-29:name=blocks20-29", "myopic:h=4:name=h4", "myopic:h=16:name=h16"],
-        "train": {"steps": 20, "eval_every": 20, "eval_on_start": False, "eval_batches": 4, "log_every": 4,
+        "train": {"steps": 8, "eval_every": 0, "eval_on_start": False, "eval_batches": 4, "log_every": 1,
                   "checkpoint_every": 0},
         "analysis": {"heldout_windows": 256, "bootstrap": 1000, "first_position_tokens": -1, "top_kl": 0,
                      "probe_offsets": [], "gradient_split_batches": 0}}),
+    # Issue 42: the gap against fine-tuning tokens, far past smollm2-cpu's 41k: the same recipe (lr, warm-up
+    # fraction, 2,048 tokens per step, cosine to 0) over 128 steps = 262k tokens per arm, vanilla and myopic,
+    # 3 seeds; the held-out gap on 128 fixed windows of the report half at 10 log-spaced steps (0, 1, 2, 4,
+    # ..., 64, 96, 128), the final gap on 102k held-out tokens, and future-token decodability (the future
+    # lens) of the start model and the first seed's arms at the end.
+    "smollm2-long-cpu": merge(_SMOLLM2, {
+        "out": "runs/lm-smollm2-long-cpu", "arms": ["vanilla", "myopic"],
+        "train": {"steps": 128, "eval_every": 0, "eval_at": [1, 2, 4, 8, 16, 32, 64, 96], "eval_batches": 16,
+                  "log_every": 4, "checkpoint_every": 32},
+        "analysis": {"heldout_windows": 1600, "bootstrap": 1000, "first_position_tokens": -1, "top_kl": 0,
+                     "probe_offsets": [], "long_window": 0, "gradient_split_batches": 0},
+        "future_lens": {"enabled": True}}),
     # Which layers' future-token probe directions get the largest pre-cached push at the start of
     # fine-tuning SmolLM2-135M: the vanilla arm's own gradient at the pretrained weights (step 0), split at
     # the residual stream entering every block (0-29) at position 31 of 64, on 8 held-out windows;

@@ -341,14 +341,18 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def make_myopic(
-    model: nn.Module, cut: Cut | str = "myopic", beta: float | None = None, backend: str = "auto"
+    model: nn.Module, cut: Cut | str = "myopic", beta: float | None = None, backend: str = "auto",
+    same_kernels: bool = False,
 ) -> nn.Module:
     """Switch a transformers causal LM to gradient cut ``cut`` in place and return it.
 
     ``cut``: a :class:`~myopia.attention.cut.Cut` or its text: ``myopic`` (the paper's; default) |
     ``myopic_kv`` | ``bigram`` | ``vanilla`` (restores the model's original attention implementation),
     with ``@BETA``, ``:h=W`` and ``:layers=A-B`` as in ``myopic:h=8:layers=0-3``. ``beta`` (optional)
-    sets the cut's beta, as ``myopic@BETA`` does.
+    sets the cut's beta, as ``myopic@BETA`` does. ``same_kernels``: ``vanilla`` keeps myopia's attention
+    function too (with nothing cut), so that a vanilla model computes its forward with exactly the
+    kernels and precision its myopic twins use (on a CPU under bf16 autocast, myopia's attention is
+    float32 and transformers' SDPA bfloat16); myopia's experiments build every arm this way.
     """
     cut = Cut.parse(cut)
     if beta is not None:
@@ -356,7 +360,7 @@ def make_myopic(
     check_backend(backend)
     modules = attention_modules(model)
     cut.check_layers(len(modules), f"{type(model).__name__} with {len(modules)} attention layers")
-    if cut.is_vanilla:
+    if cut.is_vanilla and not same_kernels:
         original = getattr(model, "_myopia_original_attn", None)
         for m in modules:
             _unwrap_forward(m)
@@ -379,7 +383,7 @@ def make_myopic(
         else:
             _unwrap_forward(m)
         m._myopia_state = _LayerState(cut=layer_cut, backend=backend)
-    model._myopia_cut = cut
+    model._myopia_cut = None if cut.is_vanilla else cut
     return model
 
 

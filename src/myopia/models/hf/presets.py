@@ -148,7 +148,7 @@ class HFCausalLM(nn.Module):
         """Switch the gradient cut in place (as ``GPT.set_attention``), through ``make_myopic``."""
         from myopia.models.hf.myopic import make_myopic
 
-        make_myopic(self.hf, cut)
+        make_myopic(self.hf, cut, same_kernels=True)
         return self
 
     def attention_cut(self):
@@ -271,7 +271,7 @@ def build_hf_model(spec: str, cut, vocab_size: int, seed: int) -> HFCausalLM:
     from myopia.attention import CutError
 
     try:
-        make_myopic(model, cut)
+        make_myopic(model, cut, same_kernels=True)
     except CutError as exc:
         raise ConfigError(f"hf_model {spec!r}: {exc}") from None
     return HFCausalLM(model.train(), spec)
