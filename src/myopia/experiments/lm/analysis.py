@@ -163,33 +163,37 @@ def kl_rows(a: AnalysisConfig, task: TextTask) -> np.ndarray:
 def store_log_probs(a: AnalysisConfig, task: TextTask, name: str, model: torch.nn.Module, device: torch.device,
                     folder: str, batch: int = 8) -> str:
     """``model``'s float32 log-probabilities at every position of the KL windows (:func:`kl_rows`),
-    written to a file in ``folder`` (windows × T × vocabulary; 0.8 GB for 64 windows of SmolLM2):
-    the largest-KL search then needs no two models at once."""
+    written to a raw file in ``folder`` (windows × T × vocabulary; 0.8 GB for 64 windows of SmolLM2),
+    batch by batch with plain writes (a memory map's pages would count as the process's memory): the
+    largest-KL search then needs no two models at once."""
     rows = task.scored_windows(a.heldout_windows or None)[kl_rows(a, task)]
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name.replace(os.sep, '_')}.f32")
-    out = None
-    for i in range(0, len(rows), batch):
-        x, _ = task._gather(task.heldout.tokens, rows[i:i + batch, 0])
-        logp = F.log_softmax(model(x.to(device)).float(), dim=-1).cpu().numpy()
-        if out is None:
-            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                            shape=(len(rows), *logp.shape[1:]))
-        out[i:i + len(logp)] = logp
-    out.flush()
-    del out
+    with open(path, "wb") as f:
+        for i in range(0, len(rows), batch):
+            x, _ = task._gather(task.heldout.tokens, rows[i:i + batch, 0])
+            f.write(F.log_softmax(model(x.to(device)).float(), dim=-1).cpu().numpy().tobytes())
     return path
+
+
+def _read_windows(path: str, first: int, count: int, T: int, V: int) -> torch.Tensor:
+    """Windows ``first``.. (``count`` of them) of a :func:`store_log_probs` file, read into memory."""
+    with open(path, "rb") as f:
+        f.seek(first * T * V * 4)
+        data = np.fromfile(f, dtype=np.float32, count=count * T * V)
+    return torch.from_numpy(data.reshape(-1, T, V))
 
 
 def top_kl(a: AnalysisConfig, task: TextTask, baseline: str, treatment: str, batch: int = 8) -> list[dict]:
     """The ``analysis.top_kl`` positions of the KL windows with the largest KL(baseline || treatment),
-    from the two arms' stored log-probabilities."""
-    lb_all = np.load(baseline, mmap_mode="r")
-    lt_all = np.load(treatment, mmap_mode="r")
+    from the two arms' stored log-probabilities, read a few windows at a time."""
     rows = kl_rows(a, task)
+    T = task.seq_len
+    V = os.path.getsize(baseline) // (4 * T * len(rows))
     top: list = []
-    for i in range(0, len(lb_all), batch):
-        lb, lt = torch.from_numpy(np.array(lb_all[i:i + batch])), torch.from_numpy(np.array(lt_all[i:i + batch]))
+    for i in range(0, len(rows), batch):
+        n = min(batch, len(rows) - i)
+        lb, lt = _read_windows(baseline, i, n, T, V), _read_windows(treatment, i, n, T, V)
         _keep_top_kl(top, a.top_kl, lb, lt, i, rows)
     return [_kl_example(task, a.heldout_windows or None, item) for item in sorted(top, reverse=True)]
 
