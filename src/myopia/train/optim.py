@@ -19,7 +19,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=fused_supported(decay + no_decay) or None)
+                             fused=(cfg.fused and fused_supported(decay + no_decay)) or None)
 
 
 def fused_supported(params: list[torch.Tensor]) -> bool:

@@ -88,7 +88,9 @@ class SyntheticExperiment:
 
 _CPU = {  # the sin(4x) budget shared by cpu-sin4, breadcrumbs and the horizon presets (docs/synthetic.md)
     "model": dict(n_layer=2, n_head=2, n_embd=128, activation="relu", dropout=0.0),
-    "optim": {"lr": 1.2e-3, "weight_decay": 0.01, "warmup": 0.01},
+    # float32 and AdamW's per-parameter loop on every CPU: the presets' seeds and bars were calibrated so
+    # (the fused kernel and bf16 autocast change the rounding, and seeds near the plateau's edge flip)
+    "optim": {"lr": 1.2e-3, "weight_decay": 0.01, "warmup": 0.01, "fused": False},
     # float32 on every CPU: the presets' seeds and bars were calibrated in float32 (train.precision auto
     # would run bf16 autocast on a CPU with bf16 units, which none of these figures was measured with)
     "train": {"steps": 4000, "batch_size": 96, "eval_every": 1000, "eval_batches": 16,
