@@ -81,6 +81,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def peak_resident_gib() -> float:
+    """This process's peak resident memory (Linux: VmHWM, which starts afresh at exec; getrusage's
+    maxrss would carry the parent's over a fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def parse_shape(text: str) -> tuple[int, int, int]:
     """``BxT`` or ``BxT/M`` -> (windows per step, window length, windows per micro-batch)."""
     shape, _, micro = text.lower().partition("/")
@@ -211,14 +226,12 @@ def main() -> None:
 
         keep_freed_memory()
     if args.one_memory:
-        import resource
-
         shape = parse_shape(args.one_memory[0])
         model, opt, vocab = build(args.model, "vanilla", args.device)
         step = make_step(model, opt, vocab, shape, args.one_memory[1], args.device)
         for _ in range(3):
             step()
-        print(json.dumps({"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+        print(json.dumps({"peak_gib": peak_resident_gib()}))
         return
     from myopia.train.precision import cpu_has_native_bf16
 

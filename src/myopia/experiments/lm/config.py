@@ -177,17 +177,18 @@ _GPT2 = {"out": "runs/lm-gpt2",
 # arm's start (no pretraining stage); the arms fine-tune it on the built-in corpus for seeds (data
 # orders) 0, 1, 2 at the recipe the scan in docs/lm.md chose on the held-out documents' "tune" half;
 # every reported figure is on the other half ("report"), so none is tuned. Issue 40: precision auto (bf16
-# autocast on a CPU with bf16 units, float32 elsewhere; the gap agrees between the two, docs/lm.md) and
-# 2,048 tokens per step (32 windows, as 4 micro-batches of 8 to keep activations small), the shape with
-# the most tokens per second on 2 cores (BENCHMARKS.md); 20 steps keep the 41k training tokens per arm
-# of the earlier recipe (80 steps of 8 windows at lr 1e-4); lr 2e-4 won the scan of 1e-4, 2e-4, 4e-4 on the
-# tune half at this shape (docs/lm.md keeps both scans).
+# autocast on a CPU with bf16 units, float32 elsewhere; the gap agrees between the two, docs/lm.md). The
+# step stays 8 windows of 64 tokens, one micro-batch: with the loss, optimiser and allocator made fast,
+# 2,048-token steps (4 micro-batches) gave no more tokens per second (292 vs 304 under bf16, 168 vs 156 in
+# float32; BENCHMARKS.md), held more memory (accumulated gradients: 4.05 vs 3.46 GiB) and, scanned on the
+# tune half at equal tokens (20 steps, lr 1e-4 / 2e-4 / 4e-4), trained less well (3.620 at best vs 3.601
+# for 80 steps at lr 1e-4; docs/lm.md keeps both scans).
 _SMOLLM2 = {"hf_model": "smollm2-135m", "seeds": [0, 1, 2],
             "data": {"corpus": "builtin", "tokenizer": "smollm2", "seq_len": 64, "heldout_fraction": 0.1,
                      "heldout_part": "report"},
-            "optim": {"lr": 2e-4, "warmup": 0.1, "weight_decay": 0.01},
-            "train": {"steps": 20, "batch_size": 8, "grad_accum": 4, "eval_every": 4, "eval_on_start": True,
-                      "eval_batches": 8, "log_every": 2, "checkpoint_every": 10}}
+            "optim": {"lr": 1e-4, "warmup": 0.1, "weight_decay": 0.01},
+            "train": {"steps": 80, "batch_size": 8, "eval_every": 16, "eval_on_start": True,
+                      "eval_batches": 8, "log_every": 8, "checkpoint_every": 40}}
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, ~13 minutes: a 2-layer d=128 model (4k byte-level BPE) is pretrained vanilla for
@@ -250,26 +251,26 @@ PRESETS: dict[str, dict] = {
                      "probe_layers": [0, 10, 20, 30], "gradient_split_batches": 1}}),
     # Where and how far ahead it pre-caches: the cut in blocks 0-9, 10-19 or 20-29 only, in all blocks, and
     # with horizons w = 4, 16 (w = 0 is plain myopic): 7 arms x 3 seeds. The smollm2-cpu recipe (lr, warm-up
-    # fraction, 2,048 tokens per step, cosine) trimmed to fit half an hour on 2 cores with native bf16, not
-    # the seeds: 8 steps (16k tokens per arm; the float32 version of issue 33 had 10k), one in-training
-    # evaluation at the end, 16k held-out tokens instead of 102k, no probes, long windows, KL or split.
+    # fraction, batch, cosine) trimmed to fit half an hour on 2 cores with native bf16 (an hour in float32
+    # on an AVX2 CPU), not the seeds: 20 steps instead of 80, one in-training evaluation at the end, 16k
+    # held-out tokens instead of 102k, no probes, long windows, KL tokens or gradient split.
     "smollm2-where-cpu": merge(_SMOLLM2, {
         "out": "runs/lm-smollm2-where-cpu",
         "arms": ["vanilla", "myopic", "myopic:layers=0-9:name=blocks0-9", "myopic:layers=10-19:name=blocks10-19",
                  "myopic:layers=20-29:name=blocks20-29", "myopic:h=4:name=h4", "myopic:h=16:name=h16"],
-        "train": {"steps": 8, "eval_every": 0, "eval_on_start": False, "eval_batches": 4, "log_every": 1,
+        "train": {"steps": 20, "eval_every": 20, "eval_on_start": False, "eval_batches": 4, "log_every": 4,
                   "checkpoint_every": 0},
         "analysis": {"heldout_windows": 256, "bootstrap": 1000, "first_position_tokens": -1, "top_kl": 0,
                      "probe_offsets": [], "gradient_split_batches": 0}}),
     # Issue 42: the gap against fine-tuning tokens, far past smollm2-cpu's 41k: the same recipe (lr, warm-up
-    # fraction, 2,048 tokens per step, cosine to 0) over 128 steps = 262k tokens per arm, vanilla and myopic,
-    # 3 seeds; the held-out gap on 128 fixed windows of the report half at 10 log-spaced steps (0, 1, 2, 4,
-    # ..., 64, 96, 128), the final gap on 102k held-out tokens, and future-token decodability (the future
+    # fraction, 512 tokens per step, cosine to 0) over 512 steps = 262k tokens per arm, vanilla and myopic,
+    # 3 seeds; the held-out gap on 128 fixed windows of the report half at 12 log-spaced steps (0, 1, 2, 4,
+    # ..., 256, 384, 512), the final gap on 102k held-out tokens, and future-token decodability (the future
     # lens) of the start model and the first seed's arms at the end.
     "smollm2-long-cpu": merge(_SMOLLM2, {
         "out": "runs/lm-smollm2-long-cpu", "arms": ["vanilla", "myopic"],
-        "train": {"steps": 128, "eval_every": 0, "eval_at": [1, 2, 4, 8, 16, 32, 64, 96], "eval_batches": 16,
-                  "log_every": 4, "checkpoint_every": 32},
+        "train": {"steps": 512, "eval_every": 0, "eval_at": [1, 2, 4, 8, 16, 32, 64, 128, 256, 384],
+                  "eval_batches": 16, "log_every": 16, "checkpoint_every": 128},
         "analysis": {"heldout_windows": 1600, "bootstrap": 1000, "first_position_tokens": -1, "top_kl": 0,
                      "probe_offsets": [], "long_window": 0, "gradient_split_batches": 0},
         "future_lens": {"enabled": True}}),
@@ -281,8 +282,8 @@ PRESETS: dict[str, dict] = {
     "smollm2-attribution": merge(_SMOLLM2, {
         "out": "runs/lm-smollm2-attribution", "arms": ["vanilla"], "seeds": [0],
         # one step of 8 windows in float32, as docs/attribution.md measured it
-        "train": {"steps": 1, "grad_accum": 1, "eval_every": 0, "eval_on_start": False, "eval_batches": 2,
-                  "log_every": 1, "checkpoint_every": 0, "precision": "fp32"},
+        "train": {"steps": 1, "eval_every": 0, "eval_on_start": False, "eval_batches": 2, "log_every": 1,
+                  "checkpoint_every": 0, "precision": "fp32"},
         "analysis": {"heldout_windows": 64, "bootstrap": 200, "first_position_tokens": -1, "top_kl": 0,
                      "probe_offsets": [1, 2], "probe_classes": 64, "gradient_split_batches": 0},
         "attribution": {"layers": list(range(30)), "positions": [31], "batch_size": 8,
