@@ -54,7 +54,7 @@ def test_the_closed_form_is_least_squares():
     torch.manual_seed(0)
     h = torch.randn(500, 6, dtype=torch.float64)
     z = h @ torch.randn(6, 4, dtype=torch.float64) + 0.3 + 0.01 * torch.randn(500, 4, dtype=torch.float64)
-    fit, held = fl._Stats(6, 4), fl._Stats(6, 4)
+    fit, held = fl.ProbeStats(6, 4), fl.ProbeStats(6, 4)
     fit.add(h[:400], z[:400])
     held.add(h[400:], z[400:])
     lens = fl._solve(fit, held, [0.0])
@@ -63,7 +63,7 @@ def test_the_closed_form_is_least_squares():
     assert torch.allclose(lens(h), design @ coef, atol=1e-9)
     # a ridge that held-back data prefers is chosen: pure noise targets want the largest strength
     noise = torch.randn(500, 4, dtype=torch.float64)
-    fit, held = fl._Stats(6, 4), fl._Stats(6, 4)
+    fit, held = fl.ProbeStats(6, 4), fl.ProbeStats(6, 4)
     fit.add(h[:50], noise[:50])
     held.add(h[50:], noise[50:])
     assert fl._solve(fit, held, [0.0, 1e-2, 100.0]).ridge == 100.0

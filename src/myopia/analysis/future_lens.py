@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from myopia.analysis.probes import ProbeStats
 from myopia.analysis.stats import cluster_bootstrap_ci
 from myopia.config import ConfigError
 
@@ -91,30 +92,19 @@ def streams_and_final(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Ten
     return model.residual_streams(x)
 
 
-class _Stats:
-    """Float64 sums for a ridge map h (d) -> z (d): n, Σh, Σz, HᵀH, HᵀZ, Σ|z|²."""
+def _centred(stats: ProbeStats):
+    """Means and centred second moments of a map's sufficient statistics."""
+    mh, mz = stats.sum_h / stats.n, stats.sum_z / stats.n
+    return mh, mz, stats.hh - stats.n * torch.outer(mh, mh), stats.hz - stats.n * torch.outer(mh, mz)
 
-    def __init__(self, d_in: int, d_out: int):
-        self.n = 0
-        self.sh = torch.zeros(d_in, dtype=torch.float64)
-        self.sz = torch.zeros(d_out, dtype=torch.float64)
-        self.hh = torch.zeros(d_in, d_in, dtype=torch.float64)
-        self.hz = torch.zeros(d_in, d_out, dtype=torch.float64)
-        self.zz = 0.0
 
-    def add(self, h: torch.Tensor, z: torch.Tensor) -> None:
-        h, z = h.reshape(-1, h.shape[-1]).double(), z.reshape(-1, z.shape[-1]).double()
-        self.n += h.shape[0]
-        self.sh += h.sum(0)
-        self.sz += z.sum(0)
-        self.hh += h.T @ h
-        self.hz += h.T @ z
-        self.zz += float((z * z).sum())
-
-    def centred(self):
-        mh, mz = self.sh / self.n, self.sz / self.n
-        return (mh, mz, self.hh - self.n * torch.outer(mh, mh), self.hz - self.n * torch.outer(mh, mz),
-                self.zz - self.n * float(mz @ mz))
+def _merged(a: ProbeStats, b: ProbeStats) -> ProbeStats:
+    both = ProbeStats(a.hh.shape[0], a.hz.shape[1])
+    for part in (a, b):
+        both.n += part.n
+        for name in ("sum_h", "sum_z", "hh", "hz", "zz"):
+            getattr(both, name).add_(getattr(part, name))
+    return both
 
 
 @dataclass
@@ -131,10 +121,10 @@ class LensMap:
         return (h.to(w.dtype) - self.mean_h.to(w.dtype)) @ w + self.mean_z.to(w.dtype)
 
 
-def _solve(fit: _Stats, held: _Stats, ridges: list[float]) -> LensMap:
+def _solve(fit: ProbeStats, held: ProbeStats, ridges: list[float]) -> LensMap:
     """The ridge map fitted on ``fit`` whose strength has the least squared error on ``held``, refitted
     on both."""
-    mh, mz, chh, chz, _ = fit.centred()
+    mh, mz, chh, chz = _centred(fit)
     evals, evecs = torch.linalg.eigh(chh)
     scale = float(chh.diagonal().mean().clamp_min(1e-12))
     proj = evecs.T @ chz
@@ -143,19 +133,11 @@ def _solve(fit: _Stats, held: _Stats, ridges: list[float]) -> LensMap:
         w = evecs @ (proj / (evals + ridge * scale).clamp_min(1e-12 * scale).unsqueeze(1))
         b = mz - mh @ w
         # held-out squared error from its sufficient statistics: Σ|z − hW − b|²
-        sse = (held.zz - 2 * float((held.hz * w).sum()) - 2 * float(held.sz @ b)
-               + float(((held.hh @ w) * w).sum()) + 2 * float((held.sh @ w) @ b) + held.n * float(b @ b))
+        sse = (float(held.zz.sum()) - 2 * float((held.hz * w).sum()) - 2 * float(held.sum_z @ b)
+               + float(((held.hh @ w) * w).sum()) + 2 * float((held.sum_h @ w) @ b) + held.n * float(b @ b))
         if best is None or sse < best[0]:
             best = (sse, ridge)
-    both = _Stats(chh.shape[0], chz.shape[1])
-    for part in (fit, held):
-        both.n += part.n
-        both.sh += part.sh
-        both.sz += part.sz
-        both.hh += part.hh
-        both.hz += part.hz
-        both.zz += part.zz
-    mh, mz, chh, chz, _ = both.centred()
+    mh, mz, chh, chz = _centred(_merged(fit, held))
     scale = float(chh.diagonal().mean().clamp_min(1e-12))
     eye = torch.eye(chh.shape[0], dtype=torch.float64)
     weight = torch.linalg.solve(chh + best[1] * scale * eye, chz) if best[1] > 0 else torch.linalg.lstsq(chh, chz).solution
@@ -199,7 +181,7 @@ def fit_maps(model: nn.Module, task, cfg: FutureLensConfig, device: torch.device
         if not layers:
             layers = _resolve_layers(cfg, len(streams))
             d_out = z.shape[-1]
-            stats = {(l, k, part): _Stats(streams[0].shape[-1] if l != FINAL else d_out, d_out)
+            stats = {(l, k, part): ProbeStats(streams[0].shape[-1] if l != FINAL else d_out, d_out)
                      for l in layers for k in offsets for part in ("fit", "held")}
         part_of = ["held" if seen + i >= n_windows - n_val else "fit" for i in range(x.shape[0])]
         seen += x.shape[0]

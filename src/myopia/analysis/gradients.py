@@ -15,7 +15,6 @@ dominated by its sparse rows.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from myopia.tasks.base import mean_loss
+from myopia.tasks.base import model_loss
 from myopia.train.loop import autocast_for
 
 # What the paper's repository measured (our notes, §4.3), for the reports.
@@ -54,12 +53,19 @@ def _layer(name: str) -> int | None:
 
 
 def _gradients(model: nn.Module, params: list[nn.Parameter], batches: list, device: torch.device,
-               precision: str, loss_fn: Callable) -> list[torch.Tensor]:
-    total = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+               precision: str, task) -> list[torch.Tensor]:
+    """The mean training loss's gradient over ``batches`` (the task's own loss: a next-token task's
+    head fused into it), accumulated into the first batch's gradients: at most two gradient-sized
+    lists exist at once (the model's own .grad is not touched)."""
+    total = None
     for x, y in batches:
         with autocast_for(device, precision):
-            loss = loss_fn(model(x.to(device)), y.to(device)).mean() / len(batches)
+            loss = model_loss(task, model, x.to(device), y.to(device)) / len(batches)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if total is None:
+            total = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) if g is None else
+                     g.to(torch.promote_types(p.dtype, torch.float32)) for p, g in zip(params, grads)]
+            continue
         for acc, g in zip(total, grads):
             if g is not None:
                 acc += g.to(acc.dtype)
@@ -90,9 +96,9 @@ def gradient_split(model: nn.Module, task, n_batches: int, batch_size: int, devi
     model.eval()
     try:
         model.set_attention("vanilla")
-        g_total = _gradients(model, params, batches, device, precision, functools.partial(mean_loss, task))
+        g_total = _gradients(model, params, batches, device, precision, task)
         model.set_attention("myopic")
-        g_myopic = _gradients(model, params, batches, device, precision, functools.partial(mean_loss, task))
+        g_myopic = _gradients(model, params, batches, device, precision, task)
     finally:
         model.set_attention(cut)
         model.train(was_training)
