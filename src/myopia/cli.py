@@ -40,6 +40,9 @@ class Command:
     preset_for: Callable[[str, dict], dict] | None = None
     """For presets that depend on another option (e.g. the task): the settings of preset NAME given the
     file's and the options' settings."""
+    records_attempts: bool = True
+    """Whether the command's ``out`` is a run folder that keeps attempts.jsonl (export and eval write
+    into folders that must hold only what they produce)."""
 
 
 def _commands() -> list[Command]:
@@ -60,9 +63,9 @@ def _commands() -> list[Command]:
         Command("reproduce", "laptop-scale reproduction of the paper's headline results, with a report",
                 reproduce.ReproduceConfig, reproduce.run),
         Command("export", "write a trained arm as a transformers checkpoint (model, config, tokenizer)",
-                export.ExportConfig, export.run, positionals=("arm", "out")),
+                export.ExportConfig, export.run, positionals=("arm", "out"), records_attempts=False),
         Command("eval", "zero-shot benchmarks (lm-evaluation-harness) on every arm of runs or on checkpoints",
-                evaluate.EvalConfig, evaluate.run, positionals=("paths",)),
+                evaluate.EvalConfig, evaluate.run, positionals=("paths",), records_attempts=False),
     ]
 
 
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         forget_stop()
         out = getattr(cfg, "out", None) if isinstance(getattr(cfg, "out", None), str) else None
+        out = out if cmd.records_attempts else None
         if out:
             attempts.record_start(out, [cmd.name, *(sys.argv[2:] if argv is None else argv[1:])])
         with preemption_handlers():

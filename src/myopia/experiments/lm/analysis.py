@@ -128,7 +128,9 @@ def score_model(a: AnalysisConfig, task: TextTask, name: str, model: torch.nn.Mo
     fits = fit_probes(a, task, name, model, device) if plan.probes else None
     losses, docs = [], []
     probe_counts = ProbeCounts(a, task, fits) if fits else None
-    for x, y, doc in task.heldout_all(SCORE_BATCH, a.heldout_windows or None):
+    # with probes every residual stream of a batch is kept (31 x 4,096 x 576 floats for SmolLM2 at 64
+    # windows): a quarter of the batch then
+    for x, y, doc in task.heldout_all(SCORE_BATCH // 4 if fits else SCORE_BATCH, a.heldout_windows or None):
         x, y = x.to(device), y.to(device)
         if probe_counts is not None:
             loss, hidden = model(x, targets=y, return_hidden_states=True)
@@ -161,7 +163,7 @@ def kl_rows(a: AnalysisConfig, task: TextTask) -> np.ndarray:
 
 @torch.no_grad()
 def store_log_probs(a: AnalysisConfig, task: TextTask, name: str, model: torch.nn.Module, device: torch.device,
-                    folder: str, batch: int = 8) -> str:
+                    folder: str, batch: int = 2) -> str:
     """``model``'s float32 log-probabilities at every position of the KL windows (:func:`kl_rows`),
     written to a raw file in ``folder`` (windows × T × vocabulary; 0.8 GB for 64 windows of SmolLM2),
     batch by batch with plain writes (a memory map's pages would count as the process's memory): the
@@ -184,7 +186,7 @@ def _read_windows(path: str, first: int, count: int, T: int, V: int) -> torch.Te
     return torch.from_numpy(data.reshape(-1, T, V))
 
 
-def top_kl(a: AnalysisConfig, task: TextTask, baseline: str, treatment: str, batch: int = 8) -> list[dict]:
+def top_kl(a: AnalysisConfig, task: TextTask, baseline: str, treatment: str, batch: int = 1) -> list[dict]:
     """The ``analysis.top_kl`` positions of the KL windows with the largest KL(baseline || treatment),
     from the two arms' stored log-probabilities, read a few windows at a time."""
     rows = kl_rows(a, task)
@@ -420,8 +422,9 @@ def fit_probes(a: AnalysisConfig, task: TextTask, name: str, model: torch.nn.Mod
     T, C = task.seq_len, a.probe_classes
     offsets = [k for k in a.probe_offsets if 0 < k < T]
     stats: dict = {}
-    for i in range(0, a.probe_train_windows, SCORE_BATCH):
-        x, y = task.train_batch(10**7 + i, 0, min(SCORE_BATCH, a.probe_train_windows - i))
+    step = SCORE_BATCH // 4  # every residual stream of the batch is kept
+    for i in range(0, a.probe_train_windows, step):
+        x, y = task.train_batch(10**7 + i, 0, min(step, a.probe_train_windows - i))
         _, hidden = model(x.to(device), targets=y.to(device), return_hidden_states=True)
         if not stats:  # one probe per chosen residual stream the model returns (any family's width)
             layers = probe_layers(a.probe_layers, len(hidden), name)
