@@ -17,6 +17,7 @@ from myopia.train.config import OptimConfig, TrainConfig
 from myopia.train.distributed import setup
 from myopia.train.checkpoint import checkpoint_step, damage_report, latest_checkpoint
 from myopia.train.layout import checkpoints_dir, config_path
+from myopia.train.memory import release_freed_memory
 from myopia.train.loop import ArmResult, RunDirectoryError, StopSignal, graceful_interrupt, train_arm
 from myopia.train.trackers import build_sinks
 
@@ -65,6 +66,7 @@ def run_arms(
     stop = StopSignal()
     for index, arm in enumerate(arms):
         set_stage(f"training arm {arm.name} in {out_dir}")
+        release_freed_memory()  # what the last arm's scoring freed: the heap would keep it, fragmented
         model = make_model(arm)
         if index == 0:
             check_arms_fit(arms, model)  # a cut naming a missing block fails before anything trains
@@ -90,6 +92,7 @@ def run_arms(
             set_stage(f"after training arm {arm.name} in {out_dir} (scoring)")
             on_arm_done(arm, model, result)
         del model  # before the next arm's model is built: one model in memory at a time
+        release_freed_memory()
         ev = result.eval["loss"] if result.eval else float("nan")
         if dist.is_main:
             tqdm.write(f"[{arm.name}] held-out loss {ev:.4f}  (train {result.final_train_loss:.4f}, "

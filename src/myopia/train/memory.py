@@ -9,8 +9,11 @@ Firecracker VM) each fault is slow: measured on 2 cores of an AMD EPYC VM, a fre
 copy took 100-200 ms inside a training process against 6 ms for a reused one, and a SmolLM2 step of
 2,048 tokens faulted in 2.4 GB (600,000 pages). :func:`keep_freed_memory` tells glibc to serve every
 block from its heap and never to shrink it: steady-state steps then fault nothing, and the step is
-10-25% faster (BENCHMARKS.md). The peak resident memory is the same (the heap holds what the peak
-needed); memory freed after the peak stays with the process until it ends.
+10-25% faster (BENCHMARKS.md). Within one phase (an arm's training, a model's scoring) the peak
+resident memory is the same; across phases the kept heap fragments (measured: a SmolLM2 run's peak
+grew by one model's size, 0.5 GiB, with every seed), so :func:`release_freed_memory` hands the
+heap's free pages back between phases (``malloc_trim``: one call, a few ms; the next phase faults
+in what it uses once, not every step). The lm runner calls it before and after each arm.
 
 The ``myopia`` command line calls it at start (``MYOPIA_MALLOC=system`` leaves glibc's defaults); a
 library user may call it once, early. Elsewhere than glibc (macOS, musl) it does nothing.
@@ -19,12 +22,25 @@ library user may call it once, early. Elsewhere than glibc (macOS, musl) it does
 from __future__ import annotations
 
 import ctypes
+import gc
 import ctypes.util
 import os
 import platform
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _applied: list[bool] = []
+_libc: list = []
+
+
+def _glibc():
+    if not _libc:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            lib.mallopt, lib.malloc_trim  # noqa: B018 -- glibc only (musl and macOS have neither)
+        except (OSError, AttributeError):
+            lib = None
+        _libc.append(lib if platform.system() == "Linux" else None)
+    return _libc[0]
 
 
 def keep_freed_memory() -> bool:
@@ -34,16 +50,25 @@ def keep_freed_memory() -> bool:
         return _applied[0]
     ok = False
     if os.environ.get("MYOPIA_MALLOC", "").strip().lower() != "system" and platform.system() == "Linux":
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _glibc()
+        if libc is not None:
             mallopt = libc.mallopt
-        except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-            mallopt = None
-        if mallopt is not None:
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     _applied.append(ok)
     return ok
 
 
-__all__ = ["keep_freed_memory"]
+def release_freed_memory() -> bool:
+    """Return the free pages of every glibc heap to the kernel (``malloc_trim(0)``), e.g. between
+    an arm's training and the next model's; True if glibc did it. Live memory is untouched."""
+    libc = _glibc()
+    if libc is None or not _applied or not _applied[0]:
+        return False  # glibc's defaults already return large blocks on free
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    gc.collect()  # tensors held only by reference cycles (a finished arm's graph) go first
+    libc.malloc_trim(0)
+    return True
+
+
+__all__ = ["keep_freed_memory", "release_freed_memory"]
