@@ -52,12 +52,13 @@ def _backward_grads(model, task, mode, n_batches=2, batch_size=4):
     return {n: p.grad.clone() for n, p in body_parameters(model)}
 
 
-def test_split_matches_backward_passes_in_both_modes():
+@pytest.mark.parametrize("n_batches", [2, 1])
+def test_split_matches_backward_passes_in_both_modes(n_batches):
     task = TokenTask()
     model = _gpt("myopic_kv")
-    split = gradient_split(model, task, n_batches=2, batch_size=4, device=torch.device("cpu"))
-    total = _backward_grads(_gpt(), task, "vanilla")
-    myopic = _backward_grads(_gpt(), task, "myopic")
+    split = gradient_split(model, task, n_batches=n_batches, batch_size=4, device=torch.device("cpu"))
+    total = _backward_grads(_gpt(), task, "vanilla", n_batches)
+    myopic = _backward_grads(_gpt(), task, "myopic", n_batches)
     sq = lambda d: sum(float(v.double().square().sum()) for v in d.values())  # noqa: E731
     future = {n: total[n] - myopic[n] for n in total}
     assert split["total_norm"] == pytest.approx(sq(total) ** 0.5, rel=1e-5)
