@@ -59,32 +59,46 @@ class ModelScores:
     def save(self, path: str, key: str) -> None:
         """Write the scores to ``path`` (an .npz, atomically), under ``key`` (what they were computed
         from): a resumed run reads them back instead of scoring the arm again (:meth:`load`)."""
-        import json
-
         arrays = {name: value for name, value in self.__dict__.items() if isinstance(value, np.ndarray)}
-        meta = {"key": key, "probes": self.probes, "log_probs": self.log_probs}
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
+        write_keyed(path, key, {"probes": self.probes, "log_probs": self.log_probs}, arrays)
 
     @classmethod
     def load(cls, path: str, key: str) -> "ModelScores | None":
         """The scores :meth:`save` wrote under the same ``key``, or None (none, stale or unreadable)."""
-        import json
-
-        if not os.path.isfile(path):
+        found = read_keyed(path, key)
+        if found is None:
             return None
-        try:
-            with np.load(path) as data:
-                meta = json.loads(str(data["meta"]))
-                if meta.get("key") != key:
-                    return None
-                arrays = {name: data[name] for name in data.files if name != "meta"}
-        except (OSError, ValueError, KeyError):
-            return None
+        meta, arrays = found
         log_probs = meta.get("log_probs")
         return cls(**arrays, probes=meta.get("probes"),
                    log_probs=log_probs if log_probs and os.path.isfile(log_probs) else None)
+
+
+def write_keyed(path: str, key: str, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Arrays and JSON metadata in one .npz, written atomically under ``key`` (what they were
+    computed from; :func:`scores_key`), for :func:`read_keyed`."""
+    import json
+
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, meta=np.array(json.dumps({**meta, "key": key})), **arrays)
+    os.replace(tmp, path)
+
+
+def read_keyed(path: str, key: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """``(metadata, arrays)`` that :func:`write_keyed` wrote under the same ``key``; None if the file
+    is missing, unreadable or was written under another key (a stale cache)."""
+    import json
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("key") != key:
+                return None
+            return meta, {name: data[name] for name in data.files if name != "meta"}
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def scores_key(*parts) -> str:
@@ -527,7 +541,7 @@ def combine_seeds(per_seed: dict[str, dict]) -> dict:
     return out
 
 
-__all__ = ["SCORE_BATCH", "ModelScores", "scores_key", "ProbeCounts", "ScoringPlan", "analyse", "check_context", "combine_seeds",
+__all__ = ["SCORE_BATCH", "ModelScores", "read_keyed", "scores_key", "write_keyed", "ProbeCounts", "ScoringPlan", "analyse", "check_context", "combine_seeds",
            "compare", "drop_log_probs", "first_position_losses", "fit_probes", "kl_rows", "long_window_analysis",
            "long_window_losses", "model_context", "plan_for", "probe_layers", "score_model", "score_start",
            "start_plan", "start_summary", "store_log_probs", "top_kl",

@@ -6,7 +6,6 @@ arm against the start), a report table and ``future_lens.png``."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from myopia.analysis import plots
 from myopia.analysis import future_lens as fl
 from myopia.analysis.stats import format_ci
+from myopia.experiments.lm.analysis import read_keyed, write_keyed
 
 KEY = "future_lens"
 
@@ -35,22 +35,17 @@ def save(path: str, key: str, result: dict) -> None:
     scored = result["positions_scored"]
     names = {f"a{i}": list(k) for i, k in enumerate(scored)}
     summary = {k: v for k, v in result.items() if k != "positions_scored"}
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, meta=np.array(json.dumps({"key": key, "summary": summary, "names": names})),
-             **{name: scored[tuple(k)] for name, k in names.items()})
-    os.replace(tmp, path)
+    write_keyed(path, key, {"summary": summary, "names": names}, {name: scored[tuple(k)] for name, k in names.items()})
 
 
 def load(path: str, key: str) -> dict | None:
-    if not os.path.isfile(path):
+    found = read_keyed(path, key)
+    if found is None:
         return None
+    meta, arrays = found
     try:
-        with np.load(path) as data:
-            meta = json.loads(str(data["meta"]))
-            if meta.get("key") != key:
-                return None
-            scored = {tuple(k): data[name] for name, k in meta["names"].items()}
-    except (OSError, ValueError, KeyError):
+        scored = {tuple(k): arrays[name] for name, k in meta["names"].items()}
+    except KeyError:
         return None
     return {**meta["summary"], "positions_scored": scored}
 
