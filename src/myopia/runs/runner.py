@@ -90,6 +90,7 @@ def run_arms(
             break
         if on_arm_done is not None:
             set_stage(f"after training arm {arm.name} in {out_dir} (scoring)")
+            release_freed_memory()  # the optimiser's state and the last step's buffers, before scoring
             on_arm_done(arm, model, result)
         del model  # before the next arm's model is built: one model in memory at a time
         release_freed_memory()

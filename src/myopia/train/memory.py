@@ -13,7 +13,8 @@ block from its heap and never to shrink it: steady-state steps then fault nothin
 resident memory is the same; across phases the kept heap fragments (measured: a SmolLM2 run's peak
 grew by one model's size, 0.5 GiB, with every seed), so :func:`release_freed_memory` hands the
 heap's free pages back between phases (``malloc_trim``: one call, a few ms; the next phase faults
-in what it uses once, not every step). The lm runner calls it before and after each arm.
+in what it uses once, not every step). The runner calls it before and after each arm and before
+scoring one.
 
 The ``myopia`` command line calls it at start (``MYOPIA_MALLOC=system`` leaves glibc's defaults); a
 library user may call it once, early. Elsewhere than glibc (macOS, musl) it does nothing.
