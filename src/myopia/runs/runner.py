@@ -66,7 +66,7 @@ def run_arms(
     stop = StopSignal()
     for index, arm in enumerate(arms):
         set_stage(f"training arm {arm.name} in {out_dir}")
-        release_freed_memory()  # what the last arm's scoring freed: the heap would keep it, fragmented
+        release_freed_memory()  # what the last arm (or the start's scoring) freed: the heap would keep it, fragmented
         model = make_model(arm)
         if index == 0:
             check_arms_fit(arms, model)  # a cut naming a missing block fails before anything trains
@@ -93,7 +93,6 @@ def run_arms(
             release_freed_memory()  # the optimiser's state and the last step's buffers, before scoring
             on_arm_done(arm, model, result)
         del model  # before the next arm's model is built: one model in memory at a time
-        release_freed_memory()
         ev = result.eval["loss"] if result.eval else float("nan")
         if dist.is_main:
             tqdm.write(f"[{arm.name}] held-out loss {ev:.4f}  (train {result.final_train_loss:.4f}, "

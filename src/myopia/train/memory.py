@@ -13,8 +13,8 @@ block from its heap and never to shrink it: steady-state steps then fault nothin
 resident memory is the same; across phases the kept heap fragments (measured: a SmolLM2 run's peak
 grew by one model's size, 0.5 GiB, with every seed), so :func:`release_freed_memory` hands the
 heap's free pages back between phases (``malloc_trim``: one call, a few ms; the next phase faults
-in what it uses once, not every step). The runner calls it before and after each arm and before
-scoring one.
+in what it uses once, not every step). The runner calls it before each arm (after the last one's
+scoring) and before scoring one.
 
 The ``myopia`` command line calls it at start (``MYOPIA_MALLOC=system`` leaves glibc's defaults); a
 library user may call it once, early. Elsewhere than glibc (macOS, musl) it does nothing.
@@ -23,25 +23,27 @@ library user may call it once, early. Elsewhere than glibc (macOS, musl) it does
 from __future__ import annotations
 
 import ctypes
-import gc
 import ctypes.util
+import functools
+import gc
 import os
 import platform
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _applied: list[bool] = []
-_libc: list = []
 
 
+@functools.cache
 def _glibc():
-    if not _libc:
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            lib.mallopt, lib.malloc_trim  # noqa: B018 -- glibc only (musl and macOS have neither)
-        except (OSError, AttributeError):
-            lib = None
-        _libc.append(lib if platform.system() == "Linux" else None)
-    return _libc[0]
+    """glibc, or None (not Linux, or a libc without mallopt/malloc_trim: musl, macOS)."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        lib.mallopt, lib.malloc_trim  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return lib
 
 
 def keep_freed_memory() -> bool:
