@@ -91,6 +91,17 @@ def test_paired_differences_are_over_the_same_positions(task):
     for l in ("0", "2"):
         assert diff[l]["1"]["mean"] == pytest.approx(a["maps"][l]["1"]["top1"]["mean"] - b["maps"][l]["1"]["top1"]["mean"])
     assert fl.paired_difference(a, a, cfg)["2"]["1"]["mean"] == 0.0
+    # results scored on other positions are refused, never paired position by position
+    fewer = fl.future_lens(_model(task, 1), task, fl.FutureLensConfig(layers=[0, 2], offsets=[1], fit_tokens=1000,
+                                                                       score_tokens=150, bootstrap=50), keep_positions=True)
+    with pytest.raises(ValueError, match="different held-out positions"):
+        fl.paired_difference(a, fewer, cfg)
+    shifted = {**b, "positions_scored": {**b["positions_scored"],
+                                         ("tokens", 1): np.roll(b["positions_scored"][("tokens", 1)], 1)}}
+    with pytest.raises(ValueError, match="different held-out positions"):
+        fl.paired_difference(a, shifted, cfg)
+    with pytest.raises(ValueError, match="no maps"):
+        fl.paired_difference(a, {**b, "layers": [0]}, cfg)
 
 
 def test_default_layers():

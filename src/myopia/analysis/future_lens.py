@@ -331,6 +331,14 @@ def paired_difference(a: dict, b: dict, cfg: FutureLensConfig, metric: str = "to
     """``a − b`` (two :func:`future_lens` results with ``keep_positions``, on the same positions) for every
     stream and offset, each with a paired bootstrap interval over documents."""
     sa, sb = a["positions_scored"], b["positions_scored"]
+    missing = [l for l in a["layers"] if l not in b["layers"]] + [k for k in a["offsets"] if k not in b["offsets"]]
+    if missing:
+        raise ValueError(f"paired_difference: the second result has no maps for stream/offset {missing}; measure both "
+                         "models with the same FutureLensConfig layers and offsets")
+    for k in a["offsets"]:
+        if not (np.array_equal(sa[("docs", k)], sb[("docs", k)]) and np.array_equal(sa[("tokens", k)], sb[("tokens", k)])):
+            raise ValueError(f"paired_difference: the two results were scored on different held-out positions (k={k}); "
+                             "pair only models measured on the same task, held-out data and score_tokens")
     out = {}
     for l in a["layers"]:
         out[str(l)] = {}
