@@ -42,6 +42,9 @@ def test_fine_tuning_reports_the_start_and_the_gap_against_steps(tmp_path):
     # the gap against fine-tuning steps: step 0 (both arms are the start model) to the end
     rows = results["gap_by_step"]
     assert [r["step"] for r in rows] == [0, 4, 8, 12]
+    cfg = results["config"]
+    per_step = cfg["train"]["batch_size"] * cfg["train"]["grad_accum"] * cfg["data"]["seq_len"]
+    assert [r["tokens"] for r in rows] == [0, 4 * per_step, 8 * per_step, 12 * per_step]
     assert rows[0]["per_seed"] == [0.0, 0.0] and rows[0]["gap"] == 0.0  # same model, same batches
     assert rows[0]["baseline_loss"] != rows[-1]["baseline_loss"]
     assert all(r["ci"][0] <= r["gap"] <= r["ci"][1] for r in rows[1:])
@@ -59,6 +62,7 @@ def test_fine_tuning_reports_the_start_and_the_gap_against_steps(tmp_path):
     assert results["resources"]["wall_seconds"] > 0 and results["resources"]["peak_rss_mib"] > 0
     report = (out / "report.md").read_text()
     assert "start model (step 0;" in report and "## Gap against fine-tuning steps" in report
+    assert f"| 12 | {12 * per_step:,} |" in report  # the gap table counts each arm's training tokens
     assert "## Gap by position over 16-token windows" in report and "+1.07" in report
     for png in ("gap_by_step.png", "gap_by_position_long.png"):
         assert (out / png).is_file()
@@ -151,3 +155,25 @@ def test_bf16_forward_of_the_fused_myopic_op_matches_vanilla_on_cpu():
         make_myopic(model, "myopic")
         myopic = model(input_ids=x, use_cache=False).logits.float()
     assert myopic.requires_grad and (myopic - vanilla).abs().max().item() < 2e-2
+
+
+def test_the_gap_plot_uses_a_token_axis_and_a_log_scale_for_log_spaced_evaluations(tmp_path, monkeypatch):
+    from myopia.analysis import plots
+    from myopia.experiments.lm import steps
+
+    if plots.pyplot() is None:
+        pytest.skip("matplotlib is not installed")
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    comparisons = {"myopic vs vanilla": {"treatment": "myopic", "baseline": "vanilla"}}
+
+    def rows(at):
+        return {"myopic vs vanilla": [{"step": s, "tokens": 512 * s, "gap": 0.01, "ci": [0.0, 0.02],
+                                       "treatment_loss": 3.0, "baseline_loss": 2.99} for s in at]}
+
+    assert steps.plot(rows([0, 1, 2, 4, 64, 512]), comparisons, "myopic vs vanilla", str(tmp_path / "a.png"))
+    assert steps.plot(rows([0, 4, 8, 12]), comparisons, "myopic vs vanilla", str(tmp_path / "b.png"))
+    (log_left, log_right), (lin_left, _) = figures[0].axes, figures[1].axes
+    assert log_left.get_xscale() == log_right.get_xscale() == "symlog" and lin_left.get_xscale() == "linear"
+    assert log_right.get_xlabel() == "fine-tuning tokens per arm"
+    assert max(log_right.lines[0].get_xdata()) == 512 * 512

@@ -153,7 +153,8 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                                           start=scored_start, cuts=cuts)
             drop_log_probs(scores)  # only once compared: a resumed run still finds them
         results.update(combine_seeds(per_seed))
-        by_step = steps.gap_by_step(cfg.out, seeds, pairs)
+        by_step = steps.gap_by_step(cfg.out, seeds, pairs,
+                                    cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len)
         for label, rows in by_step.items():
             results["comparisons"][label]["by_step"] = rows
         main = PAPER_PAIR.label if PAPER_PAIR.label in by_step else next(iter(by_step), None)

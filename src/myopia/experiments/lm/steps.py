@@ -22,10 +22,12 @@ def eval_losses(arm_dir: str) -> dict[int, float]:
     return {int(r["step"]): float(r["eval_loss"]) for r in records if "eval_loss" in r}
 
 
-def gap_by_step(out: str, seeds: list[int], pairs: list[Pair]) -> dict[str, list[dict]]:
-    """``{pair label: [{"step", "gap", "ci", "treatment_loss", "baseline_loss", "per_seed"}, ...]}``
-    at every step where each seed scored both arms; ``ci`` is ``[low, high]`` over seeds (``None``
-    with one seed). Pairs without such a step are left out."""
+def gap_by_step(out: str, seeds: list[int], pairs: list[Pair], tokens_per_step: int | None = None
+                ) -> dict[str, list[dict]]:
+    """``{pair label: [{"step", "tokens", "gap", "ci", "treatment_loss", "baseline_loss", "per_seed"}, ...]}``
+    at every step where each seed scored both arms; ``tokens`` is the training tokens each arm had
+    seen by then (``step × tokens_per_step``; absent without it); ``ci`` is ``[low, high]`` over seeds
+    (``None`` with one seed). Pairs without such a step are left out."""
     losses = {seed: {} for seed in seeds}
     for seed in seeds:
         for pair in pairs:
@@ -40,7 +42,8 @@ def gap_by_step(out: str, seeds: list[int], pairs: list[Pair]) -> dict[str, list
             t = [losses[s][pair.treatment][step] for s in seeds]
             b = [losses[s][pair.baseline][step] for s in seeds]
             gap = mean_ci([x - y for x, y in zip(t, b)])
-            rows.append({"step": step, "gap": gap["mean"],
+            rows.append({"step": step, **({"tokens": step * tokens_per_step} if tokens_per_step else {}),
+                         "gap": gap["mean"],
                          "ci": None if gap["low"] is None else [gap["low"], gap["high"]],
                          "treatment_loss": mean_ci(t)["mean"], "baseline_loss": mean_ci(b)["mean"],
                          "per_seed": [x - y for x, y in zip(t, b)]})
@@ -84,20 +87,26 @@ def plot(by_step: dict[str, list[dict]], comparisons: dict, main: str, path: str
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     rows, c = by_step[main], comparisons[main]
-    steps = [r["step"] for r in rows]
-    left.plot(steps, [r["baseline_loss"] for r in rows], "o-", ms=3, label=c["baseline"])
-    left.plot(steps, [r["treatment_loss"] for r in rows], "o-", ms=3, label=c["treatment"])
-    plots.finish_axis(left, "fine-tuning step", "held-out cross-entropy (nats)", "Held-out loss (mean over seeds)")
+    unit = "tokens" if all("tokens" in r for rows_ in by_step.values() for r in rows_) else "step"
+    xlabel = "fine-tuning tokens per arm" if unit == "tokens" else "fine-tuning step"
+    x = [r[unit] for r in rows]
+    left.plot(x, [r["baseline_loss"] for r in rows], "o-", ms=3, label=c["baseline"])
+    left.plot(x, [r["treatment_loss"] for r in rows], "o-", ms=3, label=c["treatment"])
+    plots.finish_axis(left, xlabel, "held-out cross-entropy (nats)", "Held-out loss (mean over seeds)")
     for i, (label, rows) in enumerate(by_step.items()):
         colour = f"C{i % 10}"
-        right.plot([r["step"] for r in rows], [r["gap"] for r in rows], "o-", ms=3, color=colour,
+        right.plot([r[unit] for r in rows], [r["gap"] for r in rows], "o-", ms=3, color=colour,
                    label=f"{comparisons[label]['treatment']} − {comparisons[label]['baseline']}")
         with_ci = [r for r in rows if r["ci"] is not None]
         if with_ci:
-            right.fill_between([r["step"] for r in with_ci], [r["ci"][0] for r in with_ci],
+            right.fill_between([r[unit] for r in with_ci], [r["ci"][0] for r in with_ci],
                                [r["ci"][1] for r in with_ci], color=colour, alpha=0.15)
     right.axhline(0.0, color="grey", ls="--", lw=1)
-    plots.finish_axis(right, "fine-tuning step", "gap (nats; band: 95% CI over seeds)", "Gap against fine-tuning steps")
+    plots.finish_axis(right, xlabel, "gap (nats; band: 95% CI over seeds)", "Gap against fine-tuning")
+    positive = sorted(v for v in x if v > 0)
+    if len(positive) >= 3 and positive[-1] >= 30 * positive[0]:  # log-spaced evaluations: a log axis (0 kept)
+        for ax in (left, right):
+            ax.set_xscale("symlog", linthresh=positive[0])
     return plots.save_figure(fig, path)
 
 
@@ -109,9 +118,10 @@ def report_lines(by_step: dict[str, list[dict]], comparisons: dict, main: str) -
              "In-training held-out loss (`train.eval_batches` batches, the same in every arm of a seed; mean over "
              "seeds) and the paired gap (95% CI over seeds). At step 0 every arm is the start model, so the gap "
              "there is 0 by construction (scored without gradients, every cut runs the same kernel).", "",
-             f"| step | {b} | {t} | {t} − {b} [95% CI] | per seed |", "|---|---|---|---|---|"]
+             f"| step | tokens per arm | {b} | {t} | {t} − {b} [95% CI] | per seed |", "|---|---|---|---|---|---|"]
     for r in by_step[main]:
-        lines.append(f"| {r['step']} | {r['baseline_loss']:.4f} | {r['treatment_loss']:.4f} | {_gap(r)} | "
+        tokens = f"{r['tokens']:,}" if "tokens" in r else "-"
+        lines.append(f"| {r['step']} | {tokens} | {r['baseline_loss']:.4f} | {r['treatment_loss']:.4f} | {_gap(r)} | "
                      + ", ".join(f"{g:+.4f}" for g in r["per_seed"]) + " |")
     others = [label for label in by_step if label != main]
     if others:
