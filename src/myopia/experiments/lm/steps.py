@@ -85,7 +85,7 @@ def plot(by_step: dict[str, list[dict]], comparisons: dict, main: str, path: str
     plt = plots.pyplot()
     if plt is None:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     rows, c = by_step[main], comparisons[main]
     unit = "tokens" if all("tokens" in r for rows_ in by_step.values() for r in rows_) else "step"
     xlabel = "fine-tuning tokens per arm" if unit == "tokens" else "fine-tuning step"
