@@ -90,6 +90,8 @@ def test_split_leaves_grads_mode_and_training_flag_alone():
     gradient_split(model, TokenTask(), n_batches=1, batch_size=2, device=torch.device("cpu"))
     assert model.training and model.attention_cut() == Cut("myopic", beta=0.25)
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    # the embeddings and head, frozen for the two passes (no gradient is made for them), are trainable again
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_embeddings_and_head_are_left_out():

@@ -142,12 +142,20 @@ def gradient_split(model: nn.Module, task, n_batches: int, batch_size: int, devi
             for i, v in enumerate(parts):
                 acc[i] += v
 
+    # The embeddings and the head are not measured: with their requires_grad off for the two passes no
+    # gradient (and no buffer) is made for them (SmolLM2-135M's 49,152 x 576 head: 0.3 GB less at the peak).
+    measured = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in measured]
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         model.set_attention("vanilla")
         g_total = _gradients(model, params, batches, device, precision, task)
         model.set_attention("myopic")
         _consume_gradients(model, named, g_total, batches, device, precision, task, add)
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         model.set_attention(cut)
         model.train(was_training)
     out = _summary(*sums.pop(None))
