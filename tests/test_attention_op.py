@@ -5,9 +5,26 @@ import math
 import pytest
 import torch
 
-from myopia.attention import Cut, attention, causal_additive_mask, fused_attention_with_lse
+from myopia.attention import Cut, attention, causal_additive_mask, fused, fused_attention_with_lse
 
 B, H, HKV, T, D = 2, 4, 2, 33, 16
+
+
+@pytest.fixture(autouse=True, params=["grouped", "flash"])
+def cpu_backward(request, monkeypatch):
+    """Every test here runs with both CPU backwards of the fused op: the grouped products over the
+    probabilities (short windows, the default at these sizes) and PyTorch's flash backward with the
+    separate split (longer windows)."""
+    monkeypatch.setattr(fused, "CPU_GROUPED_BACKWARD_MAX_T", 1 << 30 if request.param == "grouped" else 0)
+    return request.param
+
+
+def test_each_cpu_backward_runs_where_it_should(cpu_backward, monkeypatch):
+    calls = []
+    original = fused.grouped_backward
+    monkeypatch.setattr(fused, "grouped_backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    run("myopic", "fused", torch.float64)
+    assert bool(calls) == (cpu_backward == "grouped")
 
 
 def inputs(dtype, seed=0, kv_heads=HKV):
