@@ -18,8 +18,10 @@ step). For each precision it prints:
   or GPU;
 - per shape: tokens/s and achieved GFLOP/s of the vanilla step (6·N FLOPs per token for N parameters,
   plus the attention's 12·L·d·T), its share of the peak, the myopic arm's step time over vanilla's
-  (the two stepped round-robin in one process, so that drift of the machine does not enter the
-  ratio) and the peak resident memory of a fresh process that trains vanilla at that shape;
+  (each arm alone in a fresh process, as ``myopia lm`` trains them, the two processes alternating
+  ``--rounds`` times so that drift of the machine enters both; ``--arms-in one`` steps both models
+  round-robin in one process instead, which on a VM lets the two heaps disturb each other) and the
+  peak resident memory of a fresh process that trains vanilla at that shape;
 - held-out scoring (no gradients, the analysis's batch of 64 windows): tokens/s and GFLOP/s.
 
 Results go to BENCHMARKS.md with the CPU (``lscpu``'s model name and its bf16 flags) named.
@@ -173,6 +175,48 @@ def round_robin(args, shape, precision: str) -> dict:
             "flops_per_token": flops}
 
 
+def _child_argv(args, flag: str, *values: str) -> list[str]:
+    argv = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--malloc", args.malloc,
+            "--warmup", str(args.warmup), "--repeats", str(args.repeats), flag, *values]
+    return argv + (["--compile"] if args.compile else [])
+
+
+def one_step_time(args, shape, precision: str, cut: str) -> dict:
+    """Median step time (s) of one arm trained alone in this process (``--one-step``)."""
+    model, opt, vocab = build(args.model, cut, args.device)
+    compiled = torch.compile(model) if args.compile else None
+    step = make_step(model, opt, vocab, shape, precision, args.device, compiled)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        _sync(args.device)
+        start = time.perf_counter()
+        step()
+        _sync(args.device)
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times), "flops_per_token": flops_per_token(model, shape[1])}
+
+
+def separate_processes(args, shape, precision: str) -> dict:
+    """Median step time (s) of vanilla and myopic, each arm in its own fresh process (as ``myopia lm``
+    trains them: one model resident), the two alternating for ``--rounds`` rounds; the median over
+    rounds of each process's median step."""
+    times: dict[str, list[float]] = {"vanilla": [], "myopic": []}
+    flops = float("nan")
+    for _ in range(args.rounds):
+        for cut in times:
+            argv = _child_argv(args, "--one-step", f"{shape[0]}x{shape[1]}/{shape[2]}", precision, cut)
+            out = subprocess.run(argv, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"pretrained_step: the {cut} process failed:\n{out.stderr[-2000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            times[cut].append(row["step_s"])
+            flops = row["flops_per_token"]
+    return {"vanilla_s": statistics.median(times["vanilla"]), "myopic_s": statistics.median(times["myopic"]),
+            "flops_per_token": flops}
+
+
 def peak_memory(args, shape, precision: str) -> float:
     """Peak resident GiB of a fresh process that trains vanilla at ``shape`` for 3 steps."""
     argv = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--malloc", args.malloc,
@@ -218,8 +262,14 @@ def main() -> None:
                    help="keep: myopia's allocator setting (train.memory.keep_freed_memory); system: glibc's defaults")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--arms-in", default="processes", choices=["processes", "one"],
+                   help="processes: each arm steps alone in a fresh process, alternating --rounds times (one "
+                        "model resident, as myopia lm trains); one: both models in this process, stepped "
+                        "round-robin (on a VM the two models' heaps disturb each other: BENCHMARKS.md)")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of the arms' processes (--arms-in processes)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--one-memory", nargs=2, metavar=("SHAPE", "PRECISION"), help=argparse.SUPPRESS)
+    p.add_argument("--one-step", nargs=3, metavar=("SHAPE", "PRECISION", "CUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.malloc == "keep":
         from myopia.train.memory import keep_freed_memory
@@ -232,6 +282,10 @@ def main() -> None:
         for _ in range(3):
             step()
         print(json.dumps({"peak_gib": peak_resident_gib()}))
+        return
+    if args.one_step:
+        shape_text, precision, cut = args.one_step
+        print(json.dumps(one_step_time(args, parse_shape(shape_text), precision, cut)))
         return
     from myopia.train.precision import cpu_has_native_bf16
 
@@ -246,7 +300,7 @@ def main() -> None:
         print(f"# {precision}: matmul peak {peak:.0f} GFLOP/s ({machine}, {threads} threads)", flush=True)
         for text in args.shapes:
             shape = parse_shape(text)
-            rr = round_robin(args, shape, precision)
+            rr = round_robin(args, shape, precision) if args.arms_in == "one" else separate_processes(args, shape, precision)
             tokens = shape[0] * shape[1]
             gflops = rr["flops_per_token"] * tokens / rr["vanilla_s"] / 1e9
             row = {"precision": precision, "shape": text, "peak_gflops": round(peak),
@@ -261,8 +315,10 @@ def main() -> None:
                "gflops": round(sc["gflops"]), "of_peak": f"{100 * sc['gflops'] / peak:.0f}%"}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    arms = (f"arms in separate processes, {args.rounds} rounds" if args.arms_in == "processes"
+            else "arms round-robin in one process")
     title = (f"{date.today()}, {machine}, {threads} threads, torch {torch.__version__}, {args.model}"
-             f"{', torch.compile' if args.compile else ''}, malloc {args.malloc}, median of {args.repeats}")
+             f"{', torch.compile' if args.compile else ''}, malloc {args.malloc}, median of {args.repeats}, {arms}")
     cols = ["precision", "shape", "peak_gflops", "step_s", "tok_s", "gflops", "of_peak", "myopic_x", "peak_gib"]
     print("\n" + title)
     print("| " + " | ".join(cols) + " |")
