@@ -104,6 +104,8 @@ def band_kv_grads(
     lse = lse.to(compute)
     delta = (dof * out.to(compute)).sum(-1)
     m4 = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if m4 is not None:
+        m4 = m4.expand(*m4.shape[:-2], T, T)  # a query dimension of 1 still slices per chunk
     dk = torch.empty(k.shape, dtype=compute, device=k.device)
     dv = torch.empty(v.shape, dtype=compute, device=v.device)
     for j0 in range(0, T, _BAND_KEYS):
