@@ -219,8 +219,7 @@ def separate_processes(args, shape, precision: str) -> dict:
 
 def peak_memory(args, shape, precision: str) -> float:
     """Peak resident GiB of a fresh process that trains vanilla at ``shape`` for 3 steps."""
-    argv = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--malloc", args.malloc,
-            "--one-memory", f"{shape[0]}x{shape[1]}/{shape[2]}", precision]
+    argv = _child_argv(args, "--one-memory", f"{shape[0]}x{shape[1]}/{shape[2]}", precision)
     out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode != 0:
         return float("nan")

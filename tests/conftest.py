@@ -23,6 +23,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MYOPIA_CACHE", str(tmp_path_factory.getbasetemp() / "myopia-cache"))
 
 
+@pytest.fixture(params=["grouped", "flash"])
+def cpu_backward(request, monkeypatch):
+    """Both CPU backwards of the fused attention op: the grouped products over the recomputed
+    probabilities (short windows) and PyTorch's private flash backward with the separate split (longer
+    windows). A test module runs every test with each through ``pytestmark = pytest.mark.usefixtures``."""
+    from myopia.attention import fused
+
+    monkeypatch.setattr(fused, "CPU_GROUPED_BACKWARD_MAX_T", 1 << 30 if request.param == "grouped" else 0)
+    return request.param
+
+
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "and", "then", "it", "was", "very", "quite", "big", "small"]
 
 

@@ -10,13 +10,7 @@ from myopia.attention import Cut, attention, causal_additive_mask, fused, fused_
 B, H, HKV, T, D = 2, 4, 2, 33, 16
 
 
-@pytest.fixture(autouse=True, params=["grouped", "flash"])
-def cpu_backward(request, monkeypatch):
-    """Every test here runs with both CPU backwards of the fused op: the grouped products over the
-    probabilities (short windows, the default at these sizes) and PyTorch's flash backward with the
-    separate split (longer windows)."""
-    monkeypatch.setattr(fused, "CPU_GROUPED_BACKWARD_MAX_T", 1 << 30 if request.param == "grouped" else 0)
-    return request.param
+pytestmark = pytest.mark.usefixtures("cpu_backward")  # every test with both CPU backwards (conftest.py)
 
 
 def test_each_cpu_backward_runs_where_it_should(cpu_backward, monkeypatch):

@@ -10,18 +10,13 @@ import types
 import pytest
 import torch
 
-from myopia.attention import attention, fused, kernels
+from myopia.attention import attention, kernels
 from myopia.attention.reference import causal_additive_mask
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
-@pytest.fixture(autouse=True, params=["grouped", "flash"])
-def cpu_backward(request, monkeypatch):
-    """Both CPU backwards of the fused op (tests/test_attention_op.py): the grouped products for short
-    windows and the private flash kernel's backward."""
-    monkeypatch.setattr(fused, "CPU_GROUPED_BACKWARD_MAX_T", 1 << 30 if request.param == "grouped" else 0)
-    return request.param
+pytestmark = pytest.mark.usefixtures("cpu_backward")  # every test with both CPU backwards (conftest.py)
 
 
 @pytest.mark.parametrize("device,dtype,qk,v,mask,cap,want", [

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from myopia.attention import kernels, triton_diag
-from myopia.attention.reference import expand_kv
+from myopia.attention.reference import causal_additive_mask, expand_kv
 
 MODES: tuple[str, ...] = ("myopic", "myopic_kv")
 """The cut modes this op computes; :func:`myopia.attention.attention` runs any other gradient cut on
@@ -78,6 +78,11 @@ def own_position_kv_grads(
     return dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _mask_4d(mask: torch.Tensor) -> torch.Tensor:
+    """A mask broadcastable to ``(B, H, T, T)`` with its missing leading dimensions added as 1."""
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
 _BAND_KEYS = 128  # keys per chunk in band_kv_grads
 
 
@@ -103,9 +108,7 @@ def band_kv_grads(
     qf, kf, vf, dof = (t.to(compute) for t in (q, k, v, dout))
     lse = lse.to(compute)
     delta = (dof * out.to(compute)).sum(-1)
-    m4 = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if m4 is not None:
-        m4 = m4.expand(*m4.shape[:-2], T, T)  # a query dimension of 1 still slices per chunk
+    m4 = None if mask is None else _mask_4d(mask).expand(-1, -1, T, T)  # a query dimension of 1 still slices per chunk
     dk = torch.empty(k.shape, dtype=compute, device=k.device)
     dv = torch.empty(v.shape, dtype=compute, device=v.device)
     for j0 in range(0, T, _BAND_KEYS):
@@ -141,7 +144,7 @@ _EMPTY = 0  # length of the placeholder tensors a custom op returns for "no tens
 
 def _grouped_mask(mask: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
     """An additive mask broadcastable to ``(B, H, T, T)`` laid out for ``(B, kv heads, groups, T, T)``."""
-    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m = _mask_4d(mask)
     if m.shape[1] == 1:
         return m.unsqueeze(2)
     return m.reshape(m.shape[0], kv_heads, groups, *m.shape[2:])
@@ -178,7 +181,7 @@ def grouped_backward(
     dof = dout.to(compute).reshape(B, Hkv, G * T, Dv)
     s = (qf @ kf.transpose(-1, -2)).mul_(scale).reshape(B, Hkv, G, T, T)
     if mask is None:
-        s = s + torch.full((T, T), float("-inf"), dtype=compute, device=q.device).triu_(1)
+        s = s + causal_additive_mask(T, compute, q.device)
     else:
         s = s + _grouped_mask(mask.to(compute), Hkv, G)
     l = lse.to(compute).reshape(B, Hkv, G, T, 1)
