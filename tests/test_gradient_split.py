@@ -73,6 +73,29 @@ def test_split_matches_backward_passes_in_both_modes(n_batches):
     assert model.attention_cut() == Cut("myopic_kv")  # restored
 
 
+@pytest.mark.parametrize("groups", [2, 3, 100])
+def test_split_in_groups_equals_the_whole(groups):
+    """Measured in groups of layers (each with the others frozen), the split is the same as in one
+    go, and it leaves the model as it found it."""
+    from myopia.analysis.gradients import _parameter_groups
+
+    task = TokenTask()
+    named = body_parameters(_gpt())
+    parts = _parameter_groups(named, groups)
+    assert [n for part in parts for n, _ in part] == [n for n, _ in named]  # a partition, in order
+    assert all(parts) and (len(parts) == groups if groups < len(named) else len(parts) <= len(named))
+    whole = gradient_split(_gpt(), task, n_batches=2, batch_size=4, device=torch.device("cpu"))
+    model = _gpt("myopic")
+    split = gradient_split(model, task, n_batches=2, batch_size=4, device=torch.device("cpu"), groups=groups)
+    for key in ("total_norm", "myopic_norm", "future_norm", "cos_myopic_future", "future_share"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-12, abs=1e-15)
+        for layer in whole["layers"]:
+            assert split["layers"][layer][key] == pytest.approx(whole["layers"][layer][key], rel=1e-12, abs=1e-15)
+    assert all(p.requires_grad for p in model.parameters()) and model.attention_cut() == Cut("myopic")
+    with pytest.raises(ValueError, match="groups=0"):
+        gradient_split(model, task, n_batches=1, batch_size=4, device=torch.device("cpu"), groups=0)
+
+
 def test_one_token_sequences_have_no_future_part():
     task = TokenTask(seq_len=1)
     split = gradient_split(_gpt(), task, n_batches=2, batch_size=6, device=torch.device("cpu"))
@@ -131,14 +154,15 @@ def test_monitor_does_not_change_training(tmp_path):
     assert all(r["gradient_split"]["future_norm"] > 0 for r in records if "gradient_split" in r)
 
 
-@pytest.mark.parametrize("preset", ["pythia-14m", "llama-tiny"])
-def test_split_of_a_hugging_face_model(preset):
+@pytest.mark.parametrize("preset,groups", [("pythia-14m", 1), ("llama-tiny", 1), ("llama-tiny", 2)])
+def test_split_of_a_hugging_face_model(preset, groups):
     pytest.importorskip("transformers")
     from myopia.models.hf.presets import build_hf_model
 
     task = TokenTask(vocab=64)
     model = build_hf_model(preset, "myopic", vocab_size=64, seed=0)
-    split = gradient_split(model, task, n_batches=1, batch_size=3, device=torch.device("cpu"), precision="fp32")
+    split = gradient_split(model, task, n_batches=1, batch_size=3, device=torch.device("cpu"), precision="fp32",
+                           groups=groups)
     assert model.attention_cut() == Cut("myopic")
     names = {n for n, _ in body_parameters(model)}
     assert not any("embed" in n or "lm_head" in n for n in names)

@@ -13,10 +13,10 @@ from myopia.train.layout import metrics_path
 from myopia.train.loop import MetricsLog
 
 
-def monitor_factory(task, n_batches: int, train: TrainConfig) -> Callable | None:
+def monitor_factory(task, n_batches: int, train: TrainConfig, groups: int = 1) -> Callable | None:
     """``monitor_for(arm, model)`` for ``run_arms`` training with ``train`` (batch size, precision,
-    eval cadence, last step), or None when off (``n_batches`` 0, or FSDP: the bare model's
-    parameters are shards there)."""
+    eval cadence, last step), measuring in ``groups`` parameter groups (``gradient_split``), or None
+    when off (``n_batches`` 0, or FSDP: the bare model's parameters are shards there)."""
     if n_batches <= 0 or sharded_across_ranks(train.parallel):
         return None
 
@@ -24,7 +24,8 @@ def monitor_factory(task, n_batches: int, train: TrainConfig) -> Callable | None
         # Only arms whose forward is the vanilla one: switching cuts to measure changes the backward only.
         if arm.local or arm.cut.changes_forward or not splittable(model):
             return None
-        return split_monitor(task, n_batches, train.batch_size, train.precision, train.eval_every, train.steps)
+        return split_monitor(task, n_batches, train.batch_size, train.precision, train.eval_every, train.steps,
+                             groups)
 
     return monitor_for
 

@@ -224,7 +224,8 @@ def start_lens(cfg: LMExperiment, task: TextTask, overrides: dict, start, device
 def monitors(cfg: LMExperiment, task: TextTask, train: TrainConfig, first_seed: bool):
     """``monitor_for(arm, model)``: the arms' training monitors, reported for the first seed only: the
     gradient split and the per-feature attribution (future-token probes), where configured."""
-    geometry = gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches if first_seed else 0, train)
+    geometry = gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches if first_seed else 0, train,
+                                                 cfg.analysis.gradient_split_groups)
     if not (first_seed and cfg.attribution.enabled):
         return geometry
     probes = future_token_probes(task, cfg.analysis.probe_offsets, cfg.analysis.probe_classes, cfg.attribution)
@@ -319,7 +320,8 @@ def starting_model(cfg: LMExperiment, task: TextTask, overrides: dict,
                       lambda arm: fresh_model(cfg, arm, task, overrides, pseed),
                       replace(cfg.optim, lr=p.lr or cfg.optim.lr), train,
                       resume=cfg.resume, on_arm_done=lambda arm, model, result: kept.update(model=model),
-                      monitor_for=gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches, train))
+                      monitor_for=gradient_geometry.monitor_factory(task, cfg.analysis.gradient_split_batches, train,
+                                                                    cfg.analysis.gradient_split_groups))
     return kept.get("model"), status
 
 
