@@ -64,6 +64,37 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_resume_from_step_0_writes_the_start_records_once(tmp_path):
+    """Stopped before its first step (the checkpoint at step 0 follows the start's evaluation and
+    monitor), a resumed arm neither evaluates the start again nor writes its records twice."""
+    calls = []
+
+    def monitor(model, step, optimizer):
+        calls.append(step)
+        return {"watched": step}
+
+    def records(arm_dir):
+        with open(os.path.join(arm_dir, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    task, model = setup()
+    full = train_arm(model, task, OPTIM, cfg(steps=3, eval_every=2, eval_on_start=True), str(tmp_path / "full"), "myopic",
+                     monitor=monitor)
+    stop = StopSignal()
+    stop.request()
+    task, model = setup()
+    part = train_arm(model, task, OPTIM, cfg(steps=3, eval_every=2, eval_on_start=True), str(tmp_path / "part"), "myopic", stop=stop,
+                     monitor=monitor)
+    assert part.status == "interrupted" and part.steps == 0
+    task, model = setup()
+    resumed = train_arm(model, task, OPTIM, cfg(steps=3, eval_every=2, eval_on_start=True), str(tmp_path / "part"), "myopic",
+                        resume=True, monitor=monitor)
+    assert resumed.status == "completed" and calls == [0, 1, 2, 3] + [0, 1, 2, 3]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rs]  # noqa: E731
+    assert strip(records(str(tmp_path / "part"))) == strip(records(str(tmp_path / "full")))
+    assert [r["step"] for r in records(str(tmp_path / "part")) if "eval_loss" in r] == [0, 2, 3]
+
+
 def test_kill_loses_only_steps_since_last_checkpoint(tmp_path):
     task, model = setup()
     full = train_arm(model, task, OPTIM, cfg(), str(tmp_path / "full"), "myopic")

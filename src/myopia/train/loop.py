@@ -334,6 +334,8 @@ def train_arm(
                 f"--train.precision {saved_precision}, or accept the change on record with --train.allow_changes "
                 "train.precision")
         start_step, last_eval = state["step"], state.get("eval")
+        if start_step == 0:
+            optimizer.state.clear()  # see checkpoint(): before the first update there is no optimiser state
         seconds_before, tokens_before = state.get("seconds", 0.0), state.get("tokens", 0)
         if dist.is_main:
             tqdm.write(f"[{arm}] resuming from {latest} (step {start_step}/{cfg.steps})")
@@ -350,8 +352,16 @@ def train_arm(
                  "tokens": tokens_before + (step - start_step) * tokens_per_step, "eval": last_eval,
                  "world_size": dist.world, "model_config": _model_config(model), "precision": resolved}
         if sharded:  # no rank gathers the full state
-            return save_sharded_checkpoint(ckpt_dir, step, wrapped, optimizer, state, dist, keep=cfg.keep_checkpoints)
+            path = save_sharded_checkpoint(ckpt_dir, step, wrapped, optimizer, state, dist, keep=cfg.keep_checkpoints)
+            if step == 0:
+                optimizer.state.clear()
+            return path
         model_state, optim_state = capture(wrapped, optimizer)
+        if step == 0:
+            # torch's state-dict API gives an optimiser without state one by taking a zero-gradient step
+            # (AdamW's step count becomes 1, and the next update's bias correction differs): before the
+            # first update, neither this run nor one resumed from this checkpoint may keep it.
+            optimizer.state.clear()
         rng = gather_rng(dist)  # every rank's generators (a collective), saved by rank 0
         path = None
         if dist.is_main:
@@ -369,7 +379,7 @@ def train_arm(
             log.write({"step": step, **extra})
 
     try:
-        if start_step == 0:
+        if start_step == 0 and latest is None:  # a checkpoint at step 0 was saved after these had run
             if cfg.eval_on_start:
                 last_eval = evaluate(wrapped, task, cfg.eval_batches, cfg.batch_size, device, cfg.precision, dist)
                 log.write({"step": 0, "eval_loss": last_eval["loss"]})
