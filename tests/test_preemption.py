@@ -158,6 +158,22 @@ def test_drift_rules():
     assert keys == ["seeds", "train.steps"]  # dropping a seed, extending the cosine schedule
 
 
+def test_a_setting_added_since_the_run_started_passes_at_its_default():
+    """A run recorded before a setting existed resumes under a myopia that has it, at its default
+    (which keeps the old behaviour); any other value of it is a change like any other."""
+    from myopia.experiments.lm.config import LMExperiment
+    from myopia.runs.drift import config_changes, field_defaults
+
+    defaults = field_defaults(LMExperiment)
+    assert defaults["analysis.gradient_split_groups"] == 1 and defaults["optim.lr"] == LMExperiment().optim.lr
+    new = {"optim": {"lr": 1e-3}, "analysis": {"gradient_split_batches": 2, "gradient_split_groups": 1}}
+    old = {"optim": {"lr": 1e-3}, "analysis": {"gradient_split_batches": 2}}
+    assert config_changes(old, new, defaults) == []
+    assert [c.key for c in config_changes(old, new)] == ["analysis.gradient_split_groups"]  # no defaults known
+    changed = {**new, "analysis": {"gradient_split_batches": 2, "gradient_split_groups": 2}}
+    assert [str(c) for c in config_changes(old, changed, defaults)] == ["analysis.gradient_split_groups '<absent>' -> 2"]
+
+
 def test_sigterm_during_myopia_lm_saves_and_resume_ends_as_an_uninterrupted_run(tmp_path):
     from conftest import write_word_corpus
 

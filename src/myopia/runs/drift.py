@@ -9,12 +9,16 @@ that names each changed key with its old and new value, unless ``train.allow_cha
 then the change is recorded, with the step each arm resumes from, in the run folder's
 ``config_changes.jsonl`` and in ``results.json`` (:func:`recorded_changes`).
 
+A key the recorded recipe lacks (a setting added to myopia after the run started) is no change
+while it has its default: a new setting's default keeps what myopia did before it existed.
+
 ``train.steps`` is not safe to extend: the learning rate follows warm-up and a cosine decay over all
 steps, so a longer run has another schedule from step 0 on (allow it explicitly to continue anyway).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -70,6 +74,24 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def field_defaults(cls: type) -> dict[str, object]:
+    """``{dotted key: default}`` for every field of the dataclass ``cls`` (nested ones included) that
+    has a default, as :func:`flatten` names them."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(value):
+            out.update(flatten({f.name: dataclasses.asdict(value)}))
+        else:
+            out[f.name] = value
+    return out
+
+
 def _grows(old: object, new: object) -> bool:
     return isinstance(old, list) and isinstance(new, list) and all(item in new for item in old)
 
@@ -83,21 +105,26 @@ def _safe(key: str, a: dict, b: dict) -> bool:
     return True
 
 
-def config_changes(old: dict, new: dict) -> list[Change]:
-    """Every dotted key whose value differs between the two configurations and that is neither safe
-    nor a grown list of runs."""
+def config_changes(old: dict, new: dict, defaults: dict[str, object] | None = None) -> list[Change]:
+    """Every dotted key whose value differs between the two configurations and that is neither safe,
+    nor a grown list of runs, nor a key ``old`` lacks that ``new`` holds at its default
+    (``defaults``: :func:`field_defaults` of the configuration's class)."""
     a, b = flatten(old), flatten(new)
+    defaults = defaults or {}
     changes = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
         if va == vb or _safe(key, a, b) or (key in GROWABLE_KEYS and _grows(va, vb)):
+            continue
+        if key not in a and key in defaults and vb == defaults[key]:
             continue
         changes.append(Change(key, va, vb))
     return changes
 
 
 def check_resume(run_dir: str, saved_config: str, new: dict, allowed: list[str],
-                 steps: dict[str, int] | None = None, record: bool = True) -> list[Change]:
+                 steps: dict[str, int] | None = None, record: bool = True,
+                 defaults: dict[str, object] | None = None) -> list[Change]:
     """Refuse a resume of ``run_dir`` whose configuration ``new`` differs from ``saved_config`` (the
     run's config.yaml) in a key that changes the trajectory, unless ``allowed`` names it; record the
     allowed changes (and ``steps``, each arm's resume step) in ``run_dir/config_changes.jsonl``.
@@ -106,7 +133,7 @@ def check_resume(run_dir: str, saved_config: str, new: dict, allowed: list[str],
         return []
     with open(saved_config) as f:
         old = yaml.safe_load(f) or {}
-    changes = config_changes(old, new)
+    changes = config_changes(old, new, defaults)
     refused = [c for c in changes if c.key not in allowed]
     if refused:
         listed = "; ".join(str(c) for c in refused)
@@ -132,5 +159,5 @@ def recorded_changes(out: str) -> list[dict]:
     return found
 
 
-__all__ = ["CHANGES_FILE", "Change", "GROWABLE_KEYS", "SAFE_KEYS", "SAFE_UNLESS", "check_resume", "config_changes", "flatten",
-           "recorded_changes"]
+__all__ = ["CHANGES_FILE", "Change", "GROWABLE_KEYS", "SAFE_KEYS", "SAFE_UNLESS", "check_resume", "config_changes",
+           "field_defaults", "flatten", "recorded_changes"]

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from myopia.config import dump_yaml, to_dict
 from myopia.runs.arms import Arm, check_arms_fit
-from myopia.runs.drift import check_resume
+from myopia.runs.drift import check_resume, field_defaults
 from myopia.runs.results import Results, Status, set_stage
 from myopia.tasks.base import Task
 from myopia.train.config import OptimConfig, TrainConfig
@@ -57,7 +57,8 @@ def run_arms(
         steps = {arm.name: checkpoint_step(latest_checkpoint(checkpoints_dir(os.path.join(out_dir, arm.name)),
                                                              verified=False)) for arm in arms}
         check_resume(out_dir, config_path(out_dir), to_dict(config) if not isinstance(config, dict) else config,
-                     train_cfg.allow_changes, steps, record=dist.is_main)
+                     train_cfg.allow_changes, steps, record=dist.is_main,
+                     defaults=None if isinstance(config, dict) else field_defaults(type(config)))
         dist.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
