@@ -95,6 +95,37 @@ def test_resume_from_step_0_writes_the_start_records_once(tmp_path):
     assert [r["step"] for r in records(str(tmp_path / "part")) if "eval_loss" in r] == [0, 2, 3]
 
 
+def test_restore_hands_the_optimiser_the_loaded_moments(tmp_path):
+    """A resume restores AdamW's moments as the loaded tensors themselves, with every value as saved,
+    and makes no state of its own first (torch's state-dict API would take a zero-gradient step to
+    make one: a second copy of the moments at the resume's peak)."""
+    from myopia import GPT
+    from myopia.train.checkpoint import read_checkpoint, restore
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, n_embd=16, block_size=8))
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+    model, opt = model_and_optimizer()
+    model(torch.randint(0, 32, (2, 8))).float().mean().backward()
+    opt.step()
+    path = save_checkpoint(str(tmp_path), 1, *capture(model, opt), {})
+    weights, optim_state, _, _ = read_checkpoint(path)
+    loaded = {name: values["exp_avg"].data_ptr() for name, values in optim_state["state"].items()}
+    fresh, fresh_opt = model_and_optimizer()
+    steps = []
+    step = fresh_opt.step
+    fresh_opt.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+    restore(fresh, fresh_opt, weights, optim_state)
+    assert steps == []
+    names = {p: n for n, p in fresh.named_parameters()}
+    assert {names[p]: v["exp_avg"].data_ptr() for p, v in fresh_opt.state.items()} == loaded
+    saved = {n: opt.state[p] for n, p in model.named_parameters()}
+    for p, values in fresh_opt.state.items():
+        assert all(torch.equal(values[k], saved[names[p]][k]) for k in values), names[p]
+
+
 def test_kill_loses_only_steps_since_last_checkpoint(tmp_path):
     task, model = setup()
     full = train_arm(model, task, OPTIM, cfg(), str(tmp_path / "full"), "myopic")

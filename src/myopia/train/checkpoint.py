@@ -564,7 +564,34 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, mod
     if optimizer is None or optim_state is None:
         set_model_state_dict(model, model_state, options=opts)
     else:
+        _adopt_optimizer_state(model, optimizer, optim_state)
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=opts)
+
+
+def _adopt_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict) -> None:
+    """Hand a stateless optimiser the loaded per-parameter state itself. torch's ``set_state_dict``
+    would first make the optimiser a state of its own (a zero-gradient step: one more tensor per
+    moment, SmolLM2-135M's AdamW 1.1 GB) and copy the loaded one into it; with a state already there
+    it loads the same tensors in place of these. Only for an unwrapped model whose parameters carry
+    the checkpoint's names and shapes (DDP's inner module too); anything else (FSDP shards) is left
+    to ``set_state_dict``."""
+    from torch.distributed.tensor import DTensor
+
+    if optimizer.state or not optim_state.get("state"):
+        return
+    params = dict(getattr(model, "module", model).named_parameters())
+    state = optim_state["state"]
+    if set(state) - set(params):
+        return
+    adopted = {}
+    for name, values in state.items():
+        param = params[name]
+        tensors = [v for v in values.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        if isinstance(param, DTensor) or any(v.shape != param.shape or v.dtype != param.dtype
+                                                         or v.device != param.device for v in tensors):
+            return
+        adopted[param] = dict(values)
+    optimizer.state.update(adopted)
 
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
