@@ -587,8 +587,8 @@ def _adopt_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     for name, values in state.items():
         param = params[name]
         tensors = [v for v in values.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-        if isinstance(param, DTensor) or any(v.shape != param.shape or v.dtype != param.dtype
-                                                         or v.device != param.device for v in tensors):
+        if isinstance(param, DTensor) or any(
+                v.shape != param.shape or v.dtype != param.dtype or v.device != param.device for v in tensors):
             return
         adopted[param] = dict(values)
     optimizer.state.update(adopted)

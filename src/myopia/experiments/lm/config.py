@@ -72,7 +72,8 @@ class AnalysisConfig:
     def __post_init__(self) -> None:
         for name, low in (("heldout_windows", 0), ("bootstrap", 10), ("top_kl", 0), ("top_kl_windows", 0),
                           ("probe_classes", 2),
-                          ("probe_train_windows", 1), ("first_position_tokens", -1), ("gradient_split_batches", 0), ("gradient_split_groups", 1),
+                          ("probe_train_windows", 1), ("first_position_tokens", -1), ("gradient_split_batches", 0),
+                          ("gradient_split_groups", 1),
                           ("long_window", 0), ("long_window_count", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
