@@ -156,6 +156,8 @@ def test_drift_rules():
     assert config_changes(old, grown) == []  # new seeds are new runs; logging cadence is safe
     keys = [c.key for c in config_changes(old, {**old, "seeds": [1, 2], "train": {"steps": 20, "log_every": 5}})]
     assert keys == ["seeds", "train.steps"]  # dropping a seed, extending the cosine schedule
+    lens = {**old, "future_lens": {"enabled": False, "seeds": []}}  # measured after training: never a change
+    assert config_changes(lens, {**old, "future_lens": {"enabled": True, "seeds": [0, 1]}}) == []
 
 
 def test_a_setting_added_since_the_run_started_passes_at_its_default():

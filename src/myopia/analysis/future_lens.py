@@ -25,7 +25,8 @@ model's own unembedding path.
 ``model`` is myopia's GPT or an :class:`~myopia.models.hf.presets.HFCausalLM` (any transformers causal
 LM: ``HFCausalLM(model, name)``; a trained arm: :func:`myopia.interop.interp.hf_model`); ``task`` a
 :class:`~myopia.tasks.text.TextTask`. ``myopia lm --future_lens.enabled true`` measures the start
-model and the first seed's arms and reports them under ``future_lens`` (docs/results.md).
+model and the first seed's arms (``--future_lens.seeds``: those of several seeds, with intervals over
+them) and reports them under ``future_lens`` (docs/results.md).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class FutureLensConfig:
 
     enabled: bool = False
     """Measure it (myopia lm: on the start model and the first seed's arms; costs minutes per model)."""
+    seeds: list[int] = field(default_factory=list)
+    """myopia lm: the seeds whose arms are measured (empty = the first seed only). With several, the
+    arms' accuracies and their paired differences also get t-intervals over these seeds."""
     layers: list[int] = field(default_factory=list)
     """Residual streams mapped from (0 = the embeddings, l = after block l, -1 = the final normalised
     state); empty = every stream of a model with at most 12 blocks, else every third and the last."""

@@ -2,7 +2,8 @@
 
 :func:`check_resume` compares the configuration a ``--resume`` brings with the one the run folder was
 started with, key by dotted key. Keys that cannot change a trajectory (:data:`SAFE_KEYS`: logging,
-progress, evaluation and checkpoint cadence, device, trackers) pass; the lists of runs a grid holds
+progress, evaluation and checkpoint cadence, device, trackers) and the sections of measurements made
+after training (:data:`SAFE_SECTIONS`: the future lens) pass; the lists of runs a grid holds
 (:data:`GROWABLE_KEYS`: seeds, arms, ...) may gain entries, which train as new runs beside the old ones.
 Any other change (model, data, optimiser, schedule, steps, precision, cut, ...) is refused in one line
 that names each changed key with its old and new value, unless ``train.allow_changes`` names the key:
@@ -37,6 +38,11 @@ SAFE_KEYS = frozenset({
 where it runs, never which updates the weights get (train.device, train.parallel and
 train.deterministic change the floating-point order, as any other machine would). Except
 :data:`SAFE_UNLESS`: keys that change the numerics through another setting."""
+
+SAFE_SECTIONS = ("future_lens.",)
+"""Sections whose every key a resumed run may change: measurements of the trained models (myopia lm's
+future lens) that never touch training, each cached under its own settings, so a changed setting
+measures again what it changes and keeps the rest."""
 
 SAFE_UNLESS = {"train.device": ("train.precision", "auto")}
 """``{key: (other key, value)}``: ``key`` is safe only while ``other key`` has another value in both
@@ -97,6 +103,8 @@ def _grows(old: object, new: object) -> bool:
 
 
 def _safe(key: str, a: dict, b: dict) -> bool:
+    if key.startswith(SAFE_SECTIONS):
+        return True
     if key not in SAFE_KEYS:
         return False
     if key in SAFE_UNLESS:
@@ -159,5 +167,5 @@ def recorded_changes(out: str) -> list[dict]:
     return found
 
 
-__all__ = ["CHANGES_FILE", "Change", "GROWABLE_KEYS", "SAFE_KEYS", "SAFE_UNLESS", "check_resume", "config_changes",
-           "field_defaults", "flatten", "recorded_changes"]
+__all__ = ["CHANGES_FILE", "Change", "GROWABLE_KEYS", "SAFE_KEYS", "SAFE_SECTIONS", "SAFE_UNLESS", "check_resume",
+           "config_changes", "field_defaults", "flatten", "recorded_changes"]

@@ -146,8 +146,9 @@ class LMExperiment:
     future_lens: FutureLensConfig = field(default_factory=FutureLensConfig)
     """Future-token decodability (--future_lens.enabled true): linear maps from each residual stream at t
     to the final normalised state at t + k, decoded by the model's own head over the whole vocabulary,
-    for the start model and the first seed's arms on the same held-out positions, with the skip-bigram
-    and the model's own prediction as baselines (myopia.analysis.future_lens; results.json future_lens)."""
+    for the start model and the first seed's arms (or those of --future_lens.seeds, with intervals over
+    them) on the same held-out positions, with the skip-bigram and the model's own prediction as
+    baselines (myopia.analysis.future_lens; results.json future_lens)."""
     context_lengths: list[int] = field(default_factory=list)
     """Gap vs context length: run the experiment once per window length T (e.g. 64,256,1024) in
     <out>/T<T>/, with train.batch_size scaled so that batch x T stays train.batch_size x data.seq_len

@@ -13,7 +13,8 @@ import torch
 
 from myopia.analysis import plots
 from myopia.analysis import future_lens as fl
-from myopia.analysis.stats import format_ci
+from myopia.analysis.stats import format_ci, mean_ci
+from myopia.config import to_dict
 from myopia.experiments.lm.analysis import read_keyed, write_keyed
 
 KEY = "future_lens"
@@ -50,9 +51,35 @@ def load(path: str, key: str) -> dict | None:
     return {**meta["summary"], "positions_scored": scored}
 
 
-def gather(cfg: fl.FutureLensConfig, models: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
-    """``results.json``'s ``future_lens``: every model's summary (``models``), and the paired top-1
-    differences ``treatment − baseline`` for ``pairs`` and for every arm against the start model."""
+def key_settings(cfg: fl.FutureLensConfig) -> dict:
+    """The settings a cached lens was measured under: every one but ``seeds`` (which models are measured,
+    not how), so that measuring more seeds' arms keeps the lenses already measured."""
+    settings = to_dict(cfg)
+    settings.pop("seeds", None)
+    return settings
+
+
+def gather(cfg: fl.FutureLensConfig, by_seed: dict[int, dict[str, dict]], pairs: list[tuple[str, str]],
+           start: dict | None = None) -> dict:
+    """``results.json``'s ``future_lens``. ``by_seed``: each measured seed's arms (``{arm: lens}``);
+    ``start``: the start model's lens, shared by every seed. ``models`` and ``differences`` are the start
+    model's and the first seed's: every model's summary and the paired top-1 differences
+    ``treatment − baseline`` for ``pairs`` and for every arm against the start model, with intervals over
+    documents. With several seeds, ``per_seed`` holds each seed's, and ``over_seeds`` every arm's
+    accuracies and every paired difference as t-intervals over the seeds."""
+    seeds = sorted(by_seed)
+    per_seed = {seed: _one_seed(cfg, {**({"start": start} if start is not None else {}), **by_seed[seed]}, pairs)
+                for seed in seeds}
+    if not per_seed:
+        return {**_one_seed(cfg, {"start": start}, pairs), "seeds": []}
+    out = {**per_seed[seeds[0]], "seeds": seeds}
+    if len(seeds) > 1:
+        out["per_seed"] = {str(seed): per_seed[seed] for seed in seeds}
+        out["over_seeds"] = _over_seeds([per_seed[seed] for seed in seeds])
+    return out
+
+
+def _one_seed(cfg: fl.FutureLensConfig, models: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
     out = {"models": {name: {k: v for k, v in r.items() if k != "positions_scored"} for name, r in models.items()},
            "differences": {}}
     wanted = list(pairs) + [(name, "start") for name in models if name != "start" and "start" in models]
@@ -60,6 +87,25 @@ def gather(cfg: fl.FutureLensConfig, models: dict[str, dict], pairs: list[tuple[
         if treatment in models and baseline in models:
             out["differences"][f"{treatment} - {baseline}"] = fl.paired_difference(models[treatment], models[baseline], cfg)
     return out
+
+
+def _over_seeds(seeds: list[dict]) -> dict:
+    """t-intervals over seeds of the arms' accuracies (maps and ceiling) and of the paired differences,
+    for the arms and differences every seed has (the start model is the same in each: left out)."""
+    arms = [name for name in seeds[0]["models"] if name != "start" and all(name in s["models"] for s in seeds)]
+    models = {}
+    for name in arms:
+        runs = [s["models"][name] for s in seeds]
+        first = runs[0]
+        models[name] = {
+            "maps": {l: {k: {m: mean_ci([r["maps"][l][k][m]["mean"] for r in runs]) for m in metrics}
+                         for k, metrics in by_k.items()} for l, by_k in first["maps"].items()},
+            "ceiling": {k: {m: mean_ci([r["ceiling"][k][m]["mean"] for r in runs]) for m in metrics}
+                        for k, metrics in first["ceiling"].items()}}
+    labels = [label for label in seeds[0]["differences"] if all(label in s["differences"] for s in seeds)]
+    differences = {label: {l: {k: mean_ci([s["differences"][label][l][k]["mean"] for s in seeds]) for k in by_k}
+                           for l, by_k in seeds[0]["differences"][label].items()} for label in labels}
+    return {"models": models, "differences": differences}
 
 
 def report_lines(result: dict) -> list[str]:
@@ -90,6 +136,24 @@ def report_lines(result: dict) -> list[str]:
                   "| stream | " + " | ".join(f"k={k}" for k in offsets) + " |", "|---|" + "---|" * len(offsets)]
         lines += [f"| {l} | " + " | ".join(format_ci(diff[str(l)][str(k)], 4) for k in offsets) + " |"
                   for l in layers]
+    over = result.get("over_seeds")
+    if over:
+        seeds = ", ".join(map(str, result["seeds"]))
+        arms = list(over["models"])
+        lines += ["", f"Over seeds {seeds} (each seed's arms with their own maps; mean and 95% t-interval over the "
+                      f"{len(result['seeds'])} seeds). Top-1 accuracy:", "",
+                  "| stream | " + " | ".join(f"{n} k={k}" for k in offsets for n in arms) + " |",
+                  "|---|" + "---|" * (len(offsets) * len(arms))]
+        lines += [f"| {l} | " + " | ".join(format_ci(over["models"][n]["maps"][str(l)][str(k)]["top1"], 3)
+                                           for k in offsets for n in arms) + " |" for l in layers]
+        lines.append("| own prediction at t + k (ceiling) | " + " | ".join(
+            format_ci(over["models"][n]["ceiling"][str(k)]["top1"], 3) for k in offsets for n in arms) + " |")
+        for label, diff in over["differences"].items():
+            lines += ["", f"Paired difference {label} over seeds {seeds} (top-1; each seed's mean over the same "
+                          "held-out positions, 95% t-interval over seeds):", "",
+                      "| stream | " + " | ".join(f"k={k}" for k in offsets) + " |", "|---|" + "---|" * len(offsets)]
+            lines += [f"| {l} | " + " | ".join(format_ci(diff[str(l)][str(k)], 4) for k in offsets) + " |"
+                      for l in layers]
     return lines + [""]
 
 
@@ -114,4 +178,4 @@ def plot(result: dict, path: str) -> str | None:
     return plots.save_figure(fig, path)
 
 
-__all__ = ["KEY", "gather", "load", "measure", "plot", "report_lines", "save"]
+__all__ = ["KEY", "gather", "key_settings", "load", "measure", "plot", "report_lines", "save"]

@@ -55,6 +55,7 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
     seeds = cfg.seed_list()
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: {cfg.seeds} repeats a seed; give distinct seeds, e.g. --seeds 0,1,2")
+    lens_seeds = lens_seed_list(cfg, seeds)
     device = resolve_device(cfg.train.device)
     base_task = TextTask(cfg.data.for_grad_accum(cfg.train.grad_accum), seeds[0])
     overrides = base_task.model_overrides()
@@ -88,12 +89,12 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             if scored_start is not None:
                 results["start_loss"] = scored_start["summary"]["loss"]
                 results["start_model"] = scored_start["summary"]
-        lenses: dict[str, dict] = {}  # future lens: the start model and the first seed's arms
+        # future lens: the start model and the arms of future_lens.seeds (default the first seed's)
+        lenses: dict[int, dict[str, dict]] = {seed: {} for seed in lens_seeds}
         lens_arms = {a.name for a in arms if not a.local and not a.cut.changes_forward}
+        start_lens_result = None
         if cfg.future_lens.enabled and not cfg.pretrain.per_seed:
-            lens = start_lens(cfg, base_task, overrides, start, device, precision["resolved"])
-            if lens is not None:
-                lenses["start"] = lens
+            start_lens_result = start_lens(cfg, base_task, overrides, start, device, precision["resolved"])
         per_seed: dict[str, dict] = {}
         for seed in seeds:
             task = base_task.with_seed(seed)
@@ -106,7 +107,8 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             scores: dict[str, ModelScores] = {}
             kl_dir = os.path.join(seed_dir(cfg.out, seed), ".top-kl")
 
-            def score(arm, model, result, scores=scores, task=task, first_seed=first_seed, kl_dir=kl_dir, seed=seed):
+            def score(arm, model, result, scores=scores, task=task, first_seed=first_seed, kl_dir=kl_dir, seed=seed,
+                      lens_here=lenses.get(seed)):
                 # each arm is scored as soon as it is trained, then dropped: one model in memory at a time;
                 # its scores are kept beside its checkpoints, so a resumed run does not score it again
                 results["parameters"] = sum(p.numel() for p in model.parameters())
@@ -123,13 +125,14 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
                         cached.log_probs = store_log_probs(cfg.analysis, task, arm.name, model, device, plan.kl_dir)
                         cached.save(cache, key)
                 scores[arm.name] = cached
-                if first_seed and cfg.future_lens.enabled and arm.name in lens_arms:
+                if lens_here is not None and arm.name in lens_arms:
                     set_stage(f"future lens of arm {arm.name} of seed {seed}")
                     with autocast_for(device, cfg.train.precision):
-                        lenses[arm.name] = decodability.measure(
+                        lens_here[arm.name] = decodability.measure(
                             cfg.future_lens, task, model, device,
                             os.path.join(seed_dir(cfg.out, seed), arm.name, "future_lens.npz"),
-                            scores_key(to_dict(cfg.future_lens), result.steps, to_dict(cfg.data), precision["resolved"]))
+                            scores_key(decodability.key_settings(cfg.future_lens), result.steps, to_dict(cfg.data),
+                                       precision["resolved"]))
 
             def make(arm, seed=seed, task=task):
                 if arm.local:  # parse_arms put vanilla first; it is trained by now
@@ -173,9 +176,9 @@ def run_single(cfg: LMExperiment, *, block_size: int | None = None) -> dict:
             {**({"pretraining": pretrained} if cfg.pretrain.steps and not cfg.init_from else {}), **first_seed_arms})
         if geometry is not None:
             results["gradient_geometry"] = geometry
-        if lenses:
+        if start_lens_result is not None or any(lenses.values()):
             results[decodability.KEY] = decodability.gather(
-                cfg.future_lens, lenses, [(p.treatment, p.baseline) for p in pairs])
+                cfg.future_lens, lenses, [(p.treatment, p.baseline) for p in pairs], start=start_lens_result)
         attribution = feature_attribution.collect(first_seed_arms)
         if attribution is not None:
             results[feature_attribution.KEY] = attribution
@@ -204,13 +207,29 @@ def shared_start_scores(cfg: LMExperiment, task: TextTask, overrides: dict, star
     return start_summary(cfg.analysis, scores)
 
 
+def lens_seed_list(cfg: LMExperiment, seeds: list[int]) -> list[int]:
+    """The seeds whose arms get a future lens: ``future_lens.seeds`` (default the first seed); none when
+    the lens is off. A seed the run does not train is refused in one line."""
+    if not cfg.future_lens.enabled:
+        if cfg.future_lens.seeds:
+            raise ConfigError(f"future_lens.seeds={cfg.future_lens.seeds} names seeds to measure, but the future lens "
+                              "is off; add --future_lens.enabled true")
+        return []
+    wanted = list(dict.fromkeys(cfg.future_lens.seeds)) or seeds[:1]
+    missing = [s for s in wanted if s not in seeds]
+    if missing:
+        raise ConfigError(f"future_lens.seeds={cfg.future_lens.seeds}: the run trains seeds {seeds}, not {missing}; "
+                          f"name seeds among them (e.g. --future_lens.seeds {','.join(map(str, seeds))})")
+    return [s for s in seeds if s in wanted]
+
+
 def start_lens(cfg: LMExperiment, task: TextTask, overrides: dict, start, device, precision: str) -> dict | None:
     """The shared start model's future lens (kept in ``<out>/future_lens_start.npz``); None without a start."""
     if start is None and not pretrained_hf(cfg):
         return None
     cache = os.path.join(cfg.out, "future_lens_start.npz")
-    key = scores_key(to_dict(cfg.future_lens), "start", cfg.hf_model, cfg.init_from, to_dict(cfg.pretrain),
-                     to_dict(cfg.data), precision)
+    key = scores_key(decodability.key_settings(cfg.future_lens), "start", cfg.hf_model, cfg.init_from,
+                     to_dict(cfg.pretrain), to_dict(cfg.data), precision)
     found = decodability.load(cache, key)
     if found is not None:
         return found
