@@ -177,3 +177,6 @@ def test_the_gap_plot_uses_a_token_axis_and_a_log_scale_for_log_spaced_evaluatio
     assert log_left.get_xscale() == log_right.get_xscale() == "symlog" and lin_left.get_xscale() == "linear"
     assert log_right.get_xlabel() == "fine-tuning tokens per arm"
     assert max(log_right.lines[0].get_xdata()) == 512 * 512
+    low, high = log_right.get_xlim()  # no negative decades left of step 0; ticks at 0 and powers of 10
+    assert -512 < low < 0 and high >= 512 * 512
+    assert list(log_right.get_xticks()) == [0, 1e3, 1e4, 1e5]

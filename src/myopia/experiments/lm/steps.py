@@ -7,6 +7,7 @@ per-step difference is paired; with several seeds its interval is a 95% t-interv
 
 from __future__ import annotations
 
+import math
 import os
 
 from myopia.analysis import plots
@@ -105,8 +106,13 @@ def plot(by_step: dict[str, list[dict]], comparisons: dict, main: str, path: str
     plots.finish_axis(right, xlabel, "gap (nats; band: 95% CI over seeds)", "Gap against fine-tuning")
     positive = sorted(v for v in x if v > 0)
     if len(positive) >= 3 and positive[-1] >= 30 * positive[0]:  # log-spaced evaluations: a log axis (0 kept)
+        # linear below the first evaluation, logarithmic above; the axis starts just left of 0 (autoscaling
+        # would reach into negative decades) and its ticks are 0 and the powers of 10 past the linear part
+        decades = range(math.ceil(math.log10(positive[0])), math.floor(math.log10(positive[-1])) + 1)
         for ax in (left, right):
             ax.set_xscale("symlog", linthresh=positive[0])
+            ax.set_xlim(-0.3 * positive[0], positive[-1] * 1.3)
+            ax.set_xticks([0] + [10 ** p for p in decades])
     return plots.save_figure(fig, path)
 
 
