@@ -167,4 +167,4 @@ def test_lm_measures_the_arms_of_several_seeds_and_gives_intervals_over_them(tmp
     acc = [lens["per_seed"][s]["models"]["vanilla"]["maps"]["2"]["1"]["top1"]["mean"] for s in ("0", "1")]
     assert lens["over_seeds"]["models"]["vanilla"]["maps"]["2"]["1"]["top1"] == pytest.approx(mean_ci(acc))
     assert "start" not in lens["over_seeds"]["models"]
-    assert "Over seeds 0, 1" in (out / "report.md").read_text()
+    assert "Over seeds 0, 1" in (out / "report.md").read_text() and (out / "future_lens.png").exists()

@@ -273,14 +273,14 @@ PRESETS: dict[str, dict] = {
     # fraction, 512 tokens per step, cosine to 0) over 512 steps = 262k tokens per arm, vanilla and myopic,
     # 3 seeds; the held-out gap on 128 fixed windows of the report half at 12 log-spaced steps (0, 1, 2, 4,
     # ..., 256, 384, 512), the final gap on 102k held-out tokens, and future-token decodability (the future
-    # lens) of the start model and the first seed's arms at the end.
+    # lens) of the start model and of every seed's arms at the end (intervals over seeds).
     "smollm2-long-cpu": merge(_SMOLLM2, {
         "out": "runs/lm-smollm2-long-cpu", "arms": ["vanilla", "myopic"],
         "train": {"steps": 512, "eval_every": 0, "eval_at": [1, 2, 4, 8, 16, 32, 64, 128, 256, 384],
                   "eval_batches": 16, "log_every": 16, "checkpoint_every": 128},
         "analysis": {"heldout_windows": 1600, "bootstrap": 1000, "first_position_tokens": -1, "top_kl": 0,
                      "probe_offsets": [], "long_window": 0, "gradient_split_batches": 0},
-        "future_lens": {"enabled": True}}),
+        "future_lens": {"enabled": True, "seeds": [0, 1, 2]}}),
     # Which layers' future-token probe directions get the largest pre-cached push at the start of
     # fine-tuning SmolLM2-135M: the vanilla arm's own gradient at the pretrained weights (step 0), split at
     # the residual stream entering every block (0-29) at position 31 of 64, on 8 held-out windows;

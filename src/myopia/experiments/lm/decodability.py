@@ -158,20 +158,29 @@ def report_lines(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: str) -> str | None:
-    """Top-1 accuracy against the stream, one line per model and offset (the skip-bigram dotted)."""
+    """Top-1 accuracy against the stream, one line per model and offset (the skip-bigram dotted). With
+    several seeds the arms are drawn as their mean over seeds with the t-interval (``over_seeds``), the
+    start model with its interval over documents."""
     plt = plots.pyplot()
     if plt is None:
         return None
     models = result["models"]
     first = next(iter(models.values()))
     offsets, layers = first["offsets"], first["layers"]
+    over = result.get("over_seeds")
+    lines = {name: (r, name) for name, r in models.items()}
+    if over:
+        n = len(result["seeds"])
+        lines = {name: (over["models"][name], f"{name}, mean of {n} seeds (band: seeds)") if name in over["models"]
+                 else (r, f"{name} (band: documents)") for name, r in models.items()}
     x = [max(l for l in layers if l != fl.FINAL) + 1 if l == fl.FINAL else l for l in layers]
     fig, axes = plt.subplots(1, len(offsets), figsize=(4.2 * len(offsets), 3.8), squeeze=False)
     for ax, k in zip(axes[0], offsets):
-        for i, (name, r) in enumerate(models.items()):
+        for i, (r, label) in enumerate(lines.values()):
             cis = [r["maps"][str(l)][str(k)]["top1"] for l in layers]
-            ax.plot(x, [c["mean"] for c in cis], "o-", ms=3, color=f"C{i}", label=name)
-            ax.fill_between(x, [c["low"] for c in cis], [c["high"] for c in cis], color=f"C{i}", alpha=0.15)
+            ax.plot(x, [c["mean"] for c in cis], "o-", ms=3, color=f"C{i}", label=label)
+            if all(c["low"] is not None for c in cis):
+                ax.fill_between(x, [c["low"] for c in cis], [c["high"] for c in cis], color=f"C{i}", alpha=0.15)
         if first["skip_bigram"]:
             ax.axhline(first["skip_bigram"][str(k)]["top1"]["mean"], color="grey", ls=":", lw=1, label="skip-bigram")
         plots.finish_axis(ax, "residual stream (0 = embeddings)", "top-1 accuracy", f"token at t + {k + 1} (k = {k})")
