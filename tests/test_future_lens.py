@@ -144,22 +144,25 @@ def test_lm_measures_the_arms_of_several_seeds_and_gives_intervals_over_them(tmp
 
     folder = write_word_corpus(tmp_path / "corpus", 60, 300)
     out = tmp_path / "run"
-    args = ["lm", "--preset", "tiny", "--data.corpus", str(folder), "--arms", "vanilla,myopic", "--seeds", "0,1",
+    args = ["lm", "--preset", "tiny", "--data.corpus", str(folder), "--arms", "vanilla,myopic", "--seeds", "1,0",
             "--pretrain.steps", "10", "--train.steps", "4", "--optim.lr", "3e-2", "--future_lens.enabled", "true",
             "--future_lens.fit_tokens", "1000", "--future_lens.score_tokens", "300", "--future_lens.bootstrap", "20",
             "--out", str(out)]
     assert cli.main(args + ["--future_lens.seeds", "5"]) == 2
     assert "future_lens.seeds=[5]" in capsys.readouterr().err
+    off = [a if a != "true" else "false" for a in args]  # seeds named with the lens off
+    assert cli.main(off + ["--future_lens.seeds", "0"]) == 2
+    assert "--future_lens.enabled true" in capsys.readouterr().err
     assert cli.main(args) == 0
     one = json.loads((out / "results.json").read_text())["future_lens"]
-    assert one["seeds"] == [0] and "over_seeds" not in one
-    first_lens = (out / "seed0" / "myopic" / "future_lens.npz").stat().st_mtime_ns
+    assert one["seeds"] == [1] and "over_seeds" not in one  # the run's first seed
+    first_lens = (out / "seed1" / "myopic" / "future_lens.npz").stat().st_mtime_ns
     assert cli.main(args + ["--future_lens.seeds", "0,1", "--resume"]) == 0
-    assert (out / "seed0" / "myopic" / "future_lens.npz").stat().st_mtime_ns == first_lens  # kept, not re-measured
+    assert (out / "seed1" / "myopic" / "future_lens.npz").stat().st_mtime_ns == first_lens  # kept, not re-measured
     lens = json.loads((out / "results.json").read_text())["future_lens"]
-    assert lens["seeds"] == [0, 1] and set(lens["per_seed"]) == {"0", "1"}
-    assert lens["models"] == one["models"] and lens["per_seed"]["0"]["models"] == one["models"]
-    assert set(lens["per_seed"]["1"]["models"]) == {"start", "vanilla", "myopic"}
+    assert lens["seeds"] == [1, 0] and set(lens["per_seed"]) == {"0", "1"}  # in the run's order
+    assert lens["models"] == one["models"] and lens["per_seed"]["1"]["models"] == one["models"]
+    assert set(lens["per_seed"]["0"]["models"]) == {"start", "vanilla", "myopic"}
     assert set(lens["over_seeds"]["differences"]) == {"myopic - vanilla", "vanilla - start", "myopic - start"}
     per = [lens["per_seed"][s]["differences"]["vanilla - start"]["1"]["1"]["mean"] for s in ("0", "1")]
     assert per[0] != per[1]  # each seed's own arms
@@ -167,4 +170,4 @@ def test_lm_measures_the_arms_of_several_seeds_and_gives_intervals_over_them(tmp
     acc = [lens["per_seed"][s]["models"]["vanilla"]["maps"]["2"]["1"]["top1"]["mean"] for s in ("0", "1")]
     assert lens["over_seeds"]["models"]["vanilla"]["maps"]["2"]["1"]["top1"] == pytest.approx(mean_ci(acc))
     assert "start" not in lens["over_seeds"]["models"]
-    assert "Over seeds 0, 1" in (out / "report.md").read_text() and (out / "future_lens.png").exists()
+    assert "Over seeds 1, 0" in (out / "report.md").read_text() and (out / "future_lens.png").exists()

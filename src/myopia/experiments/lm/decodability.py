@@ -1,6 +1,6 @@
 """Future-token decodability in ``myopia lm`` (``--future_lens.enabled true``): the future lens
-(:mod:`myopia.analysis.future_lens`) of the start model and of the first seed's arms on the same
-held-out positions, each kept beside its model (a resumed run measures only what is missing), and
+(:mod:`myopia.analysis.future_lens`) of the start model and of the first seed's arms (or those of
+``future_lens.seeds``, with intervals over seeds) on the same held-out positions, each kept beside its model (a resumed run measures only what is missing), and
 gathered into ``results.json``'s ``future_lens`` with paired differences (each compared pair, and each
 arm against the start), a report table and ``future_lens.png``."""
 
@@ -67,7 +67,7 @@ def gather(cfg: fl.FutureLensConfig, by_seed: dict[int, dict[str, dict]], pairs:
     ``treatment − baseline`` for ``pairs`` and for every arm against the start model, with intervals over
     documents. With several seeds, ``per_seed`` holds each seed's, and ``over_seeds`` every arm's
     accuracies and every paired difference as t-intervals over the seeds."""
-    seeds = sorted(by_seed)
+    seeds = list(by_seed)  # the run's order: the first is the run's first seed
     per_seed = {seed: _one_seed(cfg, {**({"start": start} if start is not None else {}), **by_seed[seed]}, pairs)
                 for seed in seeds}
     if not per_seed:
@@ -137,7 +137,7 @@ def report_lines(result: dict) -> list[str]:
         lines += [f"| {l} | " + " | ".join(format_ci(diff[str(l)][str(k)], 4) for k in offsets) + " |"
                   for l in layers]
     over = result.get("over_seeds")
-    if over:
+    if over and over["models"]:
         seeds = ", ".join(map(str, result["seeds"]))
         arms = list(over["models"])
         lines += ["", f"Over seeds {seeds} (each seed's arms with their own maps; mean and 95% t-interval over the "
