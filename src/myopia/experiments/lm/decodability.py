@@ -1,8 +1,9 @@
 """Future-token decodability in ``myopia lm`` (``--future_lens.enabled true``): the future lens
 (:mod:`myopia.analysis.future_lens`) of the start model and of the first seed's arms (or those of
-``future_lens.seeds``, with intervals over seeds) on the same held-out positions, each kept beside its model (a resumed run measures only what is missing), and
-gathered into ``results.json``'s ``future_lens`` with paired differences (each compared pair, and each
-arm against the start), a report table and ``future_lens.png``."""
+``future_lens.seeds``, with intervals over seeds) on the same held-out positions, each kept beside its
+model (a resumed run measures only what is missing), and gathered into ``results.json``'s
+``future_lens`` with paired differences (each compared pair, and each arm against the start), a report
+table and ``future_lens.png``."""
 
 from __future__ import annotations
 
@@ -68,10 +69,10 @@ def gather(cfg: fl.FutureLensConfig, by_seed: dict[int, dict[str, dict]], pairs:
     documents. With several seeds, ``per_seed`` holds each seed's, and ``over_seeds`` every arm's
     accuracies and every paired difference as t-intervals over the seeds."""
     seeds = list(by_seed)  # the run's order: the first is the run's first seed
-    per_seed = {seed: _one_seed(cfg, {**({"start": start} if start is not None else {}), **by_seed[seed]}, pairs)
-                for seed in seeds}
+    shared = {"start": start} if start is not None else {}
+    per_seed = {seed: _one_seed(cfg, {**shared, **by_seed[seed]}, pairs) for seed in seeds}
     if not per_seed:
-        return {**_one_seed(cfg, {"start": start}, pairs), "seeds": []}
+        return {**_one_seed(cfg, shared, pairs), "seeds": []}
     out = {**per_seed[seeds[0]], "seeds": seeds}
     if len(seeds) > 1:
         out["per_seed"] = {str(seed): per_seed[seed] for seed in seeds}
@@ -120,41 +121,42 @@ def report_lines(result: dict) -> list[str]:
              f"over the whole vocabulary: top-1 accuracy for the token at t + k + 1 (95% CI over documents), on "
              f"{first['positions'][str(offsets[0])]:,} held-out positions in {first['documents']} documents; maps "
              f"fitted on {first.get('fit_tokens', 0):,} training-side positions. Stream 0 is the embeddings; "
-             f"{fl.FINAL} the final normalised state.", "",
-             "| stream | " + " | ".join(f"{n} k={k}" for k in offsets for n in names) + " |",
-             "|---|" + "---|" * (len(offsets) * len(names))]
-    for l in layers:
-        lines.append(f"| {l} | " + " | ".join(format_ci(models[n]["maps"][str(l)][str(k)]["top1"], 3)
-                                              for k in offsets for n in names) + " |")
-    lines.append("| own prediction at t + k (ceiling) | " + " | ".join(
-        format_ci(models[n]["ceiling"][str(k)]["top1"], 3) for k in offsets for n in names) + " |")
+             f"{fl.FINAL} the final normalised state.", ""]
+    lines += _accuracy_table(models, names, layers, offsets)
     lines.append("| skip-bigram from the token at t | " + " | ".join(
         format_ci(models[n]["skip_bigram"][str(k)]["top1"], 3) if models[n]["skip_bigram"] else "-"
         for k in offsets for n in names) + " |")
     for label, diff in result["differences"].items():
-        lines += ["", f"Paired difference {label} (top-1, 95% CI over documents):", "",
-                  "| stream | " + " | ".join(f"k={k}" for k in offsets) + " |", "|---|" + "---|" * len(offsets)]
-        lines += [f"| {l} | " + " | ".join(format_ci(diff[str(l)][str(k)], 4) for k in offsets) + " |"
-                  for l in layers]
+        lines += _difference_table(f"Paired difference {label} (top-1, 95% CI over documents):", diff, layers, offsets)
     over = result.get("over_seeds")
     if over and over["models"]:
         seeds = ", ".join(map(str, result["seeds"]))
-        arms = list(over["models"])
         lines += ["", f"Over seeds {seeds} (each seed's arms with their own maps; mean and 95% t-interval over the "
-                      f"{len(result['seeds'])} seeds). Top-1 accuracy:", "",
-                  "| stream | " + " | ".join(f"{n} k={k}" for k in offsets for n in arms) + " |",
-                  "|---|" + "---|" * (len(offsets) * len(arms))]
-        lines += [f"| {l} | " + " | ".join(format_ci(over["models"][n]["maps"][str(l)][str(k)]["top1"], 3)
-                                           for k in offsets for n in arms) + " |" for l in layers]
-        lines.append("| own prediction at t + k (ceiling) | " + " | ".join(
-            format_ci(over["models"][n]["ceiling"][str(k)]["top1"], 3) for k in offsets for n in arms) + " |")
+                      f"{len(result['seeds'])} seeds). Top-1 accuracy:", ""]
+        lines += _accuracy_table(over["models"], list(over["models"]), layers, offsets)
         for label, diff in over["differences"].items():
-            lines += ["", f"Paired difference {label} over seeds {seeds} (top-1; each seed's mean over the same "
-                          "held-out positions, 95% t-interval over seeds):", "",
-                      "| stream | " + " | ".join(f"k={k}" for k in offsets) + " |", "|---|" + "---|" * len(offsets)]
-            lines += [f"| {l} | " + " | ".join(format_ci(diff[str(l)][str(k)], 4) for k in offsets) + " |"
-                      for l in layers]
+            caption = (f"Paired difference {label} over seeds {seeds} (top-1; each seed's mean over the same "
+                       "held-out positions, 95% t-interval over seeds):")
+            lines += _difference_table(caption, diff, layers, offsets)
     return lines + [""]
+
+
+def _accuracy_table(models: dict, names: list[str], layers: list, offsets: list) -> list[str]:
+    """Top-1 per stream (rows) for each offset and model (columns), then the ceiling row."""
+    lines = ["| stream | " + " | ".join(f"{n} k={k}" for k in offsets for n in names) + " |",
+             "|---|" + "---|" * (len(offsets) * len(names))]
+    lines += [f"| {l} | " + " | ".join(format_ci(models[n]["maps"][str(l)][str(k)]["top1"], 3)
+                                       for k in offsets for n in names) + " |" for l in layers]
+    lines.append("| own prediction at t + k (ceiling) | " + " | ".join(
+        format_ci(models[n]["ceiling"][str(k)]["top1"], 3) for k in offsets for n in names) + " |")
+    return lines
+
+
+def _difference_table(caption: str, diff: dict, layers: list, offsets: list) -> list[str]:
+    """One paired difference per stream (rows) and offset (columns), under ``caption``."""
+    return (["", caption, "", "| stream | " + " | ".join(f"k={k}" for k in offsets) + " |",
+             "|---|" + "---|" * len(offsets)]
+            + [f"| {l} | " + " | ".join(format_ci(diff[str(l)][str(k)], 4) for k in offsets) + " |" for l in layers])
 
 
 def plot(result: dict, path: str) -> str | None:
